@@ -1,0 +1,1 @@
+"""Datasets, preprocessing, synthetic defects and pseudo-anomalies. Submodules are torch-free."""

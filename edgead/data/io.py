@@ -1,0 +1,234 @@
+"""Image and mask file I/O with strict validation (torch-free: numpy + OpenCV only).
+
+Every reader returns the same canonical representation regardless of the file format
+(uint8 RGB for images, bool for masks), so training, evaluation and the runtime never
+see format-dependent differences.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "ImageReadError",
+    "list_images",
+    "read_image",
+    "read_mask",
+    "write_bytes_atomic",
+    "write_image_atomic",
+]
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_JPEG_SOI = b"\xff\xd8"
+_JPEG_EOI = b"\xff\xd9"
+_BMP_SIGNATURE = b"BM"
+
+
+class ImageReadError(ValueError):
+    """Raised when a file exists but is not a complete, decodable image or mask."""
+
+
+def _read_file_bytes(path: Path) -> np.ndarray:
+    """Reads a whole file as a uint8 buffer, mapping OS errors to clear exceptions."""
+    if not path.exists():
+        raise FileNotFoundError(f"image file not found: {path}")
+    if path.is_dir():
+        raise ImageReadError(f"expected an image file but found a directory: {path}")
+    # np.fromfile + imdecode (instead of cv2.imread) handles non-ASCII paths on every platform.
+    data = np.fromfile(str(path), dtype=np.uint8)
+    if data.size == 0:
+        raise ImageReadError(f"image file is empty (0 bytes): {path}")
+    return data
+
+
+def _check_complete(data: np.ndarray, path: Path) -> None:
+    """Detects truncated PNG/JPEG/BMP files, which OpenCV may decode partially without failing.
+
+    Args:
+        data: Raw file bytes.
+        path: File path, used in error messages.
+
+    Raises:
+        ImageReadError: The container's end marker or declared size is missing.
+    """
+    raw = data.tobytes()
+    if raw.startswith(_PNG_SIGNATURE):
+        # A complete PNG ends with the IEND chunk (type + 4-byte CRC); tolerate trailing padding.
+        tail = raw.rstrip(b"\x00")[-12:]
+        if b"IEND" not in tail:
+            raise ImageReadError(f"truncated PNG (no IEND chunk at the end): {path}")
+    elif raw.startswith(_JPEG_SOI):
+        # Some writers pad JPEGs with zeros after the end-of-image marker.
+        if not raw.rstrip(b"\x00").endswith(_JPEG_EOI):
+            raise ImageReadError(f"truncated JPEG (no end-of-image marker 0xFFD9): {path}")
+    elif raw.startswith(_BMP_SIGNATURE) and len(raw) >= 6:
+        declared_size = int.from_bytes(raw[2:6], "little")
+        if 0 < declared_size and len(raw) < declared_size:
+            raise ImageReadError(f"truncated BMP ({len(raw)} bytes, header declares {declared_size}): {path}")
+
+
+def _decode(path: str | os.PathLike[str]) -> np.ndarray:
+    """Decodes a file with all channels and its native bit depth, validating completeness."""
+    file_path = Path(path)
+    data = _read_file_bytes(file_path)
+    _check_complete(data, file_path)
+    try:
+        decoded = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    except cv2.error as exc:  # some codecs raise instead of returning None
+        raise ImageReadError(f"cannot decode image file {file_path}: {exc}") from exc
+    if decoded is None or decoded.size == 0:
+        raise ImageReadError(
+            f"cannot decode image file {file_path}: expected one of {', '.join(IMAGE_EXTENSIONS)}"
+        )
+    return decoded
+
+
+def _to_uint8(pixels: np.ndarray, path: Path) -> np.ndarray:
+    """Converts 8- or 16-bit pixel data to uint8 (16-bit is rescaled, not clipped)."""
+    if pixels.dtype == np.uint8:
+        return pixels
+    if pixels.dtype == np.uint16:
+        # Rounded integer rescale of 0..65535 onto 0..255: exact and platform independent.
+        return ((pixels.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    raise ImageReadError(f"unsupported pixel type {pixels.dtype} in {path}: expected 8- or 16-bit integers")
+
+
+def read_image(path: str | os.PathLike[str]) -> np.ndarray:
+    """Reads an image file as 8-bit RGB.
+
+    Grayscale is replicated to three channels, 16-bit data is rescaled to 8 bit and an alpha
+    channel is dropped. EXIF orientation is ignored on purpose so that pixels are used exactly
+    as stored (cameras on a line do not rotate).
+
+    Args:
+        path: Image file (PNG, JPEG, BMP or TIFF; the format is detected from the content).
+
+    Returns:
+        uint8 array of shape (H, W, 3) in RGB order.
+
+    Raises:
+        FileNotFoundError: The file does not exist.
+        ImageReadError: The file is empty, truncated, not an image, or has an unsupported type.
+    """
+    file_path = Path(path)
+    pixels = _to_uint8(_decode(file_path), file_path)
+    if pixels.ndim == 3 and pixels.shape[2] == 1:
+        pixels = pixels[:, :, 0]
+    if pixels.ndim == 2:
+        rgb = cv2.cvtColor(pixels, cv2.COLOR_GRAY2RGB)
+    elif pixels.ndim == 3 and pixels.shape[2] == 2:  # gray + alpha
+        rgb = cv2.cvtColor(np.ascontiguousarray(pixels[:, :, 0]), cv2.COLOR_GRAY2RGB)
+    elif pixels.ndim == 3 and pixels.shape[2] == 3:
+        rgb = cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB)
+    elif pixels.ndim == 3 and pixels.shape[2] == 4:
+        rgb = cv2.cvtColor(pixels, cv2.COLOR_BGRA2RGB)
+    else:
+        raise ImageReadError(f"unsupported image shape {pixels.shape} in {file_path}: expected 1-4 channels")
+    return np.ascontiguousarray(rgb)
+
+
+def read_mask(path: str | os.PathLike[str]) -> np.ndarray:
+    """Reads a defect mask; any nonzero value in any channel marks a defect pixel.
+
+    Args:
+        path: Mask image file.
+
+    Returns:
+        bool array of shape (H, W).
+
+    Raises:
+        FileNotFoundError: The file does not exist.
+        ImageReadError: The file is empty, truncated or not an image.
+    """
+    pixels = _decode(path)
+    if pixels.ndim == 3:
+        # Alpha is not a defect label: a fully opaque mask would otherwise be all-defect.
+        colour = pixels[:, :, :3] if pixels.shape[2] == 4 else pixels
+        return np.any(colour != 0, axis=2)
+    return pixels != 0
+
+
+def list_images(folder: str | os.PathLike[str]) -> list[Path]:
+    """Lists image files directly inside a folder (not recursive), sorted by name.
+
+    Args:
+        folder: Directory to scan.
+
+    Returns:
+        Paths whose extension (case-insensitive) is in ``IMAGE_EXTENSIONS``; hidden files are skipped.
+
+    Raises:
+        FileNotFoundError: The folder does not exist or is not a directory.
+    """
+    folder_path = Path(folder)
+    if not folder_path.is_dir():
+        raise FileNotFoundError(f"image folder not found: {folder_path}")
+    return sorted(
+        entry
+        for entry in folder_path.iterdir()
+        if entry.is_file() and not entry.name.startswith(".") and entry.suffix.lower() in IMAGE_EXTENSIONS
+    )
+
+
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes, durable: bool = False) -> None:
+    """Writes bytes via a temporary file in the same directory and ``os.replace``.
+
+    Readers therefore see either the old file or the complete new one, never a partial file.
+
+    Args:
+        path: Destination file; missing parent directories are created.
+        data: File content.
+        durable: Also fsync before the rename (survives power loss; slower, so off by default).
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Same directory as the target so that os.replace is a rename on one filesystem, hence atomic.
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
+        os.replace(tmp_name, target)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def write_image_atomic(path: str | os.PathLike[str], image: np.ndarray, durable: bool = False) -> None:
+    """Encodes an image by the file extension and writes it atomically.
+
+    Args:
+        path: Destination; its extension (one of ``IMAGE_EXTENSIONS``) selects the codec.
+        image: uint8 (H, W) grayscale or (H, W, 3) RGB; bool masks are written as 0/255.
+        durable: Also fsync before the rename.
+
+    Raises:
+        ValueError: Unsupported extension, dtype or shape, or the encoder failed.
+    """
+    target = Path(path)
+    suffix = target.suffix.lower()
+    if suffix not in IMAGE_EXTENSIONS:
+        raise ValueError(f"cannot write {target}: extension must be one of {', '.join(IMAGE_EXTENSIONS)}")
+    pixels = np.asarray(image)
+    if pixels.dtype == np.bool_:
+        pixels = pixels.astype(np.uint8) * 255
+    if pixels.dtype != np.uint8:
+        raise ValueError(f"cannot write {target}: expected uint8 pixels, got {pixels.dtype}")
+    if pixels.ndim == 3 and pixels.shape[2] == 3:
+        pixels = cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR)  # OpenCV encoders expect BGR
+    elif pixels.ndim != 2:
+        raise ValueError(f"cannot write {target}: expected (H, W) or (H, W, 3) array, got {pixels.shape}")
+    ok, encoded = cv2.imencode(suffix, np.ascontiguousarray(pixels))
+    if not ok:
+        raise ValueError(f"OpenCV failed to encode {target} as {suffix}")
+    write_bytes_atomic(target, encoded.tobytes(), durable=durable)
