@@ -1,0 +1,187 @@
+"""Run configuration: dataclasses saved as ``config.json`` next to the weights of every run.
+
+A run directory holds everything needed to rebuild a method's inference graph without the
+training data: the method name, its hyperparameters, the network preset, the preprocessing,
+the training settings and the training state (step reached, whether it finished).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgead import __version__
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "weights.safetensors"
+DEFAULT_RUNS_DIR = Path("runs")
+
+
+@dataclass
+class TrainConfig:
+    """Optimiser and loop settings shared by every method that trains a network.
+
+    Defaults follow the score-resilience paper (section 5.3): AdamW, betas (0.9, 0.999),
+    learning rate 1e-4 reduced 10x at 1/3 and 2/3 of training, weight decay 1e-3, EMA 0.9999,
+    batch size 16.
+    """
+
+    steps: int = 20000
+    batch_size: int = 16
+    lr: float = 1e-4
+    weight_decay: float = 1e-3
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    lr_schedule: str = "multistep"  # "multistep" | "cosine" | "constant"
+    lr_milestones: tuple[float, ...] = (1 / 3, 2 / 3)  # fractions of ``steps`` for "multistep"
+    warmup_steps: int = 0
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True  # decay min(ema_decay, (1 + n) / (10 + n)) so short runs get a useful EMA
+    grad_clip: float = 1.0
+    amp: bool = True  # bf16/fp16 autocast, only on CUDA
+    seed: int = 0
+    checkpoint_every: int = 1000
+    max_time_s: float | None = None  # stop early after this wall time (the demo uses it)
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first setting that is out of range."""
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.lr_schedule not in ("multistep", "cosine", "constant"):
+            raise ValueError(f"lr_schedule must be multistep, cosine or constant, got {self.lr_schedule!r}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Build from a JSON dict, ignoring unknown keys of newer versions."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in names}
+        for key in ("adam_betas", "lr_milestones"):
+            if key in kwargs:
+                kwargs[key] = tuple(kwargs[key])
+        return cls(**kwargs)
+
+
+@dataclass
+class RunConfig:
+    """Everything ``config.json`` records about one run."""
+
+    method: str
+    preprocess: dict[str, Any]
+    method_params: dict[str, Any]
+    model: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    state: dict[str, Any] = field(default_factory=dict)
+    edgead_version: str = __version__
+    created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = {"method", "preprocess", "method_params"} - set(data)
+        if missing:
+            raise ValueError(f"run config is missing keys {sorted(missing)}")
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def save(self, run_dir: Path) -> Path:
+        """Write ``config.json`` atomically."""
+        return write_json_atomic(Path(run_dir) / CONFIG_NAME, self.to_dict())
+
+    @classmethod
+    def load(cls, run_dir: Path) -> RunConfig:
+        """Read ``<run_dir>/config.json`` with a clear error when it is absent or not valid JSON."""
+        path = Path(run_dir) / CONFIG_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no run config here; expected a run directory made by `edgead train`")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err})") from err
+        return cls.from_dict(data)
+
+
+def write_json_atomic(path: Path, data: Any) -> Path:
+    """Write JSON to a temporary file in the same directory, then rename over ``path``."""
+    return write_bytes_atomic(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode())
+
+
+def write_bytes_atomic(path: Path, payload: bytes) -> Path:
+    """Write ``payload`` so that ``path`` is either the old file or the complete new one, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(payload)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def new_run_dir(method: str, runs_root: Path = DEFAULT_RUNS_DIR) -> Path:
+    """Create ``<runs_root>/<method>/<UTC timestamp>/`` (suffixed if the second is taken)."""
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    base = Path(runs_root) / method
+    base.mkdir(parents=True, exist_ok=True)
+    candidate, n = base / stamp, 1
+    while True:
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            n += 1
+            candidate = base / f"{stamp}-{n}"
+
+
+def mark_latest(run_dir: Path) -> None:
+    """Point ``<runs_root>/<method>/latest`` at ``run_dir`` (a symlink, replaced atomically; a text file
+    holding the directory name where symlinks are not allowed)."""
+    run_dir = Path(run_dir)
+    link = run_dir.parent / "latest"
+    tmp = run_dir.parent / f".latest.{os.getpid()}.tmp"
+    try:
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(run_dir.name, target_is_directory=True)
+        os.replace(tmp, link)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        if link.is_symlink():
+            link.unlink()
+        write_bytes_atomic(link, run_dir.name.encode())
+
+
+def resolve_latest(method: str, runs_root: Path = DEFAULT_RUNS_DIR) -> Path:
+    """Return the run that ``<runs_root>/<method>/latest`` points to, with a clear error if none."""
+    link = Path(runs_root) / method / "latest"
+    if link.is_symlink() or link.is_dir():
+        target = link.resolve()
+    elif link.is_file():
+        target = link.parent / link.read_text().strip()
+    else:
+        raise FileNotFoundError(
+            f"no trained run for method {method!r} under {Path(runs_root) / method}; "
+            f"train one with `edgead train --method {method} --data DIR` or pass --run DIR"
+        )
+    if not (target / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{link} points to {target}, which has no {CONFIG_NAME}")
+    return target

@@ -1,0 +1,1 @@
+"""Training loop, EMA, checkpoints (safetensors + JSON) and DistributedDataParallel under torchrun."""
