@@ -11,12 +11,12 @@ import dataclasses
 import datetime as _dt
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edgead import __version__
+from edgead.data.io import write_bytes_atomic
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "weights.safetensors"
@@ -118,24 +118,7 @@ class RunConfig:
 
 def write_json_atomic(path: Path, data: Any) -> Path:
     """Write JSON to a temporary file in the same directory, then rename over ``path``."""
-    return write_bytes_atomic(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode())
-
-
-def write_bytes_atomic(path: Path, payload: bytes) -> Path:
-    """Write ``payload`` so that ``path`` is either the old file or the complete new one, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_bytes_atomic(path, (json.dumps(data, indent=2) + "\n").encode(), durable=True)
 
 
 def new_run_dir(method: str, runs_root: Path = DEFAULT_RUNS_DIR) -> Path:

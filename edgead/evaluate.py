@@ -7,12 +7,10 @@ install that has no scikit-learn.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,8 @@ from typing import Any
 import cv2
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
+
+from edgead.data.io import write_bytes_atomic
 
 BoolArray = NDArray[np.bool_]
 FloatArray = NDArray[np.float64]
@@ -368,26 +368,11 @@ def _render_roc(
 
 
 # ------------------------------------------------------------------------------------------------ report IO
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Writes via a temp file in the same directory and ``os.replace``, so readers never see partial files."""
-    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp_name)
-        raise
-
-
 def _write_png(path: Path, image_bgr: NDArray[np.uint8]) -> None:
     ok, encoded = cv2.imencode(".png", image_bgr)
     if not ok:
         raise RuntimeError(f"could not encode {path.name} as PNG")
-    _write_atomic(path, encoded.tobytes())
+    write_bytes_atomic(path, encoded.tobytes())
 
 
 def _to_json_value(value: Any) -> Any:
@@ -482,10 +467,10 @@ def write_report(
         "run": dict(extra or {}),
         "images": [
             {"path": str(path), "label": int(label), "score": float(score)}
-            for path, label, score in zip(image_paths, labels_arr, scores_arr)
+            for path, label, score in zip(image_paths, labels_arr, scores_arr, strict=True)
         ],
     }
     metrics_path = out_path / "metrics.json"
     text = json.dumps(_to_json_value(report), indent=2, allow_nan=False)
-    _write_atomic(metrics_path, (text + "\n").encode("utf-8"))
+    write_bytes_atomic(metrics_path, (text + "\n").encode("utf-8"), durable=True)
     return metrics_path

@@ -31,7 +31,7 @@ def _regions_8connected(mask: np.ndarray) -> list[np.ndarray]:
     seen = np.zeros(mask.shape, dtype=bool)
     regions = []
     height, width = mask.shape
-    for start in zip(*np.nonzero(mask)):
+    for start in zip(*np.nonzero(mask), strict=True):
         if seen[start]:
             continue
         region = np.zeros(mask.shape, dtype=bool)

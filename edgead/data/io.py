@@ -7,8 +7,10 @@ see format-dependent differences.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -20,6 +22,7 @@ __all__ = [
     "list_images",
     "read_image",
     "read_mask",
+    "atomic_output",
     "write_bytes_atomic",
     "write_image_atomic",
 ]
@@ -178,30 +181,42 @@ def list_images(folder: str | os.PathLike[str]) -> list[Path]:
     )
 
 
-def write_bytes_atomic(path: str | os.PathLike[str], data: bytes, durable: bool = False) -> None:
-    """Writes bytes via a temporary file in the same directory and ``os.replace``.
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike[str], durable: bool = False) -> Iterator[Path]:
+    """Yields a temporary path beside ``path``; on success renames it over ``path``, on error removes it.
 
-    Readers therefore see either the old file or the complete new one, never a partial file.
+    Readers therefore see either the old file or the complete new one, never a partial file. The file
+    gets the usual permissions (0666 less the umask), not ``mkstemp``'s private 0600.
 
     Args:
         path: Destination file; missing parent directories are created.
-        data: File content.
         durable: Also fsync before the rename (survives power loss; slower, so off by default).
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     # Same directory as the target so that os.replace is a rename on one filesystem, hence atomic.
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            if durable:
-                handle.flush()
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        if durable:
+            with open(tmp, "rb") as handle:
                 os.fsync(handle.fileno())
-        os.replace(tmp_name, target)
+        os.replace(tmp, target)
     except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes, durable: bool = False) -> Path:
+    """Writes bytes through :func:`atomic_output`; returns the destination path."""
+    with atomic_output(path, durable=durable) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
 
 
 def write_image_atomic(path: str | os.PathLike[str], image: np.ndarray, durable: bool = False) -> None:

@@ -11,8 +11,6 @@ checkpoint intact.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from edgead.config import WEIGHTS_NAME, write_json_atomic
+from edgead.data.io import atomic_output
 
 TRAINING_STATE_DIR = "training_state"
 
@@ -27,16 +26,9 @@ TRAINING_STATE_DIR = "training_state"
 def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> Path:
     """``safetensors.torch.save_file`` through a temporary file and a rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        save_file(contiguous, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    with atomic_output(path, durable=True) as tmp:
+        save_file(contiguous, str(tmp), metadata=metadata)
     return path
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -159,6 +160,9 @@ def train_network(
     start = time.perf_counter()
     window: list[float] = []
     show = progress and dist_info.is_main
+    console = Console(stderr=True)
+    # Rich redraws a bar only on a terminal; in a log file print a plain line every 5 % instead.
+    log_every = max(1, cfg.steps // 20) if show and not console.is_terminal else 0
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -169,7 +173,7 @@ def train_network(
         TextColumn("ETA"),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, disable=not show, transient=False) as bar:
+    with Progress(*columns, console=console, disable=not show or bool(log_every), transient=False) as bar:
         task = bar.add_task(description, total=cfg.steps, completed=step, loss=float("nan"), rate=0.0)
         net.train()
         while step < cfg.steps:
@@ -202,6 +206,12 @@ def train_network(
                 result.losses.append(float(np.mean(window)))
                 bar.update(task, completed=step, loss=result.losses[-1], rate=(step - result.step) / max(elapsed, 1e-9))
                 window = []
+            if log_every and (step % log_every == 0 or step == cfg.steps):
+                rate = (step - result.step) / max(elapsed, 1e-9)
+                eta = (cfg.steps - step) / max(rate, 1e-9)
+                shown = result.losses[-1] if result.losses else loss_value
+                console.print(f"{description}: step {step}/{cfg.steps} loss {shown:.4g} "
+                              f"{rate:.1f} steps/s ETA {eta:.0f} s", soft_wrap=True)
             out_of_time = cfg.max_time_s is not None and elapsed >= cfg.max_time_s
             if cfg.max_time_s is not None and any_rank_true(out_of_time, dist_info):
                 break
