@@ -1,0 +1,214 @@
+"""The ``edgead`` command line: train, eval, demo and info (export, run and bench are reserved)."""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from edgead import __version__
+
+app = typer.Typer(
+    help="Edge deployment toolkit for unsupervised visual anomaly detection.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True, soft_wrap=True)  # never break a file name across lines
+
+USER_ERRORS = (FileNotFoundError, ValueError, NotImplementedError, FloatingPointError)
+
+
+def _fail(err: Exception) -> None:
+    err_console.print(f"[bold red]error:[/bold red] {err}")
+    raise typer.Exit(code=2)
+
+
+def _metrics_table(metrics: dict[str, float], title: str) -> Table:
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in metrics.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    return table
+
+
+@app.command()
+def train(
+    data: Path = typer.Option(..., "--data",
+        help="Normal images: an MVTec-layout root (<data>/train/good) or a plain folder."),
+    method: str = typer.Option("score-resilience", "--method", help="Detection method to fit."),
+    preset: str = typer.Option("small", "--preset", help="Network size: tiny (tests, CPU), small (edge), paper."),
+    image_size: int = typer.Option(192, "--image-size", help="Square input size in pixels (the paper uses 192)."),
+    channels: int = typer.Option(3, "--channels", help="3 for RGB, 1 to train on grayscale."),
+    steps: int = typer.Option(20000, "--steps", help="Optimiser steps."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Images per step (per process under torchrun)."),
+    lr: float = typer.Option(1e-4, "--lr", help="AdamW learning rate."),
+    lr_schedule: str = typer.Option("multistep", "--lr-schedule",
+        help="multistep (x0.1 at 1/3, 2/3), cosine or constant."),
+    warmup_steps: int = typer.Option(0, "--warmup-steps", help="Linear learning-rate warm-up steps."),
+    ema_decay: float = typer.Option(0.9999, "--ema-decay", help="EMA decay of the weights used for evaluation."),
+    grad_clip: float = typer.Option(1.0, "--grad-clip", help="Gradient norm clip (0 disables)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for weights, batches and noise."),
+    max_time: float | None = typer.Option(None, "--max-time",
+        help="Stop after this many seconds even if steps remain."),
+    checkpoint_every: int = typer.Option(1000, "--checkpoint-every", help="Save a resumable checkpoint every N steps."),
+    val_fraction: float = typer.Option(0.1, "--val-fraction", help="Normal images held out for threshold calibration."),
+    device: str | None = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
+    no_amp: bool = typer.Option(False, "--no-amp", help="Disable mixed precision on CUDA."),
+    param: list[str] = typer.Option([], "--param",
+        help="Method hyperparameter KEY=VALUE (JSON value), repeatable, e.g. --param n_draws=5."),
+    out: Path | None = typer.Option(None, "--out", help="Run directory (default runs/<method>/<timestamp>)."),
+    runs_root: Path = typer.Option(Path("runs"), "--runs-root", help="Where default run directories go."),
+    resume: Path | None = typer.Option(None, "--resume", help="Continue an interrupted run directory."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+) -> None:
+    """Fit a method on defect-free images and save weights, config and calibration scores."""
+    from edgead.config import TrainConfig
+    from edgead.pipeline import train_run
+
+    try:
+        params = {}
+        for item in param:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"--param {item!r}: expected KEY=VALUE")
+            try:
+                params[key] = json.loads(value)
+            except json.JSONDecodeError:
+                params[key] = value
+        cfg = TrainConfig(
+            steps=steps, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, warmup_steps=warmup_steps,
+            ema_decay=ema_decay, grad_clip=grad_clip, seed=seed, max_time_s=max_time,
+            checkpoint_every=checkpoint_every, amp=not no_amp,
+        )
+        run_dir, summary = train_run(
+            method, data, preset=preset, image_size=image_size, channels=channels, train_cfg=cfg,
+            method_params=params, run_dir=out, runs_root=runs_root, val_fraction=val_fraction,
+            device=device, resume=resume, progress=progress,
+        )
+    except USER_ERRORS as err:
+        _fail(err)
+    if run_dir is not None:
+        console.print(f"trained {summary['steps']} steps in {summary['train_seconds']} s", soft_wrap=True)
+        console.print(f"run saved to [bold]{run_dir}[/bold]", soft_wrap=True)
+
+
+@app.command("eval")
+def evaluate(
+    data: Path = typer.Option(..., "--data", help="MVTec-layout root with test/<good|defect>/ and ground_truth/."),
+    method: str = typer.Option("score-resilience", "--method",
+        help="Method whose latest run is used when --run is absent."),
+    run: Path | None = typer.Option(None, "--run", help="Run directory (default: the method's latest run)."),
+    out: Path | None = typer.Option(None, "--out", help="Report directory (default <run>/eval)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Images per inference batch."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    top_k: int = typer.Option(8, "--top-k", help="Heatmap overlays of the highest-scoring test images."),
+    runs_root: Path = typer.Option(Path("runs"), "--runs-root", help="Where to look for the latest run."),
+) -> None:
+    """Evaluate a run on a test split: metrics table, metrics.json, ROC curve and heatmap overlays."""
+    from edgead.config import resolve_latest
+    from edgead.pipeline import evaluate_run
+
+    try:
+        run_dir = run or resolve_latest(method, runs_root)
+        metrics, report = evaluate_run(run_dir, data, out, batch_size=batch_size, device=device, top_k=top_k)
+    except USER_ERRORS as err:
+        _fail(err)
+    console.print(_metrics_table(metrics, f"{run_dir}"))
+    console.print(f"report: [bold]{report.parent}[/bold]")
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("edgead-demo"), "--out",
+        help="Folder for the generated data, the run and the report."),
+    steps: int = typer.Option(1500, "--steps", help="Training steps of the tiny model."),
+    max_time: float = typer.Option(240.0, "--max-time", help="Upper bound on training time in seconds."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the dataset and the training."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+) -> None:
+    """Generate a synthetic defect dataset, train a tiny score-resilience model on the CPU, evaluate it."""
+    from edgead.demo import run_demo
+
+    try:
+        metrics, report = run_demo(out, steps=steps, max_time_s=max_time, seed=seed, progress=progress)
+    except USER_ERRORS as err:
+        _fail(err)
+    console.print(_metrics_table(metrics, "demo: score-resilience (tiny) on synthetic 'print' defects"))
+    console.print(f"report: [bold]{report.parent}[/bold]")
+    if metrics["image_auroc"] < 0.7:
+        err_console.print(f"[bold red]demo failed:[/bold red] image AUROC {metrics['image_auroc']:.3f} < 0.7")
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def info() -> None:
+    """Versions, available backends and accelerators, and the methods table."""
+    import importlib.util
+
+    from edgead.methods import METHODS
+
+    table = Table(title=f"edgead {__version__}")
+    table.add_column("component")
+    table.add_column("version / status")
+    table.add_row("python", f"{platform.python_version()} ({sys.platform})")
+    for module in ("numpy", "cv2", "onnx", "onnxruntime", "torch", "timm", "tensorrt", "tensorrt_rtx", "pycuda"):
+        if importlib.util.find_spec(module) is None:
+            table.add_row(module, "not installed")
+            continue
+        try:
+            mod = __import__(module)
+            table.add_row(module, str(getattr(mod, "__version__", "installed")))
+        except Exception as err:  # a broken install should still let `info` report the rest
+            table.add_row(module, f"import failed: {err}")
+    if importlib.util.find_spec("onnxruntime") is not None:
+        import onnxruntime
+
+        table.add_row("onnxruntime providers", ", ".join(onnxruntime.get_available_providers()))
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+        table.add_row("CUDA device (torch)", gpu)
+    console.print(table)
+    methods = Table(title="methods")
+    methods.add_column("method")
+    methods.add_column("paper")
+    methods.add_column("status")
+    for name, (target, paper) in METHODS.items():
+        methods.add_row(name, paper, "available" if target else "planned")
+    console.print(methods)
+
+
+def _reserved(name: str) -> None:
+    err_console.print(f"[bold yellow]edgead {name}[/bold yellow] is not part of edgead {__version__} yet.")
+    raise typer.Exit(code=2)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def export() -> None:
+    """(Reserved) Trace a trained method to ONNX and TensorRT engines."""
+    _reserved("export")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def run() -> None:
+    """(Reserved) Run an exported detector on a live camera, video, stream or folder."""
+    _reserved("run")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench() -> None:
+    """(Reserved) Measure latency of an exported detector on this device."""
+    _reserved("bench")
+
+
+if __name__ == "__main__":
+    app()

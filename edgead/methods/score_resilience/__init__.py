@@ -1,0 +1,1 @@
+"""score-resilience: restoration error of a score U-Net (Shin et al., ICCV 2023)."""

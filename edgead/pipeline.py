@@ -1,0 +1,176 @@
+"""Train and evaluate a method end to end: the functions behind ``edgead train``, ``eval`` and ``demo``."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from edgead.config import DEFAULT_RUNS_DIR, RunConfig, TrainConfig, mark_latest, new_run_dir, write_json_atomic
+from edgead.data.io import list_images, read_image
+from edgead.data.mvtec import (
+    DatasetLayoutError,
+    Sample,
+    list_test,
+    list_train,
+    load_images,
+    load_masks,
+    split_validation,
+    validate_dataset,
+)
+from edgead.data.preprocess import PreprocessConfig, resize_image
+from edgead.methods import get_method, load_method
+from edgead.methods.base import run_graph
+from edgead.train.distributed import init_distributed, shutdown
+
+CALIBRATION_NAME = "calibration.json"
+
+
+def training_samples(data_root: Path) -> list[Sample]:
+    """Normal images to train on: ``<root>/train/good`` (MVTec layout, validated up front) or a plain folder."""
+    data_root = Path(data_root)
+    if not data_root.is_dir():
+        raise FileNotFoundError(f"{data_root}: data directory not found")
+    if (data_root / "train").is_dir():
+        validate_dataset(data_root, check_masks=(data_root / "test").is_dir())
+        return list_train(data_root)
+    paths = list_images(data_root)
+    if not paths:
+        raise DatasetLayoutError(
+            f"{data_root}: no images and no train/good folder; expected the MVTec layout "
+            "<root>/train/good/*.png or a folder of normal images"
+        )
+    for path in paths:
+        read_image(path)  # a broken file fails here, before any training starts
+    return [Sample(path=p, label=0, defect_type="good", mask_path=None) for p in paths]
+
+
+def train_run(
+    method_name: str,
+    data_root: Path,
+    *,
+    preset: str = "small",
+    image_size: int = 192,
+    channels: int = 3,
+    train_cfg: TrainConfig | None = None,
+    method_params: dict[str, Any] | None = None,
+    run_dir: Path | None = None,
+    runs_root: Path = DEFAULT_RUNS_DIR,
+    val_fraction: float = 0.1,
+    device: str | None = None,
+    resume: Path | None = None,
+    progress: bool = True,
+) -> tuple[Path | None, dict[str, Any]]:
+    """Fit ``method_name`` on the normal images of ``data_root`` and save the run.
+
+    Returns ``(run_dir, summary)``; ``run_dir`` is None on non-zero DDP ranks, which do not write.
+    """
+    method_cls = get_method(method_name)
+    dist_info = init_distributed(device)
+    try:
+        if resume is not None:
+            config = RunConfig.load(resume)
+            if config.method != method_name:
+                raise ValueError(f"{resume} is a {config.method} run, not {method_name}")
+            train_cfg = TrainConfig.from_dict(config.train)
+            data_root = Path(config.data["root"])
+            run_dir = Path(resume)
+        else:
+            train_cfg = train_cfg or TrainConfig()
+            params = method_cls.default_params()
+            unknown = set(method_params or {}) - set(params)
+            if unknown:
+                raise ValueError(f"unknown {method_name} parameters {sorted(unknown)}; expected {sorted(params)}")
+            params.update(method_params or {})
+            from edgead.nn.unet import UNetConfig
+
+            model = {"preset": preset, "unet": UNetConfig.preset(preset, in_channels=channels).to_dict()}
+            config = RunConfig(
+                method=method_name,
+                preprocess=PreprocessConfig(image_size=image_size, channels=channels).to_dict(),
+                method_params=params,
+                model=model,
+                train=asdict(train_cfg),
+            )
+        train_cfg.validate()
+        samples = training_samples(data_root)
+        train_samples, val_samples = split_validation(samples, val_fraction, train_cfg.seed)
+        if not train_samples:
+            raise DatasetLayoutError(f"{data_root}: no training images left after holding out {val_fraction:.0%}")
+        pre = PreprocessConfig.from_dict(config.preprocess)
+        if dist_info.is_main and resume is None:
+            run_dir = Path(run_dir) if run_dir is not None else new_run_dir(method_name, runs_root)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            config.data = {
+                "root": str(Path(data_root).resolve()),
+                "n_train": len(train_samples),
+                "validation_paths": [str(s.path) for s in val_samples],
+            }
+            config.save(run_dir)
+        images = torch.from_numpy(load_images(train_samples, pre))
+        method = method_cls(config, run_dir if dist_info.is_main else None)
+        summary = method.fit(images, train_cfg, dist_info, resume=resume is not None, progress=progress)
+        summary["device"] = str(dist_info.device)
+        summary["world_size"] = dist_info.world_size
+        if not dist_info.is_main:
+            return None, summary
+        if val_samples:
+            _, val_scores = run_graph(method.build_graph(), load_images(val_samples, pre), device=dist_info.device)
+            write_json_atomic(
+                run_dir / CALIBRATION_NAME,
+                {"source": "held-out normal training images", "paths": [str(s.path) for s in val_samples],
+                 "scores": [float(s) for s in val_scores]},
+            )
+        config.state.update({"summary": summary})
+        config.save(run_dir)
+        mark_latest(run_dir)
+        return run_dir, summary
+    finally:
+        shutdown(dist_info)
+
+
+def evaluate_run(
+    run_dir: Path,
+    data_root: Path,
+    out_dir: Path | None = None,
+    *,
+    batch_size: int = 8,
+    device: str = "cpu",
+    top_k: int = 8,
+) -> tuple[dict[str, float], Path]:
+    """Score the test split of ``data_root`` with the run's inference graph and write the report.
+
+    Returns ``(metrics, path of metrics.json)``.
+    """
+    from edgead.evaluate import compute_metrics, write_report
+
+    method = load_method(run_dir)
+    pre = method.preprocess_config
+    samples = list_test(data_root)
+    graph = method.build_graph()
+    images = load_images(samples, pre)
+    start = time.perf_counter()
+    maps, scores = run_graph(graph, images, batch_size=batch_size, device=device)
+    seconds = time.perf_counter() - start
+    map_size = maps.shape[-1]
+    masks = load_masks(samples, map_size)
+    labels = np.array([s.label for s in samples])
+    metrics = compute_metrics(labels, scores, masks if masks.any() else None, maps if masks.any() else None)
+    rgb = np.stack([resize_image(read_image(s.path), map_size, pre.interpolation) for s in samples])
+    out_dir = Path(out_dir) if out_dir is not None else Path(run_dir) / "eval"
+    extra = {
+        "method": method.name,
+        "run_dir": str(run_dir),
+        "data_root": str(data_root),
+        "n_test": len(samples),
+        "device": device,
+        "inference_seconds_per_image": seconds / len(samples),
+    }
+    report = write_report(
+        out_dir, metrics, labels, scores, [str(s.path) for s in samples], rgb, maps, masks, top_k=top_k, extra=extra
+    )
+    return metrics, report

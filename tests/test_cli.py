@@ -1,0 +1,93 @@
+"""The command line: help for every command and option, clear errors on bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from edgead.cli import app
+from edgead.data.synthetic import generate_dataset
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "demo", "info", "export", "run", "bench"])
+def test_every_command_has_help(command: str) -> None:
+    result = runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
+
+
+def test_every_train_option_is_explained() -> None:
+    import click
+    import typer.main
+
+    command = typer.main.get_command(app).commands["train"]
+    for param in command.params:
+        if isinstance(param, click.Option):
+            assert param.help, f"--{param.name} has no help text"
+
+
+def test_info_lists_the_methods() -> None:
+    result = runner.invoke(app, ["info"])
+    assert result.exit_code == 0
+    assert "score-resilience" in result.output and "onnxruntime" in result.output
+
+
+def test_train_on_missing_data_names_the_folder(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["train", "--data", str(tmp_path / "nowhere"), "--runs-root", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "nowhere" in result.output
+
+
+def test_train_on_empty_train_folder_fails_before_training(tmp_path: Path) -> None:
+    (tmp_path / "data" / "train" / "good").mkdir(parents=True)
+    result = runner.invoke(app, ["train", "--data", str(tmp_path / "data"), "--runs-root", str(tmp_path / "runs")])
+    assert result.exit_code == 2
+    assert "train" in result.output
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("weights.safetensors"))
+
+
+def test_train_with_truncated_image_names_the_file(tmp_path: Path) -> None:
+    data = generate_dataset(tmp_path / "data", size=32, n_train=6, n_test_good=2, n_test_defect=2, seed=1)
+    victim = sorted((data / "train" / "good").iterdir())[0]
+    victim.write_bytes(victim.read_bytes()[:60])
+    result = runner.invoke(app, ["train", "--data", str(data), "--preset", "tiny", "--image-size", "32",
+                                 "--steps", "1", "--runs-root", str(tmp_path / "runs")])
+    assert result.exit_code == 2
+    assert victim.name in result.output
+
+
+def test_unknown_method_and_param_are_rejected(tmp_path: Path) -> None:
+    data = generate_dataset(tmp_path / "data", size=32, n_train=6, n_test_good=2, n_test_defect=2, seed=1)
+    result = runner.invoke(app, ["train", "--data", str(data), "--method", "nope"])
+    assert result.exit_code == 2 and "unknown method" in result.output
+    result = runner.invoke(app, ["train", "--data", str(data), "--param", "n_drawz=2", "--runs-root", str(tmp_path)])
+    assert result.exit_code == 2 and "n_drawz" in result.output
+
+
+def test_eval_without_a_run_says_how_to_get_one(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["eval", "--data", str(tmp_path), "--runs-root", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "edgead train" in result.output
+
+
+def test_train_then_eval_through_the_cli(tmp_path: Path) -> None:
+    data = generate_dataset(tmp_path / "data", size=32, n_train=12, n_test_good=4, n_test_defect=4, seed=2)
+    runs = tmp_path / "runs"
+    result = runner.invoke(app, ["train", "--data", str(data), "--preset", "tiny", "--image-size", "32",
+                                 "--steps", "3", "--batch-size", "4", "--runs-root", str(runs), "--no-progress",
+                                 "--param", "n_draws=2"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["eval", "--data", str(data), "--runs-root", str(runs)])
+    assert result.exit_code == 0, result.output
+    assert "image_auroc" in result.output
+    assert (runs / "score-resilience" / "latest" / "eval" / "metrics.json").is_file()
+
+
+def test_reserved_commands_say_so() -> None:
+    result = runner.invoke(app, ["export", "--method", "score-resilience"])
+    assert result.exit_code == 2
+    assert "not part of edgead" in result.output
