@@ -1,0 +1,78 @@
+"""Train a method on an MVTec-layout dataset, evaluate it, and record the figures with their provenance.
+
+Example:
+    python benchmarks/accuracy.py --method score-resilience --data DATA/magnetic_tile \
+        --preset tiny --image-size 128 --channels 1 --steps 1500
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import machine_record  # noqa: E402
+
+from edgead.config import TrainConfig, write_json_atomic  # noqa: E402
+from edgead.pipeline import evaluate_run, train_run  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--method", required=True)
+    parser.add_argument("--data", required=True, type=Path, help="MVTec-layout dataset root")
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--channels", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr-schedule", default="cosine")
+    parser.add_argument("--ema-decay", type=float, default=0.999)
+    parser.add_argument("--max-time", type=float, default=None)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--param", action="append", default=[], help="method hyperparameter KEY=JSON")
+    parser.add_argument("--work", type=Path, default=Path("runs/benchmarks"), help="where the run is saved")
+    parser.add_argument("--out", type=Path, default=None, help="result JSON (default benchmarks/results/...)")
+    args = parser.parse_args()
+
+    params = {k: json.loads(v) for k, _, v in (p.partition("=") for p in args.param)}
+    cfg = TrainConfig(
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule,
+        warmup_steps=min(100, args.steps // 10), ema_decay=args.ema_decay, max_time_s=args.max_time,
+        checkpoint_every=max(500, args.steps // 4),
+    )
+    dataset = args.data.resolve().name
+    run_dir, summary = train_run(
+        args.method, args.data, preset=args.preset, image_size=args.image_size, channels=args.channels,
+        train_cfg=cfg, method_params=params, runs_root=args.work, device=args.device,
+    )
+    device = "cuda" if summary["device"].startswith("cuda") else "cpu"
+    metrics, report = evaluate_run(run_dir, args.data, device=device)
+    eval_info = json.loads(report.read_text())["run"]
+    record = {
+        "benchmark": "accuracy",
+        "method": args.method,
+        "dataset": dataset,
+        "preset": args.preset,
+        "image_size": args.image_size,
+        "channels": args.channels,
+        "method_params": params,
+        "train": {**summary, "config": cfg.__dict__},
+        "metrics": metrics,
+        "n_test": eval_info["n_test"],
+        "inference_seconds_per_image": eval_info["inference_seconds_per_image"],
+        "machine": machine_record(),
+    }
+    results = Path(__file__).resolve().parent / "results"
+    out = args.out or results / f"accuracy_{args.method}_{dataset}_{args.preset}.json"
+    write_json_atomic(out, record)
+    print(json.dumps(metrics, indent=2))
+    print(f"saved {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""Describe the machine a benchmark ran on, for the record that goes into benchmarks/results/."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import shlex
+import sys
+from typing import Any
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def portable(text: str) -> str:
+    """Replace the real-data root and the working directory in ``text`` by placeholders, so a record
+    shows the command without this machine's paths."""
+    data_root = os.environ.get("EDGEAD_DATA_ROOT")
+    if data_root:
+        text = text.replace(os.path.abspath(data_root), "$EDGEAD_DATA_ROOT").replace(data_root, "$EDGEAD_DATA_ROOT")
+    return text.replace(os.getcwd() + os.sep, "")
+
+
+def machine_record() -> dict[str, Any]:
+    """CPU, core count, GPU (when torch sees one), versions, date and the command line."""
+    record: dict[str, Any] = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": portable(" ".join(shlex.quote(a) for a in ["python", os.path.relpath(sys.argv[0])] + sys.argv[1:])),
+        "cpu": cpu_name(),
+        "cpu_cores": os.cpu_count(),
+        "python": platform.python_version(),
+    }
+    try:
+        import torch
+
+        record["torch"] = torch.__version__
+        record["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+        record["torch_threads"] = torch.get_num_threads()
+    except ImportError:
+        record["gpu"] = None
+    return record
