@@ -286,7 +286,7 @@ class _Level(nn.Module):
         )
 
     def forward(self, x: Tensor, temb: Tensor) -> Tensor:
-        for res, attn in zip(self.res, self.attn):
+        for res, attn in zip(self.res, self.attn, strict=True):
             x = attn(res(x, temb))
         return x
 
@@ -393,7 +393,7 @@ class ScoreUNet(nn.Module):
             if i == 0:
                 h = self.mid_attn(h)
         features["mid"] = h
-        for level, block in zip(reversed(range(len(self.decoder))), self.decoder):
+        for level, block in zip(reversed(range(len(self.decoder))), self.decoder, strict=True):
             h = F.interpolate(h, scale_factor=2.0, mode="nearest")
             h = block(torch.cat([h, skips[level]], dim=1), temb)
             features[f"dec{level}"] = h
