@@ -1,8 +1,9 @@
 """Anomaly-detection metrics (image and pixel level, AUPRO) and the on-disk evaluation report.
 
 Torch-free on purpose: only numpy and OpenCV are imported at module level. scikit-learn is imported lazily
-inside the metric functions, so :func:`heatmap_overlay` (used by the live camera runtime) works in an edge
-install that has no scikit-learn.
+inside the metric functions, so importing this module works in an edge install that has no scikit-learn.
+:func:`heatmap_overlay` lives in ``edgead.runtime.overlay`` (the live runtime draws with it) and is re-exported
+here.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from edgead.data.io import write_bytes_atomic
+from edgead.runtime.overlay import heatmap_overlay  # re-exported: the report and the live runtime share it
 
 BoolArray = NDArray[np.bool_]
 FloatArray = NDArray[np.float64]
@@ -258,40 +260,6 @@ def _format_value(value: Any) -> str:
 
 
 # -------------------------------------------------------------------------------------------- visualisation
-def heatmap_overlay(
-    rgb: NDArray[np.uint8], anomaly_map: NDArray, vmin: float, vmax: float, alpha: float = 0.5
-) -> NDArray[np.uint8]:
-    """Blends a JET-coloured anomaly map onto an RGB image.
-
-    Args:
-        rgb: (H, W, 3) uint8 RGB image.
-        anomaly_map: (h, w) map of any size; it is resized bilinearly to (H, W).
-        vmin: Map value drawn as the coldest colour (pass one global value per test set so that overlays
-            are comparable between images).
-        vmax: Map value drawn as the hottest colour.
-        alpha: Weight of the heatmap in the blend, in [0, 1].
-
-    Returns:
-        (H, W, 3) uint8 RGB image.
-    """
-    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-        raise ValueError(f"heatmap_overlay: expected (H, W, 3) uint8 RGB, got {rgb.shape} {rgb.dtype}")
-    if anomaly_map.ndim != 2:
-        raise ValueError(f"heatmap_overlay: expected a 2-D anomaly map, got shape {anomaly_map.shape}")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"heatmap_overlay: alpha must be in [0, 1], got {alpha}")
-    # A constant map (vmax == vmin) would divide by zero; draw it as all-cold instead.
-    scale = 255.0 / (vmax - vmin) if vmax > vmin else 0.0
-    # Normalising before resizing is cheaper because the map is usually smaller than the frame.
-    normalised = np.clip((anomaly_map.astype(np.float32) - np.float32(vmin)) * np.float32(scale), 0.0, 255.0)
-    height, width = rgb.shape[:2]
-    if normalised.shape != (height, width):
-        normalised = cv2.resize(normalised, (width, height), interpolation=cv2.INTER_LINEAR)
-    heat_bgr = cv2.applyColorMap(normalised.astype(np.uint8), cv2.COLORMAP_JET)
-    heat_rgb = cv2.cvtColor(heat_bgr, cv2.COLOR_BGR2RGB)
-    return cv2.addWeighted(rgb, 1.0 - alpha, heat_rgb, alpha, 0.0)
-
-
 def _overlay_row(
     rgb: NDArray[np.uint8], anomaly_map: NDArray, mask: NDArray | None, vmin: float, vmax: float, caption: str
 ) -> NDArray[np.uint8]:

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from edgead.config import DEFAULT_RUNS_DIR, RunConfig, TrainConfig, mark_latest, new_run_dir, write_json_atomic
+from edgead.config import DEFAULT_RUNS_DIR, RunConfig, TrainConfig, mark_latest, new_run_dir
 from edgead.data.io import list_images, read_image
 from edgead.data.mvtec import (
     DatasetLayoutError,
@@ -26,8 +26,6 @@ from edgead.data.preprocess import PreprocessConfig, resize_image
 from edgead.methods import get_method, load_method
 from edgead.methods.base import run_graph
 from edgead.train.distributed import init_distributed, shutdown
-
-CALIBRATION_NAME = "calibration.json"
 
 
 def training_samples(data_root: Path) -> list[Sample]:
@@ -118,13 +116,6 @@ def train_run(
         summary["world_size"] = dist_info.world_size
         if not dist_info.is_main:
             return None, summary
-        if val_samples:
-            _, val_scores = run_graph(method.build_graph(), load_images(val_samples, pre), device=dist_info.device)
-            write_json_atomic(
-                run_dir / CALIBRATION_NAME,
-                {"source": "held-out normal training images", "paths": [str(s.path) for s in val_samples],
-                 "scores": [float(s) for s in val_scores]},
-            )
         config.state.update({"summary": summary})
         config.save(run_dir)
         mark_latest(run_dir)

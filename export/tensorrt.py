@@ -1,0 +1,454 @@
+"""ONNX -> TensorRT engine builds for every TensorRT flavour edgead supports, behind one interface.
+
+The flavours differ in how FP16 is obtained, and :func:`choose_onnx_for` is the one place that knows it:
+
+* TensorRT 10 (``import tensorrt``, Jetson/JetPack 6): weakly typed networks; FP16 comes from the
+  ``FP16`` builder flag applied to the FP32 ONNX.
+* TensorRT 11 (``import tensorrt``): ``BuilderFlag.FP16`` is gone and networks are strongly typed, so
+  the precision is the ONNX's: FP16 engines are built from ``model.fp16.onnx``, whose sensitive parts
+  the exporter keeps in FP32 behind Cast nodes.
+* TensorRT for RTX (``import tensorrt_rtx``): strongly typed like 11, and builds ahead of time on a
+  machine without a GPU (only deserializing and running need one). Its timing-cache calls are
+  deprecated no-ops (RTX 1.2+), so no timing cache is read or written for it.
+
+This module imports no torch; the builder module is only imported when a build starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from edgead.data.io import atomic_output, write_bytes_atomic
+from edgead.runtime.backends.base import INPUT_NAME
+from edgead.runtime.backends.tensorrt import import_tensorrt
+
+__all__ = [
+    "BuildSettings", "EngineInfo", "Flavour", "TensorRTUnavailable", "build_engine", "choose_onnx_for",
+    "detect_flavour", "engine_cache_key", "file_sha256", "gpu_identity",
+]
+
+_UNAVAILABLE = (
+    "no TensorRT flavour installed: install `edgead[trt]` (TensorRT 10/11 + pycuda + polygraphy) on the target "
+    "device, or `tensorrt-rtx-cu13` for RTX GPUs; ONNX export works without it"
+)
+PRECISIONS = ("fp32", "fp16")
+Log = Callable[[str], None]
+
+
+class TensorRTUnavailable(RuntimeError):
+    """No usable TensorRT flavour could be imported."""
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__(f"{_UNAVAILABLE} ({detail})" if detail else _UNAVAILABLE)
+
+
+@dataclass(frozen=True)
+class Flavour:
+    """One importable TensorRT flavour and the properties that change how engines are built.
+
+    Attributes:
+        name: ``"tensorrt"`` or ``"tensorrt_rtx"``.
+        version: The module's ``__version__``.
+        major: Major version number.
+        module: The imported module (not part of equality, hashing or repr).
+    """
+
+    name: str
+    version: str
+    major: int
+    module: ModuleType | None = field(default=None, compare=False, hash=False, repr=False)
+
+    @property
+    def strongly_typed(self) -> bool:
+        """Networks take their precision from the ONNX types (TensorRT-RTX and TensorRT >= 11)."""
+        return self.name == "tensorrt_rtx" or self.major >= 11
+
+    @property
+    def fp16_from_onnx(self) -> bool:
+        """FP16 engines need the FP16 ONNX (strongly typed); TensorRT 10 uses the builder flag instead."""
+        return self.strongly_typed
+
+    @property
+    def can_build_without_gpu(self) -> bool:
+        """Ahead-of-time builds on a CPU-only machine (TensorRT-RTX)."""
+        return self.name == "tensorrt_rtx"
+
+    @property
+    def has_timing_cache(self) -> bool:
+        """Whether the builder's timing cache does anything (a deprecated no-op in TensorRT-RTX)."""
+        return self.name == "tensorrt"
+
+
+def detect_flavour(preferred: str | None = None) -> Flavour:
+    """Finds a usable TensorRT flavour.
+
+    Args:
+        preferred: ``"tensorrt"``, ``"tensorrt_rtx"`` or None (``tensorrt`` first, then ``tensorrt_rtx``).
+
+    Raises:
+        ValueError: Unknown ``preferred``.
+        TensorRTUnavailable: Nothing importable, or only a stub/broken package (no ``Builder``).
+    """
+    try:
+        name, module = import_tensorrt(preferred)  # raises ValueError for an unknown name
+    except ImportError as exc:
+        raise TensorRTUnavailable(str(exc)) from exc
+    version = str(getattr(module, "__version__", "0"))
+    head = version.split(".", 1)[0]
+    return Flavour(name=name, version=version, major=int(head) if head.isdigit() else 0, module=module)
+
+
+def choose_onnx_for(
+    flavour: Flavour, precision: str, fp32_onnx: Path, fp16_onnx: Path | None
+) -> tuple[Path, frozenset[str]]:
+    """Picks the ONNX to parse and the builder flags to set: the one place handling the flavour difference.
+
+    Args:
+        flavour: Target flavour.
+        precision: ``"fp32"`` or ``"fp16"``.
+        fp32_onnx: The FP32 export.
+        fp16_onnx: The FP16 export (``model.fp16.onnx``) or None if there is none.
+
+    Returns:
+        ``(onnx path, builder flag names)``, e.g. ``(fp32_onnx, {"FP16"})`` for TensorRT 10 FP16.
+
+    Raises:
+        ValueError: Unknown precision.
+        FileNotFoundError: FP16 on a strongly typed flavour without an FP16 ONNX.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return Path(fp32_onnx), frozenset()
+    if not flavour.fp16_from_onnx:
+        return Path(fp32_onnx), frozenset({"FP16"})
+    if fp16_onnx is None:
+        raise FileNotFoundError(
+            f"{flavour.name} {flavour.version} builds strongly typed networks, so an FP16 engine needs the FP16 "
+            f"ONNX next to {fp32_onnx}; export it with --precision fp16"
+        )
+    return Path(fp16_onnx), frozenset()
+
+
+@dataclass
+class BuildSettings:
+    """What to build.
+
+    Attributes:
+        precision: ``"fp32"`` or ``"fp16"``.
+        input_shape: Fixed input shape, e.g. ``(1, 3, 256, 256)``.
+        workspace_mb: Builder workspace pool limit.
+        timing_cache: Timing-cache file to load and update (TensorRT 10/11 only).
+        compute_capabilities: TensorRT-RTX ahead-of-time targets such as ``("8.6", "8.9")``; None keeps the
+            flavour's default (RTX: portable across 8.0/8.6/8.9/12.0, Turing 7.5 only when named).
+        builder_optimization_level: 0-5, None for the builder's default.
+    """
+
+    precision: str
+    input_shape: tuple[int, ...]
+    workspace_mb: int = 1024
+    timing_cache: Path | None = None
+    compute_capabilities: tuple[str, ...] | None = None
+    builder_optimization_level: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
+        self.input_shape = tuple(int(d) for d in self.input_shape)
+        if not self.input_shape or any(d <= 0 for d in self.input_shape):
+            raise ValueError(f"input_shape must be positive integers, got {self.input_shape}")
+        if self.workspace_mb <= 0:
+            raise ValueError(f"workspace_mb must be positive, got {self.workspace_mb}")
+        if self.compute_capabilities is not None:
+            self.compute_capabilities = tuple(str(c) for c in self.compute_capabilities)
+
+
+@dataclass
+class EngineInfo:
+    """What :func:`build_engine` produced (also stored beside cached engines as JSON)."""
+
+    engine_path: Path
+    sha256: str
+    flavour: str
+    flavour_version: str
+    precision: str
+    onnx_path: Path
+    build_seconds: float
+    cache_hit: bool
+    key: str
+    input_shape: tuple[int, ...]
+    layers: int
+    size_bytes: int
+    builder_flags: tuple[str, ...] = ()
+    compute_capabilities: tuple[str, ...] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly dict (paths as strings)."""
+        data = asdict(self)
+        data["engine_path"], data["onnx_path"] = str(self.engine_path), str(self.onnx_path)
+        return data
+
+
+def file_sha256(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks so engines of any size fit in memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(chunk_size), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def gpu_identity() -> tuple[str, str]:
+    """``(GPU name, compute capability)`` of device 0 from pycuda, else nvidia-smi, else ``("none", "none")``."""
+    try:
+        import pycuda.driver as cuda  # optional: only GPU machines have it
+
+        cuda.init()
+        if cuda.Device.count() > 0:
+            device = cuda.Device(0)
+            major, minor = device.compute_capability()
+            return str(device.name()), f"{major}.{minor}"
+    except Exception:  # pycuda missing, or no driver/device: try nvidia-smi
+        pass
+    smi = shutil.which("nvidia-smi")
+    if smi is not None:
+        try:
+            query = [smi, "--query-gpu=name,compute_cap", "--format=csv,noheader"]
+            result = subprocess.run(query, capture_output=True, text=True, timeout=20, check=True)
+            name, _, capability = result.stdout.strip().splitlines()[0].rpartition(",")
+            if name.strip() and capability.strip():
+                return name.strip(), capability.strip()
+        except (OSError, subprocess.SubprocessError, IndexError):
+            pass
+    return "none", "none"
+
+
+def engine_cache_key(
+    onnx_sha256: str,
+    flavour: Flavour,
+    gpu_name: str,
+    compute_capability: str,
+    precision: str,
+    input_shape: tuple[int, ...],
+    extra: Mapping[str, Any] | None = None,
+) -> str:
+    """Stable sha256 hex of a canonical JSON of everything that makes an engine different.
+
+    Args:
+        onnx_sha256: Hash of the ONNX the engine is built from.
+        flavour: Name and version both count: engines do not load across versions.
+        gpu_name: GPU the engine is built for (``"any"`` for portable TensorRT-RTX engines).
+        compute_capability: e.g. ``"8.7"``, or the requested RTX targets joined by commas.
+        precision: ``"fp32"`` or ``"fp16"``.
+        input_shape: Fixed input shape.
+        extra: Further builder settings that change the engine (optimization level, workspace).
+    """
+    payload = dict(
+        onnx_sha256=onnx_sha256, flavour=flavour.name, flavour_version=flavour.version, gpu_name=gpu_name,
+        compute_capability=compute_capability, precision=precision, input_shape=[int(d) for d in input_shape],
+        extra=dict(extra or {}),
+    )
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _target(flavour: Flavour, settings: BuildSettings) -> tuple[str, str]:
+    """GPU name and compute capability that identify the engine's target in the cache key."""
+    if flavour.can_build_without_gpu:
+        # RTX engines are portable across their compute capabilities, not tied to the build machine.
+        targets = ",".join(sorted(_normalise_capability(c) for c in settings.compute_capabilities or ()))
+        return "any", targets or "rtx-default"
+    if settings.compute_capabilities:
+        raise ValueError(
+            "compute_capabilities only applies to TensorRT-RTX ahead-of-time builds; TensorRT "
+            f"{flavour.version} engines target the GPU they are built on"
+        )
+    return gpu_identity()
+
+
+def _normalise_capability(capability: str) -> str:
+    """``"8.6"``, ``"86"``, ``"sm_86"`` -> ``"86"``."""
+    digits = capability.lower().replace("sm", "").replace("_", "").replace(".", "").strip()
+    if not digits.isdigit():
+        raise ValueError(f"invalid compute capability {capability!r}: expected e.g. '8.6'")
+    return digits
+
+
+def _parse_onnx(trt: ModuleType, network: Any, onnx_path: Path, trt_logger: Any) -> None:
+    """Parses the ONNX into ``network``; raises RuntimeError listing every parser error."""
+    parser = trt.OnnxParser(network, trt_logger)
+    # parse_from_file (not parse(bytes)) resolves external-data files relative to the model.
+    if parser.parse_from_file(str(onnx_path)):
+        return
+    errors = [f"  [{i}] {parser.get_error(i).desc()}" for i in range(parser.num_errors)]
+    raise RuntimeError(
+        f"TensorRT's ONNX parser rejected {onnx_path} ({parser.num_errors} error(s)):\n" + "\n".join(errors)
+    )
+
+
+def _apply_compute_capabilities(trt: ModuleType, config: Any, capabilities: tuple[str, ...]) -> None:
+    """Sets TensorRT-RTX ahead-of-time targets on the builder config."""
+    known = sorted(name for name in trt.ComputeCapability.__members__ if name.startswith("SM"))
+    config.num_compute_capabilities = len(capabilities)
+    for index, capability in enumerate(capabilities):
+        member = getattr(trt.ComputeCapability, f"SM{_normalise_capability(capability)}", None)
+        if member is None:
+            raise ValueError(f"{trt.__name__} cannot target compute capability {capability!r}: known {known}")
+        if not config.set_compute_capability(member, index):
+            raise RuntimeError(f"{trt.__name__} refused compute capability {capability!r}")
+
+
+def _load_timing_cache(config: Any, path: Path | None, log: Log) -> Any:
+    """Attaches a timing cache to ``config`` (from ``path`` when it exists); returns it."""
+    data = path.read_bytes() if path is not None and path.is_file() else b""
+    cache = config.create_timing_cache(data)
+    if not config.set_timing_cache(cache, False):
+        # A cache from another GPU or TensorRT version is rejected; start a fresh one instead.
+        log(f"timing cache {path} does not match this GPU/TensorRT; starting a new one")
+        cache = config.create_timing_cache(b"")
+        config.set_timing_cache(cache, False)
+    return cache
+
+
+def _save_timing_cache(config: Any, path: Path) -> None:
+    """Writes the config's (loaded + newly timed) cache atomically."""
+    write_bytes_atomic(path, memoryview(config.get_timing_cache().serialize()).tobytes())
+
+
+def _copy_atomic(source: Path, target: Path) -> None:
+    """Copies a file so that readers of ``target`` never see a partial copy."""
+    with atomic_output(target) as tmp:
+        shutil.copyfile(source, tmp)
+
+
+def _build(flavour: Flavour, onnx: Path, engine: Path, settings: BuildSettings, flags: frozenset[str], log: Log) -> int:
+    """Runs the builder and writes the engine; returns the network's layer count."""
+    trt = flavour.module
+    if trt is None:
+        raise TensorRTUnavailable(f"flavour {flavour.name} {flavour.version} has no module to build with")
+    trt_logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(trt_logger)
+    network_flags = 0
+    if flavour.strongly_typed and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+        # Already the default in TensorRT 11 and RTX (flag kept for compatibility); set for clarity.
+        network_flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(network_flags)
+    _parse_onnx(trt, network, onnx, trt_logger)
+    inputs = [network.get_input(i).name for i in range(network.num_inputs)]
+    if inputs != [INPUT_NAME]:
+        raise RuntimeError(f"{onnx} has inputs {inputs}; edgead engines expect exactly one input {INPUT_NAME!r}")
+    shape, onnx_shape = tuple(settings.input_shape), tuple(network.get_input(0).shape)
+    if len(onnx_shape) != len(shape) or any(0 <= d != s for d, s in zip(onnx_shape, shape, strict=True)):
+        raise ValueError(f"{onnx} has input shape {onnx_shape} (-1 = dynamic); the engine was asked for {shape}")
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace_mb << 20)
+    for flag in sorted(flags):
+        if not hasattr(trt.BuilderFlag, flag):
+            raise RuntimeError(f"{flavour.name} {flavour.version} has no BuilderFlag.{flag}")
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+    if settings.precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)  # "fp32" means FP32 math, matching the ONNX reference
+    if settings.builder_optimization_level is not None:
+        config.builder_optimization_level = settings.builder_optimization_level
+    if settings.compute_capabilities:
+        _apply_compute_capabilities(trt, config, settings.compute_capabilities)
+    profile = builder.create_optimization_profile()
+    profile.set_shape(INPUT_NAME, shape, shape, shape)  # fixed shapes: min = opt = max
+    config.add_optimization_profile(profile)
+
+    use_timing_cache = settings.timing_cache is not None and flavour.has_timing_cache
+    if settings.timing_cache is not None and not use_timing_cache:
+        log(f"timing cache {settings.timing_cache} skipped: a no-op in {flavour.name} {flavour.version}")
+    if use_timing_cache:
+        _load_timing_cache(config, settings.timing_cache, log)
+
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise RuntimeError(f"{flavour.name} {flavour.version} failed to build an engine from {onnx} (see log above)")
+    with atomic_output(engine) as tmp:
+        tmp.write_bytes(memoryview(serialized))
+    if use_timing_cache:
+        _save_timing_cache(config, settings.timing_cache)
+    return int(network.num_layers)
+
+
+def build_engine(
+    onnx_path: str | os.PathLike[str],
+    engine_path: str | os.PathLike[str],
+    settings: BuildSettings,
+    flavour: Flavour | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    log: Log = print,
+    fp16_onnx_path: str | os.PathLike[str] | None = None,
+) -> EngineInfo:
+    """Builds (or copies from the engine cache) a fixed-shape engine for the ``image`` input.
+
+    Args:
+        onnx_path: The FP32 ONNX export.
+        engine_path: Where to write the engine (atomically).
+        settings: Precision, shape, workspace, timing cache, RTX targets.
+        flavour: Flavour to build with; None detects one.
+        cache_dir: Engine cache: ``<cache_dir>/<key>.engine`` is copied instead of building and filled after.
+        log: Receives progress lines.
+        fp16_onnx_path: The FP16 ONNX; None uses ``<stem>.fp16.onnx`` beside ``onnx_path`` if it exists.
+
+    Returns:
+        What was built.
+
+    Raises:
+        TensorRTUnavailable: No flavour installed.
+        FileNotFoundError: A needed ONNX is missing.
+        RuntimeError: Parsing or building failed (parser errors are listed).
+    """
+    flavour = flavour or detect_flavour()
+    fp32_onnx, engine_path = Path(onnx_path), Path(engine_path)
+    if fp16_onnx_path is None:
+        sibling = fp32_onnx.with_name(f"{fp32_onnx.stem}.fp16.onnx")
+        fp16_onnx = sibling if sibling.is_file() else None
+    else:
+        fp16_onnx = Path(fp16_onnx_path)
+    onnx, flags = choose_onnx_for(flavour, settings.precision, fp32_onnx, fp16_onnx)
+    if not onnx.is_file():
+        raise FileNotFoundError(f"ONNX model not found: {onnx}")
+    gpu_name, capability = _target(flavour, settings)
+    extra = {"workspace_mb": settings.workspace_mb, "opt_level": settings.builder_optimization_level}
+    key = engine_cache_key(
+        file_sha256(onnx), flavour, gpu_name, capability, settings.precision, settings.input_shape, extra
+    )
+    cached = Path(cache_dir) / f"{key}.engine" if cache_dir is not None else None
+    started = time.perf_counter()
+    if cached is not None and cached.is_file() and cached.stat().st_size > 0:
+        _copy_atomic(cached, engine_path)
+        sidecar = cached.with_suffix(".json")
+        layers = int(json.loads(sidecar.read_text()).get("layers", -1)) if sidecar.is_file() else -1
+        cache_hit = True
+        log(f"engine cache hit {cached.name} -> {engine_path}")
+    else:
+        targets = f" for compute capabilities {capability}" if flavour.can_build_without_gpu else f" for {gpu_name}"
+        log(f"building {settings.precision} engine with {flavour.name} {flavour.version}{targets} from {onnx.name}")
+        layers = _build(flavour, onnx, engine_path, settings, flags, log)
+        cache_hit = False
+    seconds = time.perf_counter() - started
+    info = EngineInfo(
+        engine_path=engine_path, sha256=file_sha256(engine_path), flavour=flavour.name,
+        flavour_version=flavour.version, precision=settings.precision, onnx_path=onnx, build_seconds=seconds,
+        cache_hit=cache_hit, key=key, input_shape=tuple(settings.input_shape), layers=layers,
+        size_bytes=engine_path.stat().st_size, builder_flags=tuple(sorted(flags)),
+        compute_capabilities=settings.compute_capabilities,
+    )
+    if cached is not None and not cache_hit:
+        _copy_atomic(engine_path, cached)
+        write_bytes_atomic(cached.with_suffix(".json"), json.dumps(info.to_dict(), indent=2).encode("utf-8"))
+    log(f"engine {engine_path} ({info.size_bytes / 1e6:.2f} MB, {layers} layers) in {seconds:.2f} s")
+    return info
