@@ -1,4 +1,4 @@
-"""The ``edgead`` command line: train, eval, demo and info (export, run and bench are reserved)."""
+"""The ``edgead`` command line: train, eval, export, run, bench, demo and info."""
 
 from __future__ import annotations
 
@@ -187,27 +187,126 @@ def info() -> None:
     console.print(methods)
 
 
-def _reserved(name: str) -> None:
-    err_console.print(f"[bold yellow]edgead {name}[/bold yellow] is not part of edgead {__version__} yet.")
-    raise typer.Exit(code=2)
+def _latest_export(exports_root: Path) -> Path:
+    candidates = sorted(exports_root.glob("*/edgead.json"), key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise FileNotFoundError(
+            f"no export under {exports_root}; run `edgead export --method NAME` first or pass --export DIR"
+        )
+    return candidates[-1].parent
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def export() -> None:
-    """(Reserved) Trace a trained method to ONNX and TensorRT engines."""
-    _reserved("export")
+@app.command()
+def export(
+    method: str = typer.Option("score-resilience", "--method", help="Method whose latest run is exported."),
+    run: Path | None = typer.Option(None, "--run", help="Run directory (default: the method's latest run)."),
+    out: Path | None = typer.Option(None, "--out", help="Export directory (default exports/<method>)."),
+    precision: str = typer.Option("fp32", "--precision",
+        help="fp32, or fp16 (also writes model.fp16.onnx with normalisation, reductions and pooling in FP32)."),
+    fmt: str = typer.Option("onnx", "--format", help="onnx, or tensorrt (ONNX plus an engine built for this device)."),
+    batch: int = typer.Option(1, "--batch", help="Fixed batch size of the exported graph."),
+    image_size: int | None = typer.Option(None, "--image-size", help="Input size (default: the training size)."),
+    data: Path | None = typer.Option(None, "--data",
+        help="MVTec-layout root: adds its test split to the parity check and reports FP32/FP16 AUROC."),
+    false_alarm_rate: float = typer.Option(0.01, "--false-alarm-rate",
+        help="Target fraction of normal images flagged; sets the threshold from held-out normal scores."),
+    trt_flavour: str | None = typer.Option(None, "--trt-flavour",
+        help="tensorrt or tensorrt_rtx (default: whichever is installed, tensorrt first)."),
+    workspace_mb: int = typer.Option(1024, "--workspace-mb", help="TensorRT builder workspace limit in MiB."),
+    compute_capability: list[str] = typer.Option([], "--compute-capability",
+        help="TensorRT-RTX ahead-of-time target, e.g. 8.9; repeatable (default: RTX's portable set)."),
+    engine_cache: Path = typer.Option(Path(".edgead-cache"), "--engine-cache",
+        help="Engine and timing cache folder, keyed by ONNX hash, TensorRT version, GPU, precision and shape."),
+    runs_root: Path = typer.Option(Path("runs"), "--runs-root", help="Where to look for the latest run."),
+    exports_root: Path = typer.Option(Path("exports"), "--exports-root", help="Parent of default export folders."),
+) -> None:
+    """Trace a trained method's whole inference to ONNX (and a TensorRT engine), check parity, calibrate."""
+    from edgead.config import resolve_latest
+    from edgead.export.exporter import ExportOptions, export_run
+    from edgead.export.onnx import ExportError
+    from edgead.export.tensorrt import TensorRTUnavailable
+
+    try:
+        run_dir = run or resolve_latest(method, runs_root)
+        options = ExportOptions(
+            precision=precision, format=fmt, batch=batch, image_size=image_size, data=data,
+            false_alarm_rate=false_alarm_rate, trt_flavour=trt_flavour, workspace_mb=workspace_mb,
+            compute_capabilities=tuple(compute_capability) or None, engine_cache=engine_cache,
+        )
+        target = out or exports_root / method
+        meta = export_run(run_dir, target, options, log=lambda line: console.print(line, soft_wrap=True))
+    except (*USER_ERRORS, ExportError, TensorRTUnavailable) as err:
+        _fail(err)
+    files = ", ".join(a["file"] for a in meta["artifacts"].values() if isinstance(a, dict))
+    engines = ", ".join(e["file"] for e in meta["artifacts"].get("engines", []))
+    console.print(f"[bold]{target}[/bold]: {files}{', ' + engines if engines else ''}, edgead.json", soft_wrap=True)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def run() -> None:
-    """(Reserved) Run an exported detector on a live camera, video, stream or folder."""
-    _reserved("run")
+@app.command("run")
+def run_camera(
+    camera: str = typer.Option(..., "--camera",
+        help="Camera index, video file, RTSP/HTTP URL, GStreamer pipeline (with '!') or a folder of images."),
+    export_dir: Path | None = typer.Option(None, "--export",
+        help="Export directory (default: newest under exports/)."),
+    backend: str = typer.Option("auto", "--backend", help="auto, tensorrt or onnxruntime."),
+    precision: str | None = typer.Option(None, "--precision", help="fp32 or fp16 (default: what the export has)."),
+    threshold: float | None = typer.Option(None, "--threshold", help="Override the calibrated threshold."),
+    show: bool | None = typer.Option(None, "--show/--headless",
+        help="Show the overlay window (default: only when a display is available)."),
+    save_anomalies: Path | None = typer.Option(None, "--save-anomalies",
+        help="Folder for anomalous frames, their overlays and raw maps."),
+    log: Path | None = typer.Option(None, "--log", help="JSON-lines log, one line per frame (appended)."),
+    log_anomalies_only: bool = typer.Option(False, "--log-anomalies-only", help="Log only anomalous frames."),
+    max_frames: int | None = typer.Option(None, "--max-frames", help="Stop after N frames."),
+    exports_root: Path = typer.Option(Path("exports"), "--exports-root", help="Where to look for the newest export."),
+) -> None:
+    """Run an exported detector live: capture thread, heatmap overlay, alarms, log, saved anomalies."""
+    from edgead.runtime.backends.base import BackendError
+    from edgead.runtime.capture import SourceError
+    from edgead.runtime.detector import Detector
+    from edgead.runtime.live import LiveOptions, run_live
+
+    say = lambda line: err_console.print(line)  # noqa: E731
+    try:
+        detector = Detector.load(export_dir or _latest_export(exports_root), backend=backend, precision=precision,
+                                 threshold=threshold, on_event=say)
+        options = LiveOptions(show=show, save_anomalies=save_anomalies, log_path=log, max_frames=max_frames,
+                              log_every_frame=not log_anomalies_only)
+        summary = run_live(detector, camera, options, on_event=say)
+    except (*USER_ERRORS, SourceError, BackendError, RuntimeError) as err:
+        _fail(err)
+    console.print(
+        f"{summary.frames} frames, {summary.anomalies} anomalous, {summary.fps:.1f} FPS, "
+        f"median latency {summary.median_latency_ms:.1f} ms, dropped {summary.dropped} ({summary.stop_reason})",
+        soft_wrap=True,
+    )
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def bench() -> None:
-    """(Reserved) Measure latency of an exported detector on this device."""
-    _reserved("bench")
+@app.command()
+def bench(
+    export_dir: Path | None = typer.Option(None, "--export",
+        help="Export directory (default: newest under exports/)."),
+    backend: str = typer.Option("auto", "--backend", help="auto, tensorrt or onnxruntime."),
+    precision: str | None = typer.Option(None, "--precision", help="fp32 or fp16."),
+    warmup: float = typer.Option(2.0, "--warmup", help="Warm-up seconds before measuring."),
+    duration: float = typer.Option(10.0, "--duration", help="Measured seconds (at least 50 runs)."),
+    torch_baseline: bool = typer.Option(True, "--torch/--no-torch",
+        help="Also time the PyTorch eager module in the same run (needs torch and the run directory)."),
+    camera_loop: bool = typer.Option(True, "--camera-loop/--no-camera-loop",
+        help="Also measure end-to-end FPS of the camera loop on a generated video file."),
+    json_path: Path | None = typer.Option(None, "--json", help="Write the full report as JSON."),
+    exports_root: Path = typer.Option(Path("exports"), "--exports-root", help="Where to look for the newest export."),
+) -> None:
+    """Latency on this device: per-stage percentiles, throughput, ratio to PyTorch eager, camera-loop FPS."""
+    from edgead.benchmark import run_bench
+
+    try:
+        report = run_bench(export_dir or _latest_export(exports_root), backend=backend, precision=precision,
+                           warmup_s=warmup, duration_s=duration, torch_baseline=torch_baseline,
+                           camera_loop=camera_loop, json_path=json_path)
+    except USER_ERRORS as err:
+        _fail(err)
+    console.print(report["table"], soft_wrap=True, markup=False)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from edgead.data.io import atomic_output, write_bytes_atomic
+from edgead.data.io import atomic_output, file_sha256, write_bytes_atomic
 from edgead.runtime.backends.base import INPUT_NAME
 from edgead.runtime.backends.tensorrt import import_tensorrt
 
@@ -197,15 +197,6 @@ class EngineInfo:
         data = asdict(self)
         data["engine_path"], data["onnx_path"] = str(self.engine_path), str(self.onnx_path)
         return data
-
-
-def file_sha256(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks so engines of any size fit in memory."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(chunk_size), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def gpu_identity() -> tuple[str, str]:

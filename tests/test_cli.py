@@ -87,7 +87,14 @@ def test_train_then_eval_through_the_cli(tmp_path: Path) -> None:
     assert (runs / "score-resilience" / "latest" / "eval" / "metrics.json").is_file()
 
 
-def test_reserved_commands_say_so() -> None:
-    result = runner.invoke(app, ["export", "--method", "score-resilience"])
+def test_export_without_a_run_says_how_to_get_one(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["export", "--method", "score-resilience", "--runs-root", str(tmp_path)])
     assert result.exit_code == 2
-    assert "not part of edgead" in result.output
+    assert "edgead train" in result.output
+
+
+def test_run_and_bench_without_an_export_say_how_to_get_one(tmp_path: Path) -> None:
+    for command in (["run", "--camera", "0"], ["bench"]):
+        result = runner.invoke(app, [*command, "--exports-root", str(tmp_path)])
+        assert result.exit_code == 2
+        assert "edgead export" in result.output

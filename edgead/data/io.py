@@ -8,6 +8,7 @@ see format-dependent differences.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ __all__ = [
     "read_image",
     "read_mask",
     "atomic_output",
+    "file_sha256",
     "write_bytes_atomic",
     "write_image_atomic",
 ]
@@ -210,6 +212,15 @@ def atomic_output(path: str | os.PathLike[str], durable: bool = False) -> Iterat
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def file_sha256(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks so engines of any size fit in memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(chunk_size), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes, durable: bool = False) -> Path:

@@ -1,0 +1,81 @@
+"""CPU/GPU latency of an exported detector vs PyTorch eager, runtime memory without torch, camera-loop FPS.
+
+Latency does not depend on the weights, so by default the run is a short training on generated data;
+pass --run to time a real run.
+
+Example:
+    python benchmarks/latency.py --preset small --image-size 192 --n-draws 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import machine_record  # noqa: E402
+
+from edgead.benchmark import run_bench  # noqa: E402
+from edgead.config import TrainConfig, write_json_atomic  # noqa: E402
+from edgead.data.synthetic import generate_dataset  # noqa: E402
+from edgead.export.exporter import ExportOptions, export_run  # noqa: E402
+from edgead.pipeline import train_run  # noqa: E402
+
+RUNTIME_ONLY = """
+import json, sys
+sys.modules["torch"] = None  # prove the measured process never loads torch
+from edgead.benchmark import run_bench
+report = run_bench(sys.argv[1], backend="onnxruntime", warmup_s=float(sys.argv[2]), duration_s=float(sys.argv[3]),
+                   torch_baseline=False, camera_loop=False)
+total = report["backend"]["stages"]["total"]
+print(json.dumps({"memory": report["memory_after_backend"], "median_ms": total["median"]}))
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", type=Path, default=None, help="trained run (default: a 1-step run on generated data)")
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--image-size", type=int, default=192)
+    parser.add_argument("--n-draws", type=int, default=3)
+    parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--warmup", type=float, default=3.0)
+    parser.add_argument("--duration", type=float, default=20.0)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        run_dir = args.run
+        if run_dir is None:
+            data = generate_dataset(work / "data", size=args.image_size, n_train=20, n_test_good=2, n_test_defect=2)
+            run_dir, _ = train_run("score-resilience", data, preset=args.preset, image_size=args.image_size,
+                                   train_cfg=TrainConfig(steps=1, batch_size=2), runs_root=work / "runs",
+                                   method_params={"n_draws": args.n_draws}, progress=False)
+        export_dir = work / "export"
+        export_run(run_dir, export_dir, ExportOptions(precision=args.precision), log=print)
+        report = run_bench(export_dir, backend="onnxruntime", precision=args.precision, warmup_s=args.warmup,
+                           duration_s=args.duration)
+        runtime_only = subprocess.run(
+            [sys.executable, "-c", RUNTIME_ONLY, str(export_dir), str(args.warmup), str(args.duration / 4)],
+            capture_output=True, text=True, check=True,
+        )
+    report.pop("export")
+    report["runtime_process_without_torch"] = json.loads(runtime_only.stdout.strip().splitlines()[-1])
+    record = {"benchmark": "latency", "preset": args.preset, "image_size": args.image_size,
+              "n_draws": args.n_draws, "precision": args.precision, **report, "machine": machine_record()}
+    device = "gpu" if record["machine"].get("gpu") else "cpu"
+    out = args.out or Path(__file__).resolve().parent / "results" / (
+        f"latency_{device}_{args.preset}_{args.image_size}_n{args.n_draws}.json")
+    write_json_atomic(out, record)
+    print(report["table"])
+    print(f"saved {out}")
+
+
+if __name__ == "__main__":
+    main()

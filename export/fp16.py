@@ -1,0 +1,90 @@
+"""FP16 graphs whose numerically sensitive parts stay FP32, for strongly typed TensorRT (>= 11, RTX).
+
+Strongly typed TensorRT runs every layer in the type the ONNX graph gives it, so the FP16 export must
+say exactly where FP16 is safe. Rules, applied to a copy of a method's inference graph:
+
+- the networks (the graph's ``fp16_modules``, by default every direct child with parameters) run in
+  FP16: convolutions, matmuls and activations, where FP16 tensor cores pay off;
+- normalisation layers (GroupNorm, LayerNorm, BatchNorm) compute their statistics in FP32;
+- time / position embeddings (sin and cos of large arguments) stay FP32;
+- everything outside the networks (noise injection, the error reduction, means over draws, resizing,
+  the mean filter, the max pooling, Mahalanobis distances) stays FP32, as does the graph's IO.
+
+The result is a plain ``nn.Module`` whose trace has explicit Cast nodes at each boundary.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgead.nn.unet import GaussianFourierEmbedding, SinusoidalEmbedding
+
+FP32_MODULE_TYPES: tuple[type[nn.Module], ...] = (
+    nn.GroupNorm, nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d, GaussianFourierEmbedding, SinusoidalEmbedding,
+)
+
+
+def _cast(value: Any, dtype: torch.dtype) -> Any:
+    if torch.is_tensor(value) and value.is_floating_point():
+        return value.to(dtype)
+    if isinstance(value, tuple):
+        return tuple(_cast(v, dtype) for v in value)
+    if isinstance(value, list):
+        return [_cast(v, dtype) for v in value]
+    if isinstance(value, dict):
+        return {k: _cast(v, dtype) for k, v in value.items()}
+    return value
+
+
+class FP32Island(nn.Module):
+    """Runs ``module`` in FP32 inside an FP16 network: inputs up-cast, outputs down-cast to FP16."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module.float()
+
+    def forward(self, *args: Any) -> Any:
+        return _cast(self.module(*_cast(args, torch.float32)), torch.float16)
+
+
+class HalfNetwork(nn.Module):
+    """Runs ``module`` in FP16 with FP32 inputs and outputs, keeping ``FP32_MODULE_TYPES`` in FP32."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module.half()
+        _wrap_fp32_islands(self.module)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return _cast(self.module(*_cast(args, torch.float16), **_cast(kwargs, torch.float16)), torch.float32)
+
+
+def _wrap_fp32_islands(module: nn.Module) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, FP32_MODULE_TYPES):
+            setattr(module, name, FP32Island(child))
+        else:
+            _wrap_fp32_islands(child)
+
+
+def fp16_module_names(graph: nn.Module) -> list[str]:
+    """The graph's networks: ``graph.fp16_modules`` if it declares them, else its children with parameters."""
+    declared = getattr(graph, "fp16_modules", None)
+    if declared is not None:
+        return list(declared)
+    return [name for name, child in graph.named_children() if any(True for _ in child.parameters())]
+
+
+def mixed_precision_graph(graph: nn.Module) -> nn.Module:
+    """A copy of ``graph`` with its networks in FP16 and the sensitive parts in FP32 (see module docstring)."""
+    mixed = copy.deepcopy(graph).float().eval()
+    names = fp16_module_names(mixed)
+    if not names:
+        raise ValueError(f"{type(graph).__name__} has no network to run in FP16")
+    for name in names:
+        setattr(mixed, name, HalfNetwork(getattr(mixed, name)))
+    return mixed

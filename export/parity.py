@@ -1,0 +1,38 @@
+"""Agreement between two implementations of the same graph: maps, scores and anomaly decisions.
+
+These figures (score relative error, decisions that flip at the calibrated threshold) are specific to
+anomaly detection; polygraphy compares raw tensors, which ``elementwise`` reports in the same spirit
+(max and median absolute error).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+FP32_SCORE_RTOL = 1e-4
+
+
+def compare(
+    ref_maps: np.ndarray, ref_scores: np.ndarray, maps: np.ndarray, scores: np.ndarray, threshold: float
+) -> dict[str, Any]:
+    """Compare ``(maps, scores)`` against the reference ``(ref_maps, ref_scores)``."""
+    ref_maps, maps = np.asarray(ref_maps, np.float64), np.asarray(maps, np.float64)
+    ref_scores, scores = np.asarray(ref_scores, np.float64), np.asarray(scores, np.float64)
+    if ref_maps.shape != maps.shape or ref_scores.shape != scores.shape:
+        raise ValueError(f"shape mismatch: maps {ref_maps.shape} vs {maps.shape}, scores {ref_scores.shape} vs "
+                         f"{scores.shape}")
+    map_error = np.abs(ref_maps - maps)
+    score_rel = np.abs(ref_scores - scores) / np.maximum(np.abs(ref_scores), 1e-12)
+    flips = int(np.sum((ref_scores >= threshold) != (scores >= threshold)))
+    return {
+        "n_images": int(len(ref_scores)),
+        "map_max_abs_error": float(map_error.max()),
+        "map_median_abs_error": float(np.median(map_error)),
+        "map_max_rel_error": float(map_error.max() / max(np.abs(ref_maps).max(), 1e-12)),
+        "score_max_rel_error": float(score_rel.max()),
+        "score_median_rel_error": float(np.median(score_rel)),
+        "decision_flips": flips,
+        "threshold": float(threshold),
+    }

@@ -1,0 +1,143 @@
+"""``Detector``: load an export, preprocess a camera frame exactly as training did, run the backend."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgead.data.preprocess import PreprocessConfig, bgr_to_rgb, preprocess
+from edgead.runtime.backends.base import Backend, BackendError
+from edgead.runtime.metadata import find_engine, load_metadata, verified_artifact
+from edgead.runtime.result import Result
+
+BACKENDS = ("auto", "tensorrt", "onnxruntime")
+
+
+def _tensorrt_usable() -> bool:
+    import importlib.util
+
+    has_trt = any(importlib.util.find_spec(m) is not None for m in ("tensorrt", "tensorrt_rtx"))
+    return has_trt and importlib.util.find_spec("pycuda") is not None
+
+
+class Detector:
+    """An exported anomaly detector.
+
+    Example:
+        >>> detector = Detector.load("exports/score-resilience")
+        >>> result = detector.predict(frame_bgr)
+        >>> result.score, result.is_anomaly, result.timings["infer"]
+    """
+
+    def __init__(self, backend: Backend, metadata: dict[str, Any], threshold: float | None = None) -> None:
+        self.backend = backend
+        self.metadata = metadata
+        self.preprocess_config = PreprocessConfig.from_dict(metadata["preprocess"])
+        self.threshold = float(metadata["threshold"]["value"] if threshold is None else threshold)
+        self.batch_size = int(backend.input_shape[0])
+
+    @classmethod
+    def load(
+        cls,
+        export_dir: str | Path,
+        backend: str = "auto",
+        precision: str | None = None,
+        threshold: float | None = None,
+        providers: Sequence[str] | None = None,
+        on_event: Callable[[str], None] | None = None,
+    ) -> Detector:
+        """Open an export directory made by ``edgead export``.
+
+        Args:
+            export_dir: Holds ``edgead.json`` and the artifacts it lists.
+            backend: ``auto`` (TensorRT when an engine, TensorRT and pycuda are present, else ONNX Runtime),
+                ``tensorrt`` or ``onnxruntime``.
+            precision: ``fp32`` or ``fp16``; None takes the engine's precision for TensorRT and FP32 for ONNX
+                Runtime.
+            threshold: Overrides the calibrated decision threshold in the metadata.
+            providers: ONNX Runtime execution providers (default: CUDA if installed, then CPU).
+            on_event: Receives a line when ``auto`` falls back from TensorRT to ONNX Runtime.
+
+        Raises:
+            MetadataError: Missing metadata, or an artifact whose SHA-256 does not match it.
+            BackendError: The backend cannot load the model.
+        """
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        export_dir = Path(export_dir)
+        meta = load_metadata(export_dir)
+        engine = find_engine(meta, precision)
+        if backend == "tensorrt" or (backend == "auto" and engine is not None and _tensorrt_usable()):
+            if engine is None:
+                raise BackendError(
+                    f"{export_dir}: no {precision or ''} TensorRT engine in this export; build one on this device "
+                    "with `edgead export --format tensorrt`"
+                )
+            from edgead.runtime.backends.tensorrt import TensorRTBackend
+
+            path = verified_artifact(export_dir, engine)
+            try:
+                return cls(TensorRTBackend(path, flavour=engine["flavour"]), meta, threshold)
+            except BackendError as err:
+                if backend == "tensorrt":
+                    raise
+                if on_event:
+                    on_event(f"TensorRT unavailable ({err}); using ONNX Runtime")
+        key = "onnx_fp16" if precision == "fp16" else "onnx"
+        if key not in meta["artifacts"]:
+            raise BackendError(f"{export_dir}: no {precision} ONNX in this export; export with --precision {precision}")
+        from edgead.runtime.backends.onnxruntime import OnnxRuntimeBackend
+
+        path = verified_artifact(export_dir, meta["artifacts"][key])
+        return cls(OnnxRuntimeBackend(path, providers=providers), meta, threshold)
+
+    def preprocess(self, frame_bgr: np.ndarray) -> np.ndarray:
+        """The training-time preprocessing (``edgead.data.preprocess.preprocess``) of a BGR frame."""
+        if frame_bgr.ndim != 3 or frame_bgr.shape[2] != 3 or frame_bgr.dtype != np.uint8:
+            raise ValueError(f"expected an (H, W, 3) uint8 BGR frame, got {frame_bgr.shape} {frame_bgr.dtype}")
+        return preprocess(bgr_to_rgb(frame_bgr), self.preprocess_config)
+
+    def predict_batch(self, frames_bgr: Sequence[np.ndarray]) -> list[Result]:
+        """Score several frames; batches are padded to the exported batch size."""
+        results: list[Result] = []
+        for start in range(0, len(frames_bgr), self.batch_size):
+            chunk = frames_bgr[start : start + self.batch_size]
+            t0 = time.perf_counter()
+            batch = np.stack([self.preprocess(f) for f in chunk])
+            if len(chunk) < self.batch_size:
+                batch = np.concatenate([batch, np.repeat(batch[-1:], self.batch_size - len(chunk), axis=0)])
+            t1 = time.perf_counter()
+            outputs = self.backend.infer(batch)
+            t2 = time.perf_counter()
+            maps, scores = outputs["anomaly_map"], outputs["score"]
+            chunk_results = [
+                Result(score=float(scores[i]), anomaly_map=maps[i], is_anomaly=bool(scores[i] >= self.threshold),
+                       threshold=self.threshold)
+                for i in range(len(chunk))
+            ]
+            t3 = time.perf_counter()
+            timings = {"preprocess": (t1 - t0) * 1e3, "infer": (t2 - t1) * 1e3, "postprocess": (t3 - t2) * 1e3}
+            for result in chunk_results:
+                result.timings = dict(timings)
+            results.extend(chunk_results)
+        return results
+
+    def predict(self, frame_bgr: np.ndarray) -> Result:
+        """Score one (H, W, 3) uint8 BGR frame, e.g. from ``cv2.VideoCapture.read``."""
+        return self.predict_batch([frame_bgr])[0]
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> Detector:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+__all__ = ["BACKENDS", "BackendError", "Detector"]

@@ -1,0 +1,19 @@
+"""Shared setup of the export/runtime tests: a generated dataset and a briefly trained tiny run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edgead.config import TrainConfig
+from edgead.data.synthetic import generate_dataset
+from edgead.pipeline import train_run
+
+
+def make_tiny_run(root: Path, image_size: int = 32, steps: int = 5) -> tuple[Path, Path]:
+    """Return ``(data_root, run_dir)``; a few steps suffice for numerical parity tests."""
+    data = generate_dataset(root / "data", size=image_size, n_train=24, n_test_good=6, n_test_defect=6, seed=3)
+    cfg = TrainConfig(steps=steps, batch_size=4, lr=1e-3, checkpoint_every=steps)
+    run_dir, _ = train_run("score-resilience", data, preset="tiny", image_size=image_size, train_cfg=cfg,
+                           runs_root=root / "runs", device="cpu", progress=False,
+                           method_params={"n_draws": 2})
+    return data, run_dir

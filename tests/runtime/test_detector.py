@@ -1,0 +1,174 @@
+"""Runtime: predictions match the PyTorch graph, preprocessing is the training function, errors are clear,
+the camera loop and bench work, and the runtime never imports torch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from edgead.cli import app
+from edgead.data.io import read_image
+from edgead.data.mvtec import list_test, load_images
+from edgead.data.preprocess import bgr_to_rgb, preprocess
+from edgead.export.exporter import ExportOptions, export_run
+from edgead.methods import load_method
+from edgead.runtime.backends.base import BackendError
+from edgead.runtime.detector import Detector
+from edgead.runtime.metadata import MetadataError, load_metadata, write_metadata
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from integration_helpers import make_tiny_run  # noqa: E402
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    root = tmp_path_factory.mktemp("runtime")
+    data, run_dir = make_tiny_run(root)
+    out = root / "export"
+    export_run(run_dir, out, ExportOptions(data=data), log=lambda _: None)
+    return data, run_dir, out
+
+
+def _copy_export(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for p in src.iterdir():
+        (dst / p.name).write_bytes(p.read_bytes())
+    return dst
+
+
+def test_predictions_match_the_torch_graph(exported: tuple[Path, Path, Path]) -> None:
+    data, run_dir, out = exported
+    detector = Detector.load(out, backend="onnxruntime")
+    samples = list_test(data)
+    frames = [cv2.imread(str(s.path)) for s in samples]
+    results = detector.predict_batch(frames)
+    method = load_method(run_dir)
+    maps, scores = method.build_graph()(torch.from_numpy(load_images(samples, method.preprocess_config)))
+    got = np.array([r.score for r in results])
+    np.testing.assert_allclose(got, scores.detach().numpy(), rtol=1e-4)
+    np.testing.assert_allclose(results[0].anomaly_map, maps[0].detach().numpy(), rtol=1e-4, atol=1e-5)
+    assert all(r.is_anomaly == (r.score >= detector.threshold) for r in results)
+    assert set(results[0].timings) == {"preprocess", "infer", "postprocess"}
+
+
+def test_runtime_preprocessing_is_the_training_function_bit_for_bit(exported: tuple[Path, Path, Path]) -> None:
+    data, run_dir, out = exported
+    detector = Detector.load(out, backend="onnxruntime")
+    path = list_test(data)[-1].path
+    frame_bgr = cv2.imread(str(path))
+    training_side = load_images([path], load_method(run_dir).preprocess_config)[0]
+    assert np.array_equal(detector.preprocess(frame_bgr), training_side)
+    assert np.array_equal(detector.preprocess(frame_bgr), preprocess(read_image(path), detector.preprocess_config))
+    assert np.array_equal(bgr_to_rgb(frame_bgr), read_image(path))
+
+
+def test_threshold_override(exported: tuple[Path, Path, Path]) -> None:
+    _, _, out = exported
+    detector = Detector.load(out, backend="onnxruntime", threshold=-1.0)
+    assert detector.predict(np.zeros((40, 50, 3), np.uint8)).is_anomaly
+
+
+def test_tampered_onnx_is_refused(exported: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    _, _, out = exported
+    copy = _copy_export(out, tmp_path / "copy")
+    with open(copy / "model.onnx", "ab") as fh:
+        fh.write(b"\0")
+    with pytest.raises(MetadataError, match="SHA-256"):
+        Detector.load(copy, backend="onnxruntime")
+
+
+def test_corrupted_onnx_with_matching_hash_is_a_clear_error(exported: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    _, _, out = exported
+    copy = _copy_export(out, tmp_path / "copy")
+    (copy / "model.onnx").write_bytes((copy / "model.onnx").read_bytes()[:500])
+    meta = load_metadata(copy)
+    from edgead.runtime.metadata import artifact_record
+
+    meta["artifacts"]["onnx"] = artifact_record(copy, "model.onnx")
+    write_metadata(copy, meta)
+    with pytest.raises(BackendError, match="model.onnx"):
+        Detector.load(copy, backend="onnxruntime")
+
+
+def test_missing_metadata_and_missing_engine(exported: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    _, _, out = exported
+    with pytest.raises(MetadataError, match="edgead export"):
+        Detector.load(tmp_path)
+    with pytest.raises(BackendError, match="--format tensorrt"):
+        Detector.load(out, backend="tensorrt")
+
+
+def test_run_on_a_video_writes_n_log_lines_and_saves_anomalies(exported: tuple[Path, Path, Path],
+                                                               tmp_path: Path) -> None:
+    data, _, out = exported
+    video = tmp_path / "line.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10, (32, 32))
+    for sample in list_test(data):
+        writer.write(cv2.imread(str(sample.path)))
+    writer.release()
+    log = tmp_path / "log.jsonl"
+    result = runner.invoke(app, ["run", "--camera", str(video), "--export", str(out), "--headless",
+                                 "--max-frames", "7", "--log", str(log), "--save-anomalies", str(tmp_path / "anom"),
+                                 "--threshold", "0"])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(lines) == 7 and all(line["is_anomaly"] for line in lines)
+    assert len(list((tmp_path / "anom").glob("*_map.npy"))) == 7
+
+
+def test_run_errors_missing_camera_and_bad_folder_file(exported: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    _, _, out = exported
+    result = runner.invoke(app, ["run", "--camera", "9", "--export", str(out), "--headless"])
+    assert result.exit_code == 2 and "camera9" in result.output
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "a.png"), np.zeros((32, 32, 3), np.uint8))
+    (folder / "b.png").write_text("not an image")
+    result = runner.invoke(app, ["run", "--camera", str(folder), "--export", str(out), "--headless"])
+    assert result.exit_code == 2 and "b.png" in result.output
+
+
+def test_bench_reports_percentiles_and_the_torch_ratio(exported: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    from edgead.benchmark import run_bench
+
+    _, _, out = exported
+    report = run_bench(out, backend="onnxruntime", warmup_s=0.05, duration_s=0.2, min_runs=5,
+                       json_path=tmp_path / "bench.json")
+    stats = report["backend"]["stages"]["total"]
+    assert stats["n"] >= 5 and stats["min"] <= stats["median"] <= stats["p99"] <= stats["max"]
+    assert report["speedup_vs_torch_eager_fp32"] > 0 and report["camera_loop"]["frames"] > 0
+    assert json.loads((tmp_path / "bench.json").read_text())["method"] == "score-resilience"
+
+
+def test_runtime_runs_without_torch(exported: tuple[Path, Path, Path]) -> None:
+    """Block torch entirely, then load and run the detector through the whole runtime package."""
+    _, _, out = exported
+    code = textwrap.dedent(f"""
+        import sys
+        sys.modules["torch"] = None  # any `import torch` now raises ImportError
+        import numpy as np
+        import edgead.runtime.bench, edgead.runtime.capture, edgead.runtime.live, edgead.runtime.overlay
+        import edgead.runtime.backends.onnxruntime, edgead.runtime.backends.tensorrt
+        from edgead.runtime.detector import Detector
+        result = Detector.load({str(out)!r}, backend="auto").predict(np.zeros((48, 64, 3), np.uint8))
+        assert np.isfinite(result.score)
+        assert sys.modules["torch"] is None and "sklearn" not in sys.modules
+        print("torch-free ok")
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, env=env,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "torch-free ok" in done.stdout
