@@ -76,6 +76,16 @@ def test_fp16_graph_keeps_sensitive_parts_fp32(tiny: tuple[Path, Path, Path]) ->
 
 
 @pytest.mark.skipif(not HAS_RTX, reason="tensorrt-rtx-cu13 not installed")
+def test_fp32_export_builds_a_tensorrt_rtx_engine(tiny: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    data, run_dir, _ = tiny
+    meta = export_run(run_dir, tmp_path / "fp32", ExportOptions(format="tensorrt", data=data,
+                                                                trt_flavour="tensorrt_rtx"), log=lambda _: None)
+    engine = meta["artifacts"]["engines"][0]
+    assert engine["precision"] == "fp32" and engine["built_from"] == "model.onnx" and engine["layers"] > 0
+    assert (tmp_path / "fp32" / engine["file"]).stat().st_size > 100_000
+
+
+@pytest.mark.skipif(not HAS_RTX, reason="tensorrt-rtx-cu13 not installed")
 def test_fp16_export_builds_a_tensorrt_rtx_engine(tiny: tuple[Path, Path, Path], tmp_path: Path) -> None:
     data, run_dir, _ = tiny
     out = tmp_path / "fp16"
@@ -85,6 +95,7 @@ def test_fp16_export_builds_a_tensorrt_rtx_engine(tiny: tuple[Path, Path, Path],
     engine = meta["artifacts"]["engines"][0]
     assert engine["flavour"] == "tensorrt_rtx" and engine["built_from"] == "model.fp16.onnx"
     assert (out / engine["file"]).stat().st_size > 100_000
+    assert any((tmp_path / "cache").glob("*.engine")), "engine cache not filled"
     fp16 = meta["parity"]["fp32_vs_onnxruntime_fp16"]
     assert fp16["score_max_rel_error"] < 0.05
     assert set(meta["parity"]["test_image_auroc"]) == {"fp32", "fp16", "n_images"}
