@@ -152,6 +152,14 @@ def _fixed(points: np.ndarray) -> np.ndarray:
     return np.rint(np.asarray(points, dtype=np.float64) * _SUBPIXEL).astype(np.int32)
 
 
+def _fill_ellipse(canvas: np.ndarray, centre: np.ndarray, major: float, direction: float,
+                  rng: np.random.Generator) -> None:
+    """Paint a filled anti-aliased ellipse (minor axis 0.6-1.0 x ``major``) into the mask canvas."""
+    axes = _fixed([major, major * rng.uniform(0.6, 1.0)])
+    cv2.ellipse(canvas, tuple(_fixed(centre)), tuple(axes), float(np.degrees(direction)), 0.0, 360.0, 255, -1,
+                cv2.LINE_AA, _SUBPIXEL_BITS)
+
+
 def _contrasting_grey(rng: np.random.Generator, scene: _Scene) -> np.ndarray:
     """Dark on bright scenes, bright on dark ones, so lines are always visible."""
     luminance = float(scene.image.mean())
@@ -180,35 +188,11 @@ def _paint_defect(
         colour = _contrasting_grey(rng, scene)
     elif kind == "hole":
         major = rng.uniform(4.0, 7.0) * scale
-        axes = _fixed([major, major * rng.uniform(0.6, 1.0)])
-        cv2.ellipse(
-            canvas,
-            tuple(_fixed(centre)),
-            tuple(axes),
-            float(np.degrees(direction)),
-            0.0,
-            360.0,
-            255,
-            -1,
-            cv2.LINE_AA,
-            _SUBPIXEL_BITS,
-        )
+        _fill_ellipse(canvas, centre, major, direction, rng)
         colour = np.full(3, rng.uniform(15.0, 30.0), dtype=np.float32)
     elif kind == "stain":
         major = rng.uniform(5.0, 8.0) * scale
-        axes = _fixed([major, major * rng.uniform(0.6, 1.0)])
-        cv2.ellipse(
-            canvas,
-            tuple(_fixed(centre)),
-            tuple(axes),
-            float(np.degrees(direction)),
-            0.0,
-            360.0,
-            255,
-            -1,
-            cv2.LINE_AA,
-            _SUBPIXEL_BITS,
-        )
+        _fill_ellipse(canvas, centre, major, direction, rng)
         soft = cv2.GaussianBlur(canvas.astype(np.float32) / 255.0, (0, 0), 1.5 * scale)
         scene_colour = scene.image.reshape(-1, 3).mean(axis=0)
         distances = np.linalg.norm(_STAIN_COLOURS - scene_colour, axis=1)
