@@ -9,16 +9,7 @@ import shlex
 import sys
 from typing import Any
 
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from edgead.benchmark import cpu_name
 
 
 def portable(text: str) -> str:

@@ -19,7 +19,7 @@ from edgead.runtime.bench import bench_camera_loop, bench_detector, format_table
 from edgead.runtime.detector import Detector
 
 
-def _bench_frame(meta: dict[str, Any], seed: int = 0) -> np.ndarray:
+def _bench_frame(seed: int = 0) -> np.ndarray:
     """A 720p BGR frame (camera-sized, so preprocessing includes the real downscale)."""
     rng = np.random.default_rng(seed)
     base = rng.integers(60, 200, size=(45, 80, 3), dtype=np.uint8)
@@ -52,7 +52,7 @@ def run_bench(
     """Measure everything and return the report (``report["table"]`` is the printable summary)."""
     detector = Detector.load(export_dir, backend=backend, precision=precision)
     meta = detector.metadata
-    frame = _bench_frame(meta)
+    frame = _bench_frame()
     backend_result = bench_detector(detector, frame, warmup_s, duration_s, min_runs)
     name = f"{detector.backend.name} ({precision or 'default'})"
     rows = [{"name": name, "stats": backend_result["stages"]["total"], "fps": backend_result["throughput_fps"]}]
