@@ -36,6 +36,7 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--param", action="append", default=[], help="method hyperparameter KEY=JSON")
     parser.add_argument("--work", type=Path, default=Path("runs/benchmarks"), help="where the run is saved")
+    parser.add_argument("--tag", default=None, help="name part of the default result file (default: the preset)")
     parser.add_argument("--out", type=Path, default=None, help="result JSON (default benchmarks/results/...)")
     args = parser.parse_args()
 
@@ -68,7 +69,7 @@ def main() -> None:
         "machine": machine_record(),
     }
     results = Path(__file__).resolve().parent / "results"
-    out = args.out or results / f"accuracy_{args.method}_{dataset}_{args.preset}.json"
+    out = args.out or results / f"accuracy_{args.method}_{dataset}_{args.tag or args.preset}.json"
     write_json_atomic(out, record)
     print(json.dumps(metrics, indent=2))
     print(f"saved {out}")

@@ -96,7 +96,10 @@ def train(
     except USER_ERRORS as err:
         _fail(err)
     if run_dir is not None:
-        console.print(f"trained {summary['steps']} steps in {summary['train_seconds']} s", soft_wrap=True)
+        if "steps" in summary:
+            console.print(f"trained {summary['steps']} steps in {summary['train_seconds']} s", soft_wrap=True)
+        else:
+            console.print(f"fitted in {summary.get('fit_seconds', '?')} s", soft_wrap=True)
         console.print(f"run saved to [bold]{run_dir}[/bold]", soft_wrap=True)
 
 

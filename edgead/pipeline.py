@@ -86,7 +86,10 @@ def train_run(
             params.update(method_params or {})
             from edgead.nn.unet import UNetConfig
 
-            model = {"preset": preset, "unet": UNetConfig.preset(preset, in_channels=channels).to_dict()}
+            model = (
+                {"preset": preset, "unet": UNetConfig.preset(preset, in_channels=channels).to_dict()}
+                if method_cls.uses_score_unet else {}
+            )
             config = RunConfig(
                 method=method_name,
                 preprocess=PreprocessConfig(image_size=image_size, channels=channels).to_dict(),

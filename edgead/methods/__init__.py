@@ -18,7 +18,7 @@ METHODS: dict[str, tuple[str | None, str]] = {
     "score-tscale": (None, "Teng et al."),
     "lafite": (None, "Yin et al., 2023"),
     "mdps": (None, "Wu et al., 2024"),
-    "gaussian": (None, "Wang et al., 2022"),
+    "gaussian": ("edgead.methods.gaussian.method:GaussianOPCA", "Wang et al., 2022"),
 }
 
 

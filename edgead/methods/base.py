@@ -24,6 +24,8 @@ class Method(abc.ABC):
     """
 
     name: ClassVar[str]
+    #: Whether ``config.model`` holds a score U-Net preset (False for methods built on a pretrained backbone).
+    uses_score_unet: ClassVar[bool] = True
 
     def __init__(self, config: RunConfig, run_dir: Path | None = None) -> None:
         self.config = config

@@ -135,3 +135,28 @@ def test_metadata_is_valid_json_with_hashes(tiny: tuple[Path, Path, Path]) -> No
     _, _, out = tiny
     meta = json.loads((out / "edgead.json").read_text())
     assert len(meta["artifacts"]["onnx"]["sha256"]) == 64
+
+
+@pytest.fixture(scope="module")
+def gaussian_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    from edgead.data.synthetic import generate_dataset
+    from edgead.pipeline import train_run
+
+    root = tmp_path_factory.mktemp("gaussian")
+    data = generate_dataset(root / "data", size=32, n_train=24, n_test_good=4, n_test_defect=4, seed=5)
+    run_dir, _ = train_run("gaussian", data, image_size=32, runs_root=root / "runs", device="cpu", progress=False)
+    return data, run_dir
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_gaussian_exports_with_parity_and_builds_engines(gaussian_run: tuple[Path, Path], tmp_path: Path,
+                                                         precision: str) -> None:
+    data, run_dir = gaussian_run
+    fmt = "tensorrt" if HAS_RTX else "onnx"
+    meta = export_run(run_dir, tmp_path / "export", ExportOptions(precision=precision, format=fmt, data=data,
+                                                                  trt_flavour="tensorrt_rtx" if HAS_RTX else None),
+                      log=lambda _: None)
+    assert meta["method"] == "gaussian"
+    assert meta["parity"]["torch_vs_onnxruntime_fp32"]["score_max_rel_error"] < 1e-4
+    if HAS_RTX:
+        assert meta["artifacts"]["engines"][0]["precision"] == precision

@@ -1,0 +1,120 @@
+"""The gaussian (OPCA) inference graph: Wang et al. (2022), eq. 3-4 and section 3.4, as one ``nn.Module``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgead.nn.backbones import IMAGENET_MEAN, IMAGENET_STD
+
+
+class InputAdapter(nn.Module):
+    """Turn the shared preprocessing's output into the ImageNet-normalised RGB the backbone expects.
+
+    The runtime preprocesses frames identically for every method (``(x / 255 - mean) / std`` with the
+    run's ``PreprocessConfig``, zero mean and unit std for runs made by ``edgead train``), so the
+    backbone's own normalisation is a fixed per-channel affine map inside the graph:
+    ``x_imagenet = (x * std_pre + mean_pre - mean_in) / std_in = x * scale + shift``. A grayscale input
+    is replicated to three channels first.
+    """
+
+    def __init__(self, pre_mean: Sequence[float], pre_std: Sequence[float]) -> None:
+        super().__init__()
+        channels = len(pre_mean)
+        if channels not in (1, 3) or len(pre_std) != channels:
+            raise ValueError(f"expected 1 or 3 preprocessing channels, got mean={pre_mean}, std={pre_std}")
+        self.gray = channels == 1
+        pre_m = torch.tensor(pre_mean, dtype=torch.float64).expand(3)
+        pre_s = torch.tensor(pre_std, dtype=torch.float64).expand(3)
+        mean, std = torch.tensor(IMAGENET_MEAN, dtype=torch.float64), torch.tensor(IMAGENET_STD, dtype=torch.float64)
+        self.register_buffer("scale", (pre_s / std).float().view(1, 3, 1, 1))
+        self.register_buffer("shift", ((pre_m - mean) / std).float().view(1, 3, 1, 1))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        if self.gray:  # decided at construction, so the traced graph has no data-dependent branch
+            image = image.expand(-1, 3, -1, -1)
+        return image * self.scale + self.shift
+
+
+class StageGaussian(nn.Module):
+    """Mahalanobis distance (eq. 3) to one fitted Gaussian, in its kept principal subspace.
+
+    ``whitening`` is ``V_k / sqrt(lambda_k)`` for the kept eigenpairs of the shrunk covariance, so
+    ``M(x) = || (x - mu) V_k diag(lambda_k)^(-1/2) ||`` equals ``sqrt((x - mu)^T Sigma^-1 (x - mu))``
+    restricted to the kept components (all components: the full eq. 3).
+    """
+
+    def __init__(self, mean: torch.Tensor, whitening: torch.Tensor) -> None:
+        super().__init__()
+        if mean.ndim != 1 or whitening.ndim != 2 or whitening.shape[0] != mean.shape[0]:
+            raise ValueError(
+                f"mean (C,) and whitening (C, K) do not fit: {tuple(mean.shape)}, {tuple(whitening.shape)}"
+            )
+        self.register_buffer("mean", mean.float())
+        self.register_buffer("whitening", whitening.float())
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """``(..., C) -> (...)`` distances."""
+        z = (features - self.mean) @ self.whitening
+        return z.square().sum(dim=-1).sqrt()
+
+
+class GaussianGraph(nn.Module):
+    """Image score (eq. 4) and anomaly map (section 3.4) of a batch.
+
+    ``forward(image (B, C, S, S)) -> (anomaly_map (B, S, S), score (B,))``:
+
+    1. ``InputAdapter``: shared preprocessing -> ImageNet-normalised RGB;
+    2. ``backbone``: the feature maps ``phi_l`` of the chosen stages (section 3.1);
+    3. score: per stage, global average pooling, Mahalanobis distance ``M_l`` to the stage's image-level
+       Gaussian (eq. 3), summed over stages (eq. 4);
+    4. map: per stage, ``M`` of every spatial feature vector to the stage's position-level Gaussian
+       (shared by all positions), bilinearly upsampled to ``S x S``, then the unweighted mean over stages.
+
+    All statistics are buffers, so they travel into ONNX as constants. Only the backbone runs in FP16 in
+    the mixed-precision export (``fp16_modules``); the distances stay FP32.
+
+    Example:
+        >>> graph = GaussianGraph(InputAdapter((0, 0, 0), (1, 1, 1)), extractor, image_stats, map_stats)
+        >>> anomaly_map, score = graph(images)  # (B, S, S), (B,)
+    """
+
+    fp16_modules = ("backbone",)
+
+    def __init__(
+        self,
+        adapter: InputAdapter,
+        backbone: nn.Module,
+        image_gaussians: Sequence[StageGaussian],
+        map_gaussians: Sequence[StageGaussian],
+    ) -> None:
+        super().__init__()
+        if len(image_gaussians) != len(map_gaussians) or not image_gaussians:
+            raise ValueError("need one image-level and one position-level Gaussian per stage")
+        self.adapter = adapter
+        self.backbone = backbone
+        self.image_gaussians = nn.ModuleList(image_gaussians)
+        self.map_gaussians = nn.ModuleList(map_gaussians)
+
+    def stage_features(self, image: torch.Tensor) -> list[torch.Tensor]:
+        """The backbone's stage outputs ``(B, C_l, h_l, w_l)`` for a preprocessed batch."""
+        features = self.backbone(self.adapter(image))
+        if len(features) != len(self.image_gaussians):
+            raise ValueError(f"the backbone gives {len(features)} stages, the graph has {len(self.image_gaussians)}")
+        return features
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        size = (image.shape[-2], image.shape[-1])
+        score = image.new_zeros(image.shape[0])
+        anomaly_map = image.new_zeros(image.shape[0], 1, size[0], size[1])
+        for feature, image_gaussian, map_gaussian in zip(
+            self.stage_features(image), self.image_gaussians, self.map_gaussians, strict=True
+        ):
+            feature = feature.float()
+            score = score + image_gaussian(feature.mean(dim=(2, 3)))  # eq. 4: sum of the stages' eq. 3
+            distances = map_gaussian(feature.permute(0, 2, 3, 1)).unsqueeze(1)  # (B, 1, h_l, w_l)
+            anomaly_map = anomaly_map + F.interpolate(distances, size=size, mode="bilinear", align_corners=False)
+        return anomaly_map[:, 0] / len(self.map_gaussians), score

@@ -1,0 +1,282 @@
+"""gaussian: Gaussians on pre-trained features, reduced by opposite PCA (Wang, Xu, Chen, J. New Media 2022)."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from sklearn.covariance import LedoitWolf
+from torch import nn
+
+from edgead.config import RunConfig, TrainConfig
+from edgead.methods.base import Method
+from edgead.methods.gaussian.graph import GaussianGraph, InputAdapter, StageGaussian
+from edgead.nn.backbones import DEFAULT_BACKBONE, DEFAULT_STAGES, FeatureExtractor
+from edgead.train.checkpoint import load_weights, save_weights
+from edgead.train.distributed import DistInfo
+
+PROJECTIONS = ("opca", "pca", "none")
+MAP_STATISTICS = ("positions", "pooled")
+# Shares within this relative tolerance of the threshold count as reaching it (float round-off).
+_SHARE_TOLERANCE = 1e-9
+
+
+def select_components(eigenvalues: np.ndarray, projection: str, fraction: float) -> np.ndarray:
+    """Indices of the principal components to keep (section 3.2 and the ablation of section 4.5.1).
+
+    Args:
+        eigenvalues: Covariance eigenvalues in ascending order (as ``np.linalg.eigh`` returns them).
+        projection: ``"opca"``: the fewest least-variance components that together explain at least
+            ``fraction`` of the total variance ("OPCA-0.05 retains principal components that account for
+            5% of the overall variance"); ``"pca"``: the fewest largest-variance components that explain at
+            least ``1 - fraction`` ("PCA-0.95 removes principal components that account for 5%");
+            ``"none"``: all components (plain eq. 3).
+        fraction: The variance share of OPCA, in (0, 1).
+
+    Returns:
+        Ascending indices into ``eigenvalues``.
+    """
+    lam = np.asarray(eigenvalues, dtype=np.float64)
+    if lam.ndim != 1 or lam.size == 0 or np.any(np.diff(lam) < 0):
+        raise ValueError("eigenvalues must be a non-empty 1-D array in ascending order")
+    if projection not in PROJECTIONS:
+        raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"opca_fraction must be in (0, 1), got {fraction}")
+    count = lam.size
+    if projection == "none":
+        return np.arange(count)
+    share = lam / lam.sum()
+    target = fraction if projection == "opca" else 1.0 - fraction
+    # "opca" accumulates from the smallest eigenvalue, "pca" from the largest.
+    cumulative = np.cumsum(share if projection == "opca" else share[::-1])
+    kept = min(count, int(np.searchsorted(cumulative, target * (1.0 - _SHARE_TOLERANCE), side="left")) + 1)
+    return np.arange(kept) if projection == "opca" else np.arange(count - kept, count)
+
+
+@dataclass
+class FittedGaussian:
+    """One stage's Gaussian (section 3.3) with its kept subspace (section 3.2)."""
+
+    mean: np.ndarray  # (C,)
+    whitening: np.ndarray  # (C, K): kept eigenvectors divided by sqrt(eigenvalue)
+    eigenvalues: np.ndarray  # (C,) ascending, of the shrunk covariance
+    kept: np.ndarray  # (K,) indices into eigenvalues
+    shrinkage: float
+    samples: int
+
+    def module(self) -> StageGaussian:
+        # Copies, so two modules built from one fit never share storage (safetensors refuses shared tensors).
+        mean, whitening = (torch.tensor(a, dtype=torch.float32) for a in (self.mean, self.whitening))
+        return StageGaussian(mean, whitening)
+
+
+def fit_gaussian(features: np.ndarray, projection: str, fraction: float) -> FittedGaussian:
+    """Fit eq. 1's parameters to ``features (m, C)`` and keep the components ``projection`` selects.
+
+    The mean is the empirical mean; the covariance is Ledoit-Wolf shrinkage of the sample covariance
+    (eq. 2; sklearn normalises by ``m``, not ``m - 1``, which only rescales all distances by a constant
+    factor). Its eigendecomposition gives the principal components; Mahalanobis distance in the kept
+    subspace is ``||(x - mu) V_k diag(lambda_k)^(-1/2)||``, so the graph needs only ``mu`` and that matrix.
+    """
+    x = np.asarray(features, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"need at least 2 feature vectors of shape (m, C) to fit a Gaussian, got {x.shape}")
+    lw = LedoitWolf(store_precision=False, assume_centered=False).fit(x)
+    eigenvalues, eigenvectors = np.linalg.eigh(lw.covariance_)
+    # Shrinkage keeps the covariance positive definite; the floor only guards all-constant features.
+    eigenvalues = np.maximum(eigenvalues, 1e-12 + 1e-9 * max(float(eigenvalues[-1]), 0.0))
+    kept = select_components(eigenvalues, projection, fraction)
+    whitening = eigenvectors[:, kept] / np.sqrt(eigenvalues[kept])
+    return FittedGaussian(lw.location_, whitening, eigenvalues, kept, float(lw.shrinkage_), x.shape[0])
+
+
+@torch.no_grad()
+def collect_features(
+    adapter: nn.Module,
+    backbone: nn.Module,
+    images: torch.Tensor,
+    *,
+    batch_size: int,
+    device: torch.device,
+    max_map_vectors: int | None,
+    seed: int,
+    progress: bool = False,
+) -> tuple[list[np.ndarray], list[np.ndarray], list[tuple[int, int]]]:
+    """Run the backbone over ``images`` and gather what the Gaussians are fitted on.
+
+    Returns:
+        ``(pooled, positions, sizes)``: per stage, the globally average-pooled vectors ``(N, C)``, the
+        spatial feature vectors ``(M, C)`` of all positions (a seeded random subset of at most about
+        ``max_map_vectors``, taken evenly from every batch; empty when ``max_map_vectors`` is 0), and
+        the feature map size ``(h, w)``.
+    """
+    count = len(images)
+    generator = torch.Generator().manual_seed(seed)
+    pooled: list[list[torch.Tensor]] = []
+    positions: list[list[torch.Tensor]] = []
+    sizes: list[tuple[int, int]] = []
+    console = Console(stderr=True)
+    columns = (TextColumn("[bold]gaussian statistics"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TimeElapsedColumn())
+    with Progress(*columns, console=console, disable=not progress or not console.is_terminal) as bar:
+        task = bar.add_task("features", total=count)
+        for start in range(0, count, batch_size):
+            batch = images[start : start + batch_size].to(device, torch.float32)
+            features = backbone(adapter(batch))
+            if not pooled:
+                pooled, positions = [[] for _ in features], [[] for _ in features]
+                sizes = [(int(f.shape[2]), int(f.shape[3])) for f in features]
+            for stage, feature in enumerate(features):
+                feature = feature.float()
+                pooled[stage].append(feature.mean(dim=(2, 3)).cpu())
+                if max_map_vectors == 0:
+                    continue
+                vectors = feature.permute(0, 2, 3, 1).reshape(-1, feature.shape[1]).cpu()
+                quota = vectors.shape[0] if max_map_vectors is None else math.ceil(max_map_vectors * len(batch) / count)
+                if vectors.shape[0] > quota:  # bound memory and fitting time on large inputs
+                    vectors = vectors[torch.randperm(vectors.shape[0], generator=generator)[:quota]]
+                positions[stage].append(vectors)
+            bar.advance(task, len(batch))
+    return (
+        [torch.cat(chunks).numpy() for chunks in pooled],
+        [torch.cat(chunks).numpy() if chunks else np.zeros((0, 0), np.float32) for chunks in positions],
+        sizes,
+    )
+
+
+class GaussianOPCA(Method):
+    """Wang, Xu, Chen: "Build Gaussian Distribution Under Deep Features for Anomaly Detection and
+    Localization", Journal of New Media 4(4), 2022 (doi 10.32604/jnm.2022.032447)."""
+
+    name = "gaussian"
+    uses_score_unet = False
+    graph: GaussianGraph | None = None  # set by ``fit`` or ``load``
+
+    @classmethod
+    def default_params(cls) -> dict[str, Any]:
+        return {
+            "backbone": DEFAULT_BACKBONE,  # the paper: EfficientNet-b4 (section 4.1); see the README's mapping
+            "weights": "imagenet",  # "imagenet" | "random" | a weights file
+            "stages": list(DEFAULT_STAGES),  # section 3.1: layers 3..7, indexed from 0 (0 = stem)
+            "projection": "opca",  # section 3.2; "pca" and "none" for the ablation of section 4.5.1
+            "opca_fraction": 0.05,  # section 4.1: the default variance threshold
+            "map_statistics": "positions",  # "positions": one Gaussian over all spatial vectors; "pooled": reuse
+            "max_map_vectors": 200_000,  # spatial vectors per stage the position-level Gaussian is fitted on
+        }
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """``method_params`` over the defaults, validated."""
+        params = {**self.default_params(), **self.config.method_params}
+        if params["projection"] not in PROJECTIONS:
+            raise ValueError(f"projection must be one of {PROJECTIONS}, got {params['projection']!r}")
+        if not 0.0 < float(params["opca_fraction"]) < 1.0:
+            raise ValueError(f"opca_fraction must be in (0, 1), got {params['opca_fraction']}")
+        if params["map_statistics"] not in MAP_STATISTICS:
+            raise ValueError(f"map_statistics must be one of {MAP_STATISTICS}, got {params['map_statistics']!r}")
+        if params["max_map_vectors"] is not None and int(params["max_map_vectors"]) < 2:
+            raise ValueError(f"max_map_vectors must be >= 2 (or null for all), got {params['max_map_vectors']}")
+        return params
+
+    def build_adapter(self) -> InputAdapter:
+        pre = self.preprocess_config
+        return InputAdapter(pre.mean, pre.std)
+
+    def build_backbone(self, weights: str | Path | None = None) -> FeatureExtractor:
+        params = self.params
+        return FeatureExtractor(params["backbone"], params["stages"], params["weights"] if weights is None else weights)
+
+    def fit(
+        self,
+        train_images: torch.Tensor,
+        train_cfg: TrainConfig,
+        dist_info: DistInfo,
+        resume: bool = False,
+        progress: bool = True,
+    ) -> dict[str, Any]:
+        """Fit the per-stage Gaussians; statistics only, no training (``resume`` simply refits).
+
+        Fitting is cheap, so under torchrun only rank 0 fits and saves; other ranks return at once.
+        """
+        params = self.params
+        if not dist_info.is_main:
+            return {"skipped": "statistics are fitted on rank 0 only"}
+        if len(train_images) < 2:
+            raise ValueError(f"the gaussian method needs at least 2 training images, got {len(train_images)}")
+        start = time.perf_counter()
+        torch.manual_seed(train_cfg.seed)  # makes weights="random" reproducible
+        adapter, backbone = self.build_adapter(), self.build_backbone()
+        pooled_mode = params["map_statistics"] == "pooled"
+        pooled, positions, sizes = collect_features(
+            adapter.to(dist_info.device), backbone.to(dist_info.device), torch.as_tensor(train_images),
+            batch_size=train_cfg.batch_size, device=dist_info.device,
+            max_map_vectors=0 if pooled_mode else params["max_map_vectors"], seed=train_cfg.seed, progress=progress,
+        )
+        projection, fraction = params["projection"], float(params["opca_fraction"])
+        image_fits = [fit_gaussian(vectors, projection, fraction) for vectors in pooled]
+        map_fits = image_fits if pooled_mode else [fit_gaussian(vectors, projection, fraction) for vectors in positions]
+        self.graph = GaussianGraph(
+            adapter.cpu(), backbone.cpu(), [fit.module() for fit in image_fits], [fit.module() for fit in map_fits]
+        ).eval()
+        if self.run_dir is not None:
+            save_weights(self.graph.state_dict(), self.run_dir)
+        stages = [
+            {
+                "stage": stage, "channels": int(image.mean.shape[0]), "feature_size": list(size),
+                "image_kept": int(image.kept.size), "image_shrinkage": round(image.shrinkage, 4),
+                "map_kept": int(spatial.kept.size), "map_shrinkage": round(spatial.shrinkage, 4),
+                "map_vectors": spatial.samples,
+            }
+            for stage, size, image, spatial in zip(params["stages"], sizes, image_fits, map_fits, strict=True)
+        ]
+        return {
+            "fit_seconds": round(time.perf_counter() - start, 1),
+            "n_images": len(train_images),
+            "backbone": params["backbone"],
+            "weights": backbone.weights_info,
+            "stages": stages,
+        }
+
+    def build_graph(self) -> GaussianGraph:
+        if self.graph is None:
+            raise RuntimeError("the gaussian method has no statistics yet: call fit() or load() first")
+        return self.graph.eval()
+
+    def graph_skeleton(self, shapes: dict[str, Sequence[int]]) -> GaussianGraph:
+        """An unfitted graph whose buffers have the shapes a saved state dict gives (for ``load``)."""
+        with torch.random.fork_rng(devices=[]):  # timm's random init must not disturb the caller's RNG
+            backbone = self.build_backbone(weights="random")
+
+        def stage_gaussians(kind: str) -> list[StageGaussian]:
+            modules = []
+            for index in range(len(backbone.stages)):
+                key = f"{kind}.{index}.whitening"
+                if key not in shapes:
+                    raise ValueError(f"{self.run_dir}: the saved weights have no {key!r}; not a {self.name} run "
+                                     f"with stages {list(backbone.stages)}")
+                channels, kept = shapes[key]
+                modules.append(StageGaussian(torch.zeros(channels), torch.zeros(channels, kept)))
+            return modules
+
+        return GaussianGraph(self.build_adapter(), backbone, stage_gaussians("image_gaussians"),
+                             stage_gaussians("map_gaussians"))
+
+    @classmethod
+    def load(cls, run_dir: Path, config: RunConfig) -> GaussianOPCA:
+        """Rebuild the graph skeleton from ``config.method_params`` (not ``config.model``, which
+        ``edgead train`` fills with a U-Net preset this method does not use) and load the saved buffers."""
+        method = cls(config, run_dir)
+        state = load_weights(run_dir)
+        graph = method.graph_skeleton({key: tuple(value.shape) for key, value in state.items()})
+        graph.load_state_dict(state, strict=True)
+        method.graph = graph.eval()
+        return method

@@ -1,0 +1,196 @@
+"""gaussian (OPCA): component selection, Mahalanobis against float64 NumPy, the graph, ONNX parity, real data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.covariance import LedoitWolf
+
+from edgead.config import RunConfig, TrainConfig
+from edgead.data.preprocess import PreprocessConfig
+from edgead.export.fp16 import HalfNetwork, mixed_precision_graph
+from edgead.export.onnx import export_onnx
+from edgead.methods.gaussian.graph import GaussianGraph
+from edgead.methods.gaussian.method import GaussianOPCA, fit_gaussian, select_components
+from edgead.train.distributed import DistInfo
+
+CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+SIZE = 64
+
+
+def make_method(run_dir: Path | None, image_size: int = SIZE, channels: int = 3, **params: Any) -> GaussianOPCA:
+    config = RunConfig(
+        method="gaussian",
+        preprocess=PreprocessConfig(image_size=image_size, channels=channels).to_dict(),
+        method_params={**GaussianOPCA.default_params(), **params},
+    )
+    return GaussianOPCA(config, run_dir)
+
+
+def textures(n: int, seed: int, channels: int = 3) -> torch.Tensor:
+    """Smooth random images in [0, 1]: low-resolution noise upsampled, a stand-in for normal images."""
+    generator = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(n, channels, 8, 8, generator=generator)
+    return F.interpolate(coarse, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory: pytest.TempPathFactory) -> GaussianOPCA:
+    run_dir = tmp_path_factory.mktemp("gaussian-run")
+    method = make_method(run_dir)
+    summary = method.fit(textures(32, seed=0), TrainConfig(batch_size=16), CPU, progress=False)
+    assert [s["stage"] for s in summary["stages"]] == [3, 4, 5, 6, 7]
+    assert summary["weights"]["weights"] == "imagenet" and summary["fit_seconds"] < 30
+    assert all(1 <= s["image_kept"] <= s["channels"] for s in summary["stages"])
+    return method
+
+
+def test_select_components_keeps_the_least_variance_share() -> None:
+    eigenvalues = np.array([0.3, 0.5, 1.2, 2.0, 4.0, 8.0, 24.0, 60.0])  # ascending, sum 100
+    # Ascending cumulative shares 0.3, 0.8, 2.0, 4.0, 8.0 %: reaching 5 % needs the five smallest.
+    assert select_components(eigenvalues, "opca", 0.05).tolist() == [0, 1, 2, 3, 4]
+    assert select_components(eigenvalues, "opca", 0.004).tolist() == [0, 1]
+    assert select_components(eigenvalues, "opca", 0.04).tolist() == [0, 1, 2, 3], "a share reached exactly counts"
+    # Descending cumulative 60, 84, 92, 96 %: PCA-0.95 keeps the four largest.
+    assert select_components(eigenvalues, "pca", 0.05).tolist() == [4, 5, 6, 7]
+    assert select_components(eigenvalues, "none", 0.05).tolist() == list(range(8))
+    with pytest.raises(ValueError, match="ascending"):
+        select_components(eigenvalues[::-1], "opca", 0.05)
+    with pytest.raises(ValueError, match="opca_fraction"):
+        select_components(eigenvalues, "opca", 1.5)
+
+
+def test_opca_recovers_the_least_variance_subspace_of_a_known_covariance() -> None:
+    rng = np.random.default_rng(0)
+    eigenvalues = np.array([60.0, 24.0, 8.0, 4.0, 2.0, 1.2, 0.5, 0.3])
+    basis, _ = np.linalg.qr(rng.normal(size=(8, 8)))
+    samples = rng.normal(size=(20000, 8)) * np.sqrt(eigenvalues) @ basis.T + 3.0
+    fit = fit_gaussian(samples, "opca", 0.05)
+    assert fit.kept.size == 5 and fit.shrinkage < 0.01
+    true_kept = basis[:, 3:]  # eigenvalues 4, 2, 1.2, 0.5, 0.3
+    recovered = fit.whitening / np.linalg.norm(fit.whitening, axis=0)
+    np.testing.assert_allclose(recovered @ recovered.T, true_kept @ true_kept.T, atol=0.03)
+    np.testing.assert_allclose(np.sort(1.0 / np.linalg.norm(fit.whitening, axis=0) ** 2), [0.3, 0.5, 1.2, 2, 4],
+                               rtol=0.05)
+
+
+@pytest.mark.parametrize("projection", ["none", "opca", "pca"])
+def test_mahalanobis_matches_a_float64_reference(projection: str) -> None:
+    rng = np.random.default_rng(1)
+    train = rng.normal(size=(300, 24)) @ rng.normal(size=(24, 24)) + rng.normal(size=24)
+    test = rng.normal(size=(2, 5, 24)) @ rng.normal(size=(24, 24)) * 1.5
+    lw = LedoitWolf().fit(train)
+    centred = test - lw.location_
+    if projection == "none":  # eq. 3 with the shrunk covariance
+        expected = np.sqrt(np.einsum("...i,ij,...j->...", centred, np.linalg.inv(lw.covariance_), centred))
+    else:
+        lam, vec = np.linalg.eigh(lw.covariance_)
+        kept = select_components(lam, projection, 0.05)
+        expected = np.sqrt(((centred @ vec[:, kept]) ** 2 / lam[kept]).sum(-1))
+    gaussian = fit_gaussian(train, projection, 0.05).module()
+    got = gaussian(torch.tensor(test, dtype=torch.float32)).double().numpy()
+    assert got.shape == (2, 5)
+    np.testing.assert_allclose(got, expected, rtol=1e-4)
+
+
+def test_graph_sums_stage_distances_and_averages_upsampled_maps(fitted: GaussianOPCA) -> None:
+    graph = fitted.build_graph()
+    images = textures(3, seed=5)
+    anomaly_map, score = graph(images)
+    again_map, again_score = graph(images)
+    assert anomaly_map.shape == (3, SIZE, SIZE) and score.shape == (3,)
+    assert torch.equal(anomaly_map, again_map) and torch.equal(score, again_score)
+    assert torch.all(anomaly_map >= 0) and torch.isfinite(score).all()
+    with torch.no_grad():
+        features = graph.stage_features(images)
+        expected_score = sum(g(f.mean(dim=(2, 3))) for g, f in zip(graph.image_gaussians, features, strict=True))
+        maps = [F.interpolate(g(f.permute(0, 2, 3, 1))[:, None], size=(SIZE, SIZE), mode="bilinear")
+                for g, f in zip(graph.map_gaussians, features, strict=True)]
+    torch.testing.assert_close(score, expected_score)
+    torch.testing.assert_close(anomaly_map, torch.cat(maps, dim=1).mean(dim=1))
+    # Batch composition does not change an image's result (fixed, per-image ops only).
+    single_map, single_score = graph(images[1:2])
+    torch.testing.assert_close(single_score, score[1:2], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(single_map, anomaly_map[1:2], rtol=1e-5, atol=1e-5)
+
+
+def test_load_rebuilds_the_same_graph(fitted: GaussianOPCA) -> None:
+    assert fitted.run_dir is not None
+    loaded = GaussianOPCA.load(fitted.run_dir, fitted.config)
+    images = textures(2, seed=6)
+    for got, want in zip(loaded.build_graph()(images), fitted.build_graph()(images), strict=True):
+        torch.testing.assert_close(got, want)
+    rng_state = torch.get_rng_state()
+    GaussianOPCA.load(fitted.run_dir, fitted.config)
+    assert torch.equal(torch.get_rng_state(), rng_state), "loading must not consume the caller's random numbers"
+
+
+def test_grayscale_pooled_and_random_variants(tmp_path: Path) -> None:
+    method = make_method(tmp_path, channels=1, weights="random", projection="pca", map_statistics="pooled")
+    summary = method.fit(textures(12, seed=2, channels=1), TrainConfig(batch_size=6), CPU, progress=False)
+    assert summary["weights"]["weights"] == "random"
+    assert all(s["map_kept"] == s["image_kept"] for s in summary["stages"])
+    anomaly_map, score = method.build_graph()(textures(2, seed=3, channels=1))
+    assert anomaly_map.shape == (2, SIZE, SIZE) and torch.isfinite(score).all()
+    with pytest.raises(ValueError, match="projection"):
+        make_method(None, projection="reverse").params  # noqa: B018 - the property validates
+    with pytest.raises(RuntimeError, match="fit"):
+        make_method(None).build_graph()
+
+
+def test_fp16_graph_keeps_the_distances_in_fp32(fitted: GaussianOPCA) -> None:
+    mixed = mixed_precision_graph(fitted.build_graph())
+    assert isinstance(mixed.backbone, HalfNetwork)
+    assert all(buffer.dtype == torch.float32 for buffer in mixed.image_gaussians.buffers())
+    assert mixed.adapter.scale.dtype == torch.float32
+
+
+def test_onnx_export_matches_torch(fitted: GaussianOPCA, tmp_path: Path) -> None:
+    graph: GaussianGraph = fitted.build_graph()
+    images = textures(2, seed=9)
+    info = export_onnx(graph, tmp_path / "gaussian.onnx", tuple(images.shape))
+    assert info["opset"] >= 18
+    session = ort.InferenceSession(str(tmp_path / "gaussian.onnx"), providers=["CPUExecutionProvider"])
+    onnx_map, onnx_score = session.run(None, {"image": images.numpy()})
+    with torch.no_grad():
+        torch_map, torch_score = graph(images)
+    np.testing.assert_allclose(onnx_score, torch_score.numpy(), rtol=1e-4)
+    np.testing.assert_allclose(onnx_map, torch_map.numpy(), rtol=1e-3, atol=1e-3 * float(torch_map.max()))
+
+
+REAL_DATA_ROOT = os.environ.get("EDGEAD_DATA_ROOT")
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+@pytest.mark.skipif(not REAL_DATA_ROOT, reason="EDGEAD_DATA_ROOT is not set")
+def test_pretrained_features_beat_random_ones_on_magnetic_tile(tmp_path: Path) -> None:
+    from edgead.data.mvtec import list_test, list_train, load_images
+    from edgead.evaluate import image_auroc
+
+    root = Path(str(REAL_DATA_ROOT)) / "magnetic_tile"
+    train = list_train(root)
+    train = [train[i] for i in np.linspace(0, len(train) - 1, 120).round().astype(int)]
+    test = list_test(root)
+    good = [s for s in test if s.label == 0]
+    bad = [s for s in test if s.label == 1]
+    test = [good[i] for i in np.linspace(0, len(good) - 1, 60).round().astype(int)]
+    test += [bad[i] for i in np.linspace(0, len(bad) - 1, 60).round().astype(int)]
+    labels = np.array([s.label for s in test])
+    results = {}
+    for weights in ("imagenet", "random"):
+        method = make_method(tmp_path / weights, image_size=128, weights=weights)
+        pre = method.preprocess_config
+        method.fit(torch.from_numpy(load_images(train, pre)), TrainConfig(batch_size=30), CPU, progress=False)
+        with torch.no_grad():
+            _, scores = method.build_graph()(torch.from_numpy(load_images(test, pre)))
+        results[weights] = image_auroc(labels, scores.numpy())
+    print(f"magnetic_tile image AUROC (120 train, 120 test, 128 px): {results}")
+    assert results["imagenet"] >= results["random"] + 0.1, results
