@@ -1,10 +1,12 @@
 """CPU/GPU latency of an exported detector vs PyTorch eager, runtime memory without torch, camera-loop FPS.
 
 Latency does not depend on the weights, so by default the run is a short training on generated data;
-pass --run to time a real run.
+pass --run to time a real run (needed where the graph's shapes depend on the data, e.g. the number of
+components gaussian keeps).
 
-Example:
+Examples:
     python benchmarks/latency.py --preset small --image-size 192 --n-draws 3
+    python benchmarks/latency.py --run runs/gaussian/latest --tag gaussian_magnetic_tile_opca
 """
 
 from __future__ import annotations
@@ -40,12 +42,14 @@ print(json.dumps({"memory": report["memory_after_backend"], "median_ms": total["
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, default=None, help="trained run (default: a 1-step run on generated data)")
+    parser.add_argument("--method", default="score-resilience", help="method of the default run")
     parser.add_argument("--preset", default="small")
     parser.add_argument("--image-size", type=int, default=192)
     parser.add_argument("--n-draws", type=int, default=3)
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--duration", type=float, default=20.0)
+    parser.add_argument("--tag", default=None, help="name part of the default result file")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
@@ -54,9 +58,11 @@ def main() -> None:
         run_dir = args.run
         if run_dir is None:
             data = generate_dataset(work / "data", size=args.image_size, n_train=20, n_test_good=2, n_test_defect=2)
-            run_dir, _ = train_run("score-resilience", data, preset=args.preset, image_size=args.image_size,
+            params = {"n_draws": args.n_draws} if args.method == "score-resilience" else {}
+            run_dir, _ = train_run(args.method, data, preset=args.preset, image_size=args.image_size,
                                    train_cfg=TrainConfig(steps=1, batch_size=2), runs_root=work / "runs",
-                                   method_params={"n_draws": args.n_draws}, progress=False)
+                                   method_params=params, progress=False)
+        run_cfg = json.loads((Path(run_dir) / "config.json").read_text())
         export_dir = work / "export"
         export_run(run_dir, export_dir, ExportOptions(precision=args.precision), log=print)
         report = run_bench(export_dir, backend="onnxruntime", precision=args.precision, warmup_s=args.warmup,
@@ -67,11 +73,13 @@ def main() -> None:
         )
     report.pop("export")
     report["runtime_process_without_torch"] = json.loads(runtime_only.stdout.strip().splitlines()[-1])
-    record = {"benchmark": "latency", "preset": args.preset, "image_size": args.image_size,
-              "n_draws": args.n_draws, "precision": args.precision, **report, "machine": machine_record()}
+    record = {"benchmark": "latency", "command": " ".join(["python", *sys.argv]), "method": run_cfg["method"],
+              "run": args.run.name if args.run else None, "image_size": run_cfg["preprocess"]["image_size"],
+              "method_params": run_cfg["method_params"], "model": run_cfg.get("model"),
+              "precision": args.precision, **report, "machine": machine_record()}
     device = "gpu" if record["machine"].get("gpu") else "cpu"
-    out = args.out or Path(__file__).resolve().parent / "results" / (
-        f"latency_{device}_{args.preset}_{args.image_size}_n{args.n_draws}.json")
+    tag = args.tag or f"{args.preset}_{args.image_size}_n{args.n_draws}"
+    out = args.out or Path(__file__).resolve().parent / "results" / f"latency_{device}_{tag}.json"
     write_json_atomic(out, record)
     print(report["table"])
     print(f"saved {out}")
