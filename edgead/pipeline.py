@@ -84,12 +84,7 @@ def train_run(
             if unknown:
                 raise ValueError(f"unknown {method_name} parameters {sorted(unknown)}; expected {sorted(params)}")
             params.update(method_params or {})
-            from edgead.nn.unet import UNetConfig
-
-            model = (
-                {"preset": preset, "unet": UNetConfig.preset(preset, in_channels=channels).to_dict()}
-                if method_cls.uses_score_unet else {}
-            )
+            model = method_cls.model_config(preset, channels, params)
             config = RunConfig(
                 method=method_name,
                 preprocess=PreprocessConfig(image_size=image_size, channels=channels).to_dict(),

@@ -27,7 +27,7 @@ from edgead.export.calibration import DEFAULT_FALSE_ALARM_RATE, pseudo_anomaly_c
 from edgead.export.fp16 import mixed_precision_graph
 from edgead.export.metadata import build_metadata
 from edgead.export.onnx import ExportError, export_onnx
-from edgead.export.parity import FP32_SCORE_RTOL, compare
+from edgead.export.parity import FP32_SCORE_RTOL, compare, fp32_envelope
 from edgead.methods import get_method
 from edgead.methods.base import run_graph
 from edgead.runtime.backends.onnxruntime import OnnxRuntimeBackend
@@ -162,10 +162,18 @@ def export_run(
         log(f"  parity torch vs ONNX Runtime (FP32): score rel. error {worst:.2e}, "
             f"flips {parity['torch_vs_onnxruntime_fp32']['decision_flips']}")
         if worst > FP32_SCORE_RTOL:
-            raise ExportError(
-                f"FP32 ONNX disagrees with PyTorch: score relative error {worst:.3e} > {FP32_SCORE_RTOL:g}; "
-                "the export is not written"
-            )
+            # Either a broken export, or a graph whose FP32 result is itself this inexact: decide with float64.
+            _, f64_scores = run_graph(copy.deepcopy(graph).double(), all_images.astype(np.float64), batch_size=8)
+            envelope = fp32_envelope(ref_scores, ort_scores, f64_scores)
+            parity["fp32_conditioning"] = envelope
+            log(f"  PyTorch FP32 itself is {envelope['torch_fp32_vs_float64']:.2e} from float64, ONNX Runtime "
+                f"{envelope['export_vs_float64']:.2e} (allowed {envelope['allowed']:.2e})")
+            if not envelope["within"]:
+                raise ExportError(
+                    f"FP32 ONNX disagrees with PyTorch: score relative error {worst:.3e} > {FP32_SCORE_RTOL:g}, and "
+                    f"{envelope['export_vs_float64']:.3e} from a float64 evaluation where PyTorch FP32 is "
+                    f"{envelope['torch_fp32_vs_float64']:.3e}; the export is not written"
+                )
 
         if options.precision == "fp16":
             half = mixed_precision_graph(graph)

@@ -12,6 +12,25 @@ from typing import Any
 import numpy as np
 
 FP32_SCORE_RTOL = 1e-4
+#: Where PyTorch's own FP32 scores are less accurate than FP32_SCORE_RTOL (a graph that subtracts two
+#: nearly equal network passes, e.g. score-tscale), ONNX Runtime may be this many times as far from a
+#: float64 evaluation as PyTorch FP32 is.
+FP32_ENVELOPE_FACTOR = 2.0
+
+
+def fp32_envelope(ref_scores: np.ndarray, scores: np.ndarray, f64_scores: np.ndarray) -> dict[str, Any]:
+    """Errors of PyTorch FP32 (``ref_scores``) and of the export (``scores``) against a float64 evaluation.
+
+    The export is within the envelope when its error is at most ``max(FP32_SCORE_RTOL,
+    FP32_ENVELOPE_FACTOR * PyTorch's error)``: it is then as accurate as FP32 arithmetic allows for this graph.
+    """
+    f64 = np.asarray(f64_scores, np.float64)
+    denom = np.maximum(np.abs(f64), 1e-12)
+    torch_error = float(np.max(np.abs(np.asarray(ref_scores, np.float64) - f64) / denom))
+    export_error = float(np.max(np.abs(np.asarray(scores, np.float64) - f64) / denom))
+    allowed = max(FP32_SCORE_RTOL, FP32_ENVELOPE_FACTOR * torch_error)
+    return {"torch_fp32_vs_float64": torch_error, "export_vs_float64": export_error, "allowed": allowed,
+            "within": export_error <= allowed}
 
 
 def compare(

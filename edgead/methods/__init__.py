@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 #: Every method of the product, with its paper. ``module:Class`` where implemented, None where not yet.
 METHODS: dict[str, tuple[str | None, str]] = {
     "score-resilience": ("edgead.methods.score_resilience.method:ScoreResilience", "Shin et al., ICCV 2023"),
-    "score-tscale": (None, "Teng et al."),
+    "score-tscale": ("edgead.methods.score_tscale.method:ScoreTScale", "Teng et al. (Score-DD)"),
     "lafite": (None, "Yin et al., 2023"),
     "mdps": (None, "Wu et al., 2024"),
     "gaussian": ("edgead.methods.gaussian.method:GaussianOPCA", "Wang et al., 2022"),

@@ -13,6 +13,7 @@ from torch import nn
 from edgead.config import RunConfig, TrainConfig
 from edgead.data.preprocess import PreprocessConfig
 from edgead.train.distributed import DistInfo
+from edgead.train.loop import LossFn, train_network
 
 
 class Method(abc.ABC):
@@ -30,6 +31,45 @@ class Method(abc.ABC):
     def __init__(self, config: RunConfig, run_dir: Path | None = None) -> None:
         self.config = config
         self.run_dir = run_dir
+
+    @classmethod
+    def model_config(cls, preset: str, channels: int, params: dict[str, Any]) -> dict[str, Any]:
+        """``config.model`` for a new run: the U-Net preset (methods override to adapt it to their paper)."""
+        if not cls.uses_score_unet:
+            return {}
+        from edgead.nn.unet import UNetConfig
+
+        return {"preset": preset, "unet": UNetConfig.preset(preset, in_channels=channels).to_dict()}
+
+    def train_unet(
+        self,
+        net: nn.Module,
+        loss: LossFn,
+        train_images: torch.Tensor,
+        train_cfg: TrainConfig,
+        dist_info: DistInfo,
+        resume: bool,
+        progress: bool,
+        description: str,
+    ) -> dict[str, Any]:
+        """Train ``net`` with the shared loop (checkpoints record the step in ``config.json``), then load
+        the EMA weights into it; returns the run summary's training fields."""
+
+        def on_checkpoint(step: int, final: bool) -> None:
+            self.config.state.update({"step": step, "final": final})
+            self.config.save(self.run_dir)
+
+        result = train_network(net, loss, train_images, train_cfg, dist_info, run_dir=self.run_dir,
+                               on_checkpoint=on_checkpoint, resume=resume, progress=progress,
+                               description=description)
+        result.ema.copy_to(net)
+        net.cpu().eval()
+        return {
+            "steps": result.step,
+            "reached_target_steps": result.finished,
+            "train_seconds": round(result.seconds, 1),
+            "final_loss": result.losses[-1] if result.losses else None,
+        }
 
     @property
     def preprocess_config(self) -> PreprocessConfig:

@@ -118,6 +118,8 @@ def test_failed_parity_leaves_the_previous_export_intact(tiny: tuple[Path, Path,
     data, run_dir, out = tiny
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     monkeypatch.setattr(exporter_module, "FP32_SCORE_RTOL", -1.0)
+    monkeypatch.setattr("edgead.export.parity.FP32_SCORE_RTOL", -1.0)
+    monkeypatch.setattr("edgead.export.parity.FP32_ENVELOPE_FACTOR", 0.0)
     with pytest.raises(ExportError, match="not written"):
         export_run(run_dir, out, ExportOptions(data=data), log=lambda _: None)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
@@ -148,15 +150,33 @@ def gaussian_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return data, run_dir
 
 
+@pytest.fixture(scope="module")
+def tscale_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    from edgead.config import TrainConfig
+    from edgead.data.synthetic import generate_dataset
+    from edgead.pipeline import train_run
+
+    root = tmp_path_factory.mktemp("tscale")
+    data = generate_dataset(root / "data", size=32, n_train=24, n_test_good=4, n_test_defect=4, seed=6)
+    run_dir, _ = train_run("score-tscale", data, preset="tiny", image_size=32, runs_root=root / "runs",
+                           train_cfg=TrainConfig(steps=20, batch_size=8, lr=2e-3, checkpoint_every=20),
+                           device="cpu", progress=False)
+    return data, run_dir
+
+
+
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_gaussian_exports_with_parity_and_builds_engines(gaussian_run: tuple[Path, Path], tmp_path: Path,
-                                                         precision: str) -> None:
-    data, run_dir = gaussian_run
+@pytest.mark.parametrize(("method", "fixture"), [("gaussian", "gaussian_run"), ("score-tscale", "tscale_run")])
+def test_method_exports_with_parity_and_builds_engines(method: str, fixture: str, precision: str, tmp_path: Path,
+                                                       request: pytest.FixtureRequest) -> None:
+    """Each method's whole procedure is one graph (for score-tscale: T scales batched, r steps, two feature
+    passes, distances, product, max): FP32 ONNX Runtime within 1e-4 of PyTorch, and TensorRT-RTX builds it."""
+    data, run_dir = request.getfixturevalue(fixture)
     fmt = "tensorrt" if HAS_RTX else "onnx"
     meta = export_run(run_dir, tmp_path / "export", ExportOptions(precision=precision, format=fmt, data=data,
                                                                   trt_flavour="tensorrt_rtx" if HAS_RTX else None),
                       log=lambda _: None)
-    assert meta["method"] == "gaussian"
+    assert meta["method"] == method
     assert meta["parity"]["torch_vs_onnxruntime_fp32"]["score_max_rel_error"] < 1e-4
     if HAS_RTX:
         assert meta["artifacts"]["engines"][0]["precision"] == precision

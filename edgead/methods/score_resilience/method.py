@@ -15,7 +15,6 @@ from edgead.methods.score_resilience.graph import ScoreResilienceGraph
 from edgead.nn.unet import ScoreUNet, UNetConfig
 from edgead.train.checkpoint import load_weights
 from edgead.train.distributed import DistInfo
-from edgead.train.loop import train_network
 
 
 def dsm_loss(net: nn.Module, x: torch.Tensor, sigma: float, k_min: float, k_max: float) -> torch.Tensor:
@@ -71,30 +70,8 @@ class ScoreResilience(Method):
         def loss(net: nn.Module, batch: torch.Tensor) -> torch.Tensor:
             return dsm_loss(net, batch, params["sigma"], params["train_k_min"], params["train_k_max"])
 
-        def on_checkpoint(step: int, final: bool) -> None:
-            self.config.state.update({"step": step, "final": final})
-            self.config.save(self.run_dir)
-
-        result = train_network(
-            self.unet,
-            loss,
-            train_images,
-            train_cfg,
-            dist_info,
-            run_dir=self.run_dir,
-            on_checkpoint=on_checkpoint,
-            resume=resume,
-            progress=progress,
-            description="score-resilience DSM",
-        )
-        result.ema.copy_to(self.unet)
-        self.unet.cpu().eval()
-        return {
-            "steps": result.step,
-            "reached_target_steps": result.finished,
-            "train_seconds": round(result.seconds, 1),
-            "final_loss": result.losses[-1] if result.losses else None,
-        }
+        return self.train_unet(self.unet, loss, train_images, train_cfg, dist_info, resume, progress,
+                               "score-resilience DSM")
 
     def build_graph(self) -> ScoreResilienceGraph:
         params = self.config.method_params
