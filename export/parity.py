@@ -14,8 +14,10 @@ import numpy as np
 FP32_SCORE_RTOL = 1e-4
 #: Where PyTorch's own FP32 scores are less accurate than FP32_SCORE_RTOL (a graph that subtracts two
 #: nearly equal network passes, e.g. score-tscale), ONNX Runtime may be this many times as far from a
-#: float64 evaluation as PyTorch FP32 is.
-FP32_ENVELOPE_FACTOR = 2.0
+#: float64 evaluation as PyTorch FP32 is. Correct FP32 kernels differ in rounding by small factors
+#: (measured: ONNX Runtime 1.6e-4 vs PyTorch 5.0e-5 on a score-tscale run); a wrong export is off by
+#: orders of magnitude.
+FP32_ENVELOPE_FACTOR = 10.0
 
 
 def fp32_envelope(ref_scores: np.ndarray, scores: np.ndarray, f64_scores: np.ndarray) -> dict[str, Any]:

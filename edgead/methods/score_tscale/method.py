@@ -237,7 +237,7 @@ class ScoreTScale(Method):
                 maps[name].append(graph.smooth(graph.combine_maps([d], size))[:, 0].float().cpu().numpy())
         stacked = {name: np.concatenate(parts) for name, parts in maps.items()}
         graph.cpu()
-        selected, record = rank_feature_maps(stacked, labels, masks, params["combine"], int(params["auto_keep"]))
+        _, record = rank_feature_maps(stacked, labels, masks, params["combine"], int(params["auto_keep"]))
         record.update({"validation": source, "n_normal": int((labels == 0).sum()), "n_pseudo": int(labels.sum())})
         return record
 
