@@ -1,6 +1,6 @@
 """Drawing for the live runtime: heatmap overlay, the head-up display, and whether a window can open at all.
 
-Torch-free: numpy and OpenCV only. ``edgead.evaluate`` re-uses :func:`heatmap_overlay` for its report images,
+Torch-free: numpy and OpenCV only. ``edgead.report`` re-uses :func:`heatmap_overlay` for its report images,
 so both draw anomaly maps identically.
 """
 

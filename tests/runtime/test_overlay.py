@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from edgead import evaluate
+from edgead import report
 from edgead.runtime import overlay
 from edgead.runtime.overlay import draw_hud, gui_backend, has_display, heatmap_overlay
 from edgead.runtime.result import Result
@@ -21,8 +21,8 @@ def _result(score: float, threshold: float, anomaly_map: np.ndarray | None = Non
     return Result(score=score, anomaly_map=anomaly_map, is_anomaly=score >= threshold, threshold=threshold)
 
 
-def test_evaluate_reexports_the_runtime_overlay() -> None:
-    assert evaluate.heatmap_overlay is heatmap_overlay
+def test_report_reexports_the_runtime_overlay() -> None:
+    assert report.heatmap_overlay is heatmap_overlay
 
 
 def test_draw_hud_marks_anomalies_with_a_red_border() -> None:

@@ -1,27 +1,18 @@
-"""Anomaly-detection metrics (image and pixel level, AUPRO) and the on-disk evaluation report.
+"""Anomaly-detection metrics: image and pixel AUROC, AP, F1-max, AUPRO (the MVTec protocol).
 
-Torch-free on purpose: only numpy and OpenCV are imported at module level. scikit-learn is imported lazily
-inside the metric functions, so importing this module works in an edge install that has no scikit-learn.
-:func:`heatmap_overlay` lives in ``edgead.runtime.overlay`` (the live runtime draws with it) and is re-exported
-here.
+Torch-free on purpose: only numpy is imported at module level. scikit-learn is imported lazily inside the
+metric functions, so importing this module works in an edge install that has no scikit-learn. The
+on-disk evaluation report (ROC plot, overlays) is :mod:`edgead.report`.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import re
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import cv2
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
-
-from edgead.data.io import write_bytes_atomic
-from edgead.runtime.overlay import heatmap_overlay  # re-exported: the report and the live runtime share it
 
 BoolArray = NDArray[np.bool_]
 FloatArray = NDArray[np.float64]
@@ -259,186 +250,3 @@ def _format_value(value: Any) -> str:
     return f"{float(value):.4f}"
 
 
-# -------------------------------------------------------------------------------------------- visualisation
-def _overlay_row(
-    rgb: NDArray[np.uint8], anomaly_map: NDArray, mask: NDArray | None, vmin: float, vmax: float, caption: str
-) -> NDArray[np.uint8]:
-    """Input | heatmap overlay | ground-truth contour (when a mask exists), as one BGR image for writing."""
-    if rgb.shape[0] < _MIN_PANEL_HEIGHT:
-        # Upscale small inputs so the caption and contours stay legible.
-        factor = _MIN_PANEL_HEIGHT / rgb.shape[0]
-        new_size = (max(1, round(rgb.shape[1] * factor)), _MIN_PANEL_HEIGHT)
-        rgb = cv2.resize(rgb, new_size, interpolation=cv2.INTER_LINEAR)
-    height, width = rgb.shape[:2]
-    overlay = heatmap_overlay(rgb, anomaly_map, vmin, vmax)
-    text_scale = max(0.4, width / 560)
-    # White text over a thicker black copy stays readable on any heatmap colour.
-    origin = (6, int(22 * text_scale / 0.4))
-    for colour, thickness in (((0, 0, 0), 3), ((255, 255, 255), 1)):
-        cv2.putText(
-            overlay, caption, origin, cv2.FONT_HERSHEY_SIMPLEX, text_scale, colour, thickness, cv2.LINE_AA
-        )
-    panels = [rgb, overlay]
-    if mask is not None:
-        defect = (np.asarray(mask) > 0).astype(np.uint8)
-        defect = cv2.resize(defect, (width, height), interpolation=cv2.INTER_NEAREST)
-        contours, _ = cv2.findContours(defect, cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
-        ground_truth = rgb.copy()
-        cv2.drawContours(ground_truth, contours, -1, _GT_COLOR, max(1, width // 160), cv2.LINE_AA)
-        panels.append(ground_truth)
-    return cv2.cvtColor(np.hstack(panels), cv2.COLOR_RGB2BGR)
-
-
-def _render_roc(
-    curves: Sequence[tuple[str, NDArray, NDArray, float, tuple[int, int, int]]],
-) -> NDArray[np.uint8]:
-    """Draws ROC curves ``(name, fpr, tpr, auroc, bgr_colour)`` on a white square canvas (BGR)."""
-    canvas = np.full((_ROC_SIZE, _ROC_SIZE, 3), 255, dtype=np.uint8)
-    left, top, side = _PLOT_LEFT, _PLOT_TOP, _PLOT_SIDE
-    right, bottom = left + side, top + side
-    font = cv2.FONT_HERSHEY_SIMPLEX
-
-    def to_pixels(x: NDArray, y: NDArray) -> NDArray[np.int32]:
-        points = np.stack([left + np.asarray(x) * side, bottom - np.asarray(y) * side], axis=1)
-        return np.round(points).astype(np.int32).reshape(-1, 1, 2)
-
-    for tick in np.linspace(0.0, 1.0, 6):
-        offset = round(tick * side)
-        cv2.line(canvas, (left + offset, top), (left + offset, bottom), (230, 230, 230), 1)
-        cv2.line(canvas, (left, bottom - offset), (right, bottom - offset), (230, 230, 230), 1)
-        label = f"{tick:.1f}"
-        cv2.putText(canvas, label, (left + offset - 10, bottom + 18), font, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
-        cv2.putText(canvas, label, (left - 30, bottom - offset + 4), font, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
-    # Dashed chance diagonal, so it is not mistaken for a curve.
-    for start in np.arange(0.0, 1.0, 0.04):
-        segment = to_pixels([start, start + 0.02], [start, start + 0.02])
-        cv2.polylines(canvas, [segment], False, (150, 150, 150), 1, cv2.LINE_AA)
-    cv2.rectangle(canvas, (left, top), (right, bottom), (0, 0, 0), 1)
-    for _, fpr, tpr, _, colour in curves:
-        cv2.polylines(canvas, [to_pixels(fpr, tpr)], False, colour, 2, cv2.LINE_AA)
-    if curves:
-        # A boxed legend keeps the diagonal and curves from running through the text.
-        legend_top = bottom - 30 - 20 * (len(curves) - 1)
-        cv2.rectangle(canvas, (right - 198, legend_top), (right - 6, bottom - 6), (255, 255, 255), -1)
-        cv2.rectangle(canvas, (right - 198, legend_top), (right - 6, bottom - 6), (160, 160, 160), 1)
-    for index, (name, _, _, auroc_value, colour) in enumerate(curves):
-        y = bottom - 14 - 20 * (len(curves) - 1 - index)
-        cv2.line(canvas, (right - 190, y - 4), (right - 165, y - 4), colour, 2, cv2.LINE_AA)
-        text = f"{name} AUROC {auroc_value:.4f}"
-        cv2.putText(canvas, text, (right - 158, y), font, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
-    cv2.putText(canvas, "ROC", (left + side // 2 - 18, top - 12), font, 0.6, (0, 0, 0), 1, cv2.LINE_AA)
-    cv2.putText(canvas, "False positive rate", (left + side // 2 - 80, bottom + 40), font, 0.5, (0, 0, 0), 1)
-    # OpenCV cannot draw rotated text, so the y label is drawn horizontally and the strip rotated.
-    strip = np.full((20, side, 3), 255, dtype=np.uint8)
-    cv2.putText(strip, "True positive rate", (side // 2 - 75, 15), font, 0.5, (0, 0, 0), 1)
-    canvas[top:bottom, 4:24] = cv2.rotate(strip, cv2.ROTATE_90_COUNTERCLOCKWISE)
-    return canvas
-
-
-# ------------------------------------------------------------------------------------------------ report IO
-def _write_png(path: Path, image_bgr: NDArray[np.uint8]) -> None:
-    ok, encoded = cv2.imencode(".png", image_bgr)
-    if not ok:
-        raise RuntimeError(f"could not encode {path.name} as PNG")
-    write_bytes_atomic(path, encoded.tobytes())
-
-
-def _to_json_value(value: Any) -> Any:
-    """Converts numpy values to JSON types, non-finite floats to null (strict JSON) and other objects to str."""
-    if isinstance(value, Mapping):
-        return {str(key): _to_json_value(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple, np.ndarray)):
-        return [_to_json_value(item) for item in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    return value if value is None or isinstance(value, (str, int)) else str(value)
-
-
-def write_report(
-    out_dir: str | os.PathLike[str],
-    metrics: Mapping[str, Any],
-    labels: ArrayLike,
-    scores: ArrayLike,
-    image_paths: Sequence[str],
-    images_rgb: NDArray[np.uint8] | Sequence[NDArray[np.uint8]],
-    maps: ArrayLike,
-    masks: ArrayLike | None = None,
-    top_k: int = 8,
-    extra: Mapping[str, Any] | None = None,
-) -> Path:
-    """Writes ``metrics.json``, ``roc.png`` and ``overlays/NN_<stem>.png`` for the top-k scoring images.
-
-    ``metrics.json`` holds ``{"metrics": ..., "run": extra, "images": [{path, label, score}, ...]}``. Overlays
-    colour every map with one global min/max over the whole test set so images are comparable; overlays
-    left in ``overlays/`` by an earlier report are removed so the folder always shows this run's top-k.
-
-    Args:
-        out_dir: Report directory (created if missing).
-        metrics: Metric name to value, e.g. from :func:`compute_metrics`.
-        labels: (N,) image labels, 1 = anomalous.
-        scores: (N,) image anomaly scores.
-        image_paths: N source paths, used in the JSON and for overlay file names.
-        images_rgb: (N, H, W, 3) uint8 array or N (H, W, 3) uint8 RGB images.
-        maps: (N, h, w) anomaly maps (any size; resized to each image).
-        masks: Optional (N, H', W') ground-truth masks, nonzero = defect.
-        top_k: Number of highest-scoring images to draw.
-        extra: Run information stored under "run" (method, checkpoint, timings...).
-
-    Returns:
-        The path of ``metrics.json``.
-    """
-    from sklearn.metrics import auc, roc_curve
-
-    labels_arr = np.asarray(labels).astype(int)
-    scores_arr = np.asarray(scores, dtype=np.float64)
-    maps_arr = np.asarray(maps, dtype=np.float64)
-    masks_arr = None if masks is None else np.asarray(masks)
-    num_images = len(image_paths)
-    lengths = {"labels": len(labels_arr), "scores": len(scores_arr), "images_rgb": len(images_rgb)}
-    lengths.update(maps=len(maps_arr), masks=num_images if masks_arr is None else len(masks_arr))
-    if any(length != num_images for length in lengths.values()) or maps_arr.ndim != 3:
-        raise ValueError(f"write_report: expected {num_images} items each and (N, h, w) maps, got {lengths}")
-
-    out_path = Path(out_dir)
-    overlay_dir = out_path / "overlays"
-    overlay_dir.mkdir(parents=True, exist_ok=True)
-
-    curves = []
-    if 0 < labels_arr.sum() < num_images:
-        fpr, tpr, _ = roc_curve(labels_arr, scores_arr)
-        curves.append(("image", fpr, tpr, float(auc(fpr, tpr)), (200, 90, 20)))
-    # The pixel curve needs masks at map resolution; overlays resize masks, so they accept any size.
-    same_size = masks_arr is not None and masks_arr.shape == maps_arr.shape
-    pixel_defect = masks_arr.ravel() > 0 if same_size else np.zeros(0, dtype=bool)
-    if 0 < pixel_defect.sum() < pixel_defect.size:
-        fpr, tpr, _ = roc_curve(pixel_defect, maps_arr.ravel())
-        curves.append(("pixel", fpr, tpr, float(auc(fpr, tpr)), (30, 30, 220)))
-    _write_png(out_path / "roc.png", _render_roc(curves))
-
-    for stale in overlay_dir.iterdir():
-        if re.fullmatch(r"\d{2,}_.*\.png", stale.name):
-            stale.unlink()
-    vmin, vmax = float(maps_arr.min()), float(maps_arr.max())
-    rank_width = max(2, len(str(top_k)))
-    for rank, index in enumerate(np.argsort(-scores_arr, kind="stable")[: max(0, top_k)]):
-        rgb = np.asarray(images_rgb[index])
-        mask = None if masks_arr is None else masks_arr[index]
-        caption = f"score {scores_arr[index]:.4g}  label {labels_arr[index]}"
-        row = _overlay_row(rgb, maps_arr[index], mask, vmin, vmax, caption)
-        stem = re.sub(r"[^A-Za-z0-9._-]", "_", Path(image_paths[index]).stem)
-        _write_png(overlay_dir / f"{rank:0{rank_width}d}_{stem}.png", row)
-
-    report = {
-        "metrics": dict(metrics),
-        "run": dict(extra or {}),
-        "images": [
-            {"path": str(path), "label": int(label), "score": float(score)}
-            for path, label, score in zip(image_paths, labels_arr, scores_arr, strict=True)
-        ],
-    }
-    metrics_path = out_path / "metrics.json"
-    text = json.dumps(_to_json_value(report), indent=2, allow_nan=False)
-    write_bytes_atomic(metrics_path, (text + "\n").encode("utf-8"), durable=True)
-    return metrics_path

@@ -1,4 +1,4 @@
-"""Tests for edgead.evaluate: metrics against hand-computed and brute-force references, and the report files."""
+"""Tests for edgead.metrics and edgead.report: metrics against hand-computed and brute-force references, and the report files."""
 
 from __future__ import annotations
 
@@ -11,18 +11,17 @@ import cv2
 import numpy as np
 import pytest
 
-from edgead.evaluate import (
+from edgead.metrics import (
     aupro,
     compute_metrics,
     f1_max,
     format_metrics_table,
-    heatmap_overlay,
     image_ap,
     image_auroc,
     pixel_auroc,
     pro_curve,
-    write_report,
 )
+from edgead.report import heatmap_overlay, write_report
 
 
 # ------------------------------------------------------------------------------------ brute-force AUPRO
