@@ -9,15 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from machine import machine_record  # noqa: E402
-
-from edgead.config import TrainConfig, write_json_atomic  # noqa: E402
-from edgead.pipeline import evaluate_run, train_run  # noqa: E402
+from edgead.bench.machine import machine_record
+from edgead.config import TrainConfig, write_json_atomic
+from edgead.pipeline import evaluate_run, train_run
 
 
 def main() -> None:

@@ -18,15 +18,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from machine import machine_record  # noqa: E402
-
-from edgead.benchmark import run_bench  # noqa: E402
-from edgead.config import TrainConfig, write_json_atomic  # noqa: E402
-from edgead.data.synthetic import generate_dataset  # noqa: E402
-from edgead.export.exporter import ExportOptions, export_run  # noqa: E402
-from edgead.pipeline import train_run  # noqa: E402
+from edgead.bench.machine import machine_record
+from edgead.bench.report import run_bench
+from edgead.config import TrainConfig, write_json_atomic
+from edgead.data.synthetic import generate_dataset
+from edgead.export.exporter import ExportOptions, export_run
+from edgead.pipeline import train_run
 
 RUNTIME_ONLY = """
 import json, sys

@@ -24,7 +24,7 @@ from edgead.export.exporter import ExportOptions, export_run
 from edgead.methods import load_method
 from edgead.runtime.backends.base import BackendError
 from edgead.runtime.detector import Detector
-from edgead.runtime.metadata import MetadataError, load_metadata, write_metadata
+from edgead.runtime.metadata import MetadataError, load_metadata
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from integration_helpers import make_tiny_run  # noqa: E402
@@ -97,7 +97,7 @@ def test_corrupted_onnx_with_matching_hash_is_a_clear_error(exported: tuple[Path
     from edgead.runtime.metadata import artifact_record
 
     meta["artifacts"]["onnx"] = artifact_record(copy, "model.onnx")
-    write_metadata(copy, meta)
+    meta.save(copy)
     with pytest.raises(BackendError, match="model.onnx"):
         Detector.load(copy, backend="onnxruntime")
 
@@ -141,7 +141,7 @@ def test_run_errors_missing_camera_and_bad_folder_file(exported: tuple[Path, Pat
 
 
 def test_bench_reports_percentiles_and_the_torch_ratio(exported: tuple[Path, Path, Path], tmp_path: Path) -> None:
-    from edgead.benchmark import run_bench
+    from edgead.bench.report import run_bench
 
     _, _, out = exported
     report = run_bench(out, backend="onnxruntime", warmup_s=0.05, duration_s=0.2, min_runs=5,
@@ -159,7 +159,7 @@ def test_runtime_runs_without_torch(exported: tuple[Path, Path, Path]) -> None:
         import sys
         sys.modules["torch"] = None  # any `import torch` now raises ImportError
         import numpy as np
-        import edgead.runtime.bench, edgead.runtime.capture, edgead.runtime.live, edgead.runtime.overlay
+        import edgead.bench.timing, edgead.runtime.capture, edgead.runtime.live, edgead.runtime.overlay
         import edgead.runtime.backends.onnxruntime, edgead.runtime.backends.tensorrt
         from edgead.runtime.detector import Detector
         result = Detector.load({str(out)!r}, backend="auto").predict(np.zeros((48, 64, 3), np.uint8))

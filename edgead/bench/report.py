@@ -7,15 +7,21 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import platform
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from edgead.bench.machine import cpu_name
+from edgead.bench.timing import (
+    bench_camera_loop,
+    bench_detector,
+    format_table,
+    resident_memory_mb,
+    write_bench_video,
+)
 from edgead.data.io import write_bytes_atomic
-from edgead.runtime.bench import bench_camera_loop, bench_detector, format_table, resident_memory_mb, write_bench_video
 from edgead.runtime.detector import Detector
 
 
@@ -26,16 +32,6 @@ def _bench_frame(seed: int = 0) -> np.ndarray:
     import cv2
 
     return cv2.resize(base, (1280, 720), interpolation=cv2.INTER_CUBIC)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def run_bench(
@@ -64,7 +60,7 @@ def run_bench(
     torch_available = importlib.util.find_spec("torch") is not None
     run_dir = Path(meta.get("run", {}).get("dir", ""))
     if torch_baseline and torch_available and (run_dir / "config.json").is_file():
-        from edgead.export.baseline import bench_torch_eager
+        from edgead.bench.torch_eager import bench_torch_eager
 
         batch = np.stack([detector.preprocess(frame)] * detector.batch_size)
         infer = backend_result["stages"]["infer"]["median"]

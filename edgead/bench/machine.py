@@ -7,9 +7,19 @@ import os
 import platform
 import shlex
 import sys
+from pathlib import Path
 from typing import Any
 
-from edgead.benchmark import cpu_name
+
+def cpu_name() -> str:
+    """The CPU model (Linux ``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def portable(text: str) -> str:

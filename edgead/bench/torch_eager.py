@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from edgead.bench.timing import latency_stats, timed_loop
 from edgead.config import RunConfig
 from edgead.methods import get_method
-from edgead.runtime.bench import latency_stats, timed_loop
 
 
 def bench_torch_eager(run_dir: Path, batch: np.ndarray, warmup_s: float, duration_s: float, min_runs: int = 50,
