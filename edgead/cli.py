@@ -152,12 +152,21 @@ def demo(
 
 
 @app.command()
-def info() -> None:
-    """Versions, available backends and accelerators, and the methods table."""
+def info(
+    method: str | None = typer.Option(None, "--method", help="Show this method's parameters, defaults and paper "
+                                      "references instead of the installation summary."),
+) -> None:
+    """Versions, available backends and accelerators, and the methods table (or one method's parameters)."""
     import importlib.util
 
-    from edgead.methods import METHODS
+    from edgead.methods import discover, planned_methods
 
+    if method is not None:
+        try:
+            _method_info(method)
+        except USER_ERRORS as err:
+            _fail(err)
+        return
     table = Table(title=f"edgead {__version__}")
     table.add_column("component")
     table.add_column("version / status")
@@ -181,13 +190,29 @@ def info() -> None:
         gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
         table.add_row("CUDA device (torch)", gpu)
     console.print(table)
-    methods = Table(title="methods")
-    methods.add_column("method")
-    methods.add_column("paper")
-    methods.add_column("status")
-    for name, (target, paper) in METHODS.items():
-        methods.add_row(name, paper, "available" if target else "planned")
+    methods = Table(title="methods (edgead info --method NAME for parameters)")
+    for column in ("method", "paper", "status", "what it does"):
+        methods.add_column(column)
+    for entry in discover().values():
+        methods.add_row(entry.name, entry.paper, "available", entry.summary)
+    for name, (paper, summary) in planned_methods().items():
+        methods.add_row(name, paper, "planned", summary)
     console.print(methods)
+
+
+def _method_info(name: str) -> None:
+    from edgead.methods import get_method
+
+    cls = get_method(name)
+    table = Table(title=f"{cls.name}: {cls.paper} - {cls.summary}")
+    for column in ("parameter", "default", "paper", "meaning"):
+        table.add_column(column, overflow="fold")
+    for row in cls.Params.describe():
+        meaning = row["doc"] + (f" (one of {', '.join(map(str, row['choices']))})" if row["choices"] else "")
+        table.add_row(row["name"], json.dumps(row["default"]), row["ref"], meaning)
+    console.print(table)
+    console.print(f"set with `edgead train --method {cls.name} --param NAME=VALUE` (VALUE in JSON, e.g. a number, "
+                  '"text" or [1, 2])', soft_wrap=True)
 
 
 def _latest_export(exports_root: Path) -> Path:
@@ -301,7 +326,7 @@ def bench(
     exports_root: Path = typer.Option(Path("exports"), "--exports-root", help="Where to look for the newest export."),
 ) -> None:
     """Latency on this device: per-stage percentiles, throughput, ratio to PyTorch eager, camera-loop FPS."""
-    from edgead.benchmark import run_bench
+    from edgead.bench.report import run_bench
 
     try:
         report = run_bench(export_dir or _latest_export(exports_root), backend=backend, precision=precision,
