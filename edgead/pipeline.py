@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from edgead.config import DEFAULT_RUNS_DIR, RunConfig, TrainConfig, mark_latest, new_run_dir
+from edgead.data.holdout import save_holdout
 from edgead.data.io import list_images, read_image
 from edgead.data.mvtec import (
     DatasetLayoutError,
@@ -24,7 +25,7 @@ from edgead.data.mvtec import (
 )
 from edgead.data.preprocess import PreprocessConfig, resize_image
 from edgead.methods import get_method, load_method
-from edgead.methods.base import run_graph
+from edgead.methods.base import FitContext, run_graph
 from edgead.train.distributed import init_distributed, shutdown
 
 
@@ -79,16 +80,12 @@ def train_run(
             run_dir = Path(resume)
         else:
             train_cfg = train_cfg or TrainConfig()
-            params = method_cls.default_params()
-            unknown = set(method_params or {}) - set(params)
-            if unknown:
-                raise ValueError(f"unknown {method_name} parameters {sorted(unknown)}; expected {sorted(params)}")
-            params.update(method_params or {})
+            params = method_cls.parse_params(method_params)
             model = method_cls.model_config(preset, channels, params)
             config = RunConfig(
                 method=method_name,
                 preprocess=PreprocessConfig(image_size=image_size, channels=channels).to_dict(),
-                method_params=params,
+                method_params=params.to_dict(),
                 model=model,
                 train=asdict(train_cfg),
             )
@@ -104,12 +101,15 @@ def train_run(
             config.data = {
                 "root": str(Path(data_root).resolve()),
                 "n_train": len(train_samples),
-                "validation_paths": [str(s.path) for s in val_samples],
+                "validation_paths": [str(Path(s.path).resolve()) for s in val_samples],
+                # The held-out images themselves, so export works after the dataset moved.
+                "holdout": save_holdout(run_dir, [s.path for s in val_samples], pre),
             }
             config.save(run_dir)
         images = torch.from_numpy(load_images(train_samples, pre))
         method = method_cls(config, run_dir if dist_info.is_main else None)
-        summary = method.fit(images, train_cfg, dist_info, resume=resume is not None, progress=progress)
+        ctx = FitContext(images=images, train=train_cfg, dist=dist_info, resume=resume is not None, progress=progress)
+        summary = method.fit(ctx)
         summary["device"] = str(dist_info.device)
         summary["world_size"] = dist_info.world_size
         if not dist_info.is_main:
@@ -135,7 +135,8 @@ def evaluate_run(
 
     Returns ``(metrics, path of metrics.json)``.
     """
-    from edgead.evaluate import compute_metrics, write_report
+    from edgead.metrics import compute_metrics
+    from edgead.report import write_report
 
     method = load_method(run_dir)
     pre = method.preprocess_config

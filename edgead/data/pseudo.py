@@ -14,7 +14,9 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
-__all__ = ["SHAPES", "PseudoAnomaly", "make_pseudo_anomaly_set"]
+from edgead.data.preprocess import PreprocessConfig, preprocess
+
+__all__ = ["SHAPES", "PseudoAnomaly", "make_pseudo_anomaly_set", "pseudo_validation_set"]
 
 SHAPES: tuple[str, ...] = ("ellipse", "rectangle", "polygon")
 _SUBPIXEL_BITS = 4
@@ -190,3 +192,29 @@ def make_pseudo_anomaly_set(
         anomalous.append(image)
         masks.append(mask)
     return anomalous, masks
+
+
+def pseudo_validation_set(
+    normal_rgb: Sequence[np.ndarray], pre: PreprocessConfig, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A validation set with labels from normal images alone: the images themselves (label 0) plus as many
+    pseudo-anomalies made from them (label 1, with masks), all preprocessed.
+
+    Args:
+        normal_rgb: At least two uint8 RGB images at the input size ``pre.image_size``.
+        pre: The run's preprocessing.
+        seed: Seed of :func:`make_pseudo_anomaly_set`.
+
+    Returns:
+        ``(images (N, C, S, S) float32, labels (N,) int, masks (N, S, S) bool)``.
+    """
+    if len(normal_rgb) < 2:
+        raise ValueError(f"a pseudo-anomaly validation set needs at least two normal images, got {len(normal_rgb)}")
+    size = pre.image_size
+    pseudo_rgb, pseudo_masks = make_pseudo_anomaly_set(list(normal_rgb), n=len(normal_rgb), seed=seed)
+    normal = np.stack([preprocess(img, pre) for img in normal_rgb])
+    pseudo = np.stack([preprocess(img, pre) for img in pseudo_rgb])
+    images = np.concatenate([normal, pseudo]).astype(np.float32)
+    labels = np.r_[np.zeros(len(normal), dtype=int), np.ones(len(pseudo), dtype=int)]
+    masks = np.concatenate([np.zeros((len(normal), size, size), dtype=bool), np.stack(pseudo_masks).astype(bool)])
+    return images, labels, masks

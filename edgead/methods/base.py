@@ -1,8 +1,15 @@
-"""The contract every method implements (see ARCHITECTURE.md: a method's inference is one tensor graph)."""
+"""The contract every method implements (see ARCHITECTURE.md: a method's inference is one tensor graph).
+
+A new method is one folder ``edgead/methods/<folder>/`` with ``method.py`` (a :class:`Method` subclass
+with a literal ``name``, ``paper`` and ``summary``, its ``Params`` dataclass, ``fit``, ``build_graph`` and
+``load``), ``graph.py`` (the inference ``nn.Module``) and a README. Nothing outside the folder changes:
+the registry, packaging, ``edgead info`` and every parametrised test find it.
+"""
 
 from __future__ import annotations
 
 import abc
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -12,8 +19,35 @@ from torch import nn
 
 from edgead.config import RunConfig, TrainConfig
 from edgead.data.preprocess import PreprocessConfig
+from edgead.methods.params import MethodParams
 from edgead.train.distributed import DistInfo
-from edgead.train.loop import LossFn, train_network
+
+
+@dataclass
+class FitContext:
+    """What ``Method.fit`` gets: the preprocessed normal training images and how to fit on them."""
+
+    images: torch.Tensor  # (N, C, S, S) float32, preprocessed
+    train: TrainConfig
+    dist: DistInfo
+    resume: bool = False
+    progress: bool = True
+
+
+class InferenceGraph(nn.Module):
+    """Base of every method's inference module; what it declares is all that export knows of it.
+
+    ``forward(image (B, C, S, S)) -> (anomaly_map (B, H, W), score (B,))``.
+    """
+
+    #: Children that run in FP16 in the FP16 export (None: every direct child with parameters). Inside them,
+    #: normalisation layers and modules whose class sets ``keep_fp32 = True`` stay FP32.
+    fp16_modules: ClassVar[tuple[str, ...] | None] = None
+
+    def export_notes(self) -> dict[str, Any]:
+        """What ``edgead.json`` should tell a reader about this graph: ``noise`` (how randomness enters)
+        and ``fp32_parts`` (what the FP16 export keeps in FP32), plus anything method-specific."""
+        return {}
 
 
 class Method(abc.ABC):
@@ -24,72 +58,65 @@ class Method(abc.ABC):
     runs in PyTorch, exports to ONNX and compiles with TensorRT.
     """
 
+    #: The name users type (``--method``); read by the registry from the source, so keep it a literal.
     name: ClassVar[str]
-    #: Whether ``config.model`` holds a score U-Net preset (False for methods built on a pretrained backbone).
-    uses_score_unet: ClassVar[bool] = True
+    #: Citation and one-line description, shown by ``edgead info``.
+    paper: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    #: The method's hyperparameter dataclass (defaults = the paper's).
+    Params: ClassVar[type[MethodParams]]
+    #: Whether ``config.model`` holds a network preset (``--preset`` applies).
+    uses_preset: ClassVar[bool] = False
+    #: Settings of a seconds-long fit on 32 px generated data, used by the parametrised tests:
+    #: ``{"preset": ..., "steps": ..., "batch_size": ..., "lr": ..., "params": {...}}`` (all optional).
+    smoke: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, config: RunConfig, run_dir: Path | None = None) -> None:
         self.config = config
         self.run_dir = run_dir
+        self.params = self.parse_params(config.method_params)
 
     @classmethod
-    def model_config(cls, preset: str, channels: int, params: dict[str, Any]) -> dict[str, Any]:
-        """``config.model`` for a new run: the U-Net preset (methods override to adapt it to their paper)."""
-        if not cls.uses_score_unet:
-            return {}
-        from edgead.nn.unet import UNetConfig
+    def parse_params(cls, values: dict[str, Any] | None) -> Any:
+        """``values`` (e.g. ``config.method_params`` or ``--param`` pairs) over the defaults, validated."""
+        return cls.Params.from_dict(values, method=cls.name)
 
-        return {"preset": preset, "unet": UNetConfig.preset(preset, in_channels=channels).to_dict()}
+    @classmethod
+    def default_params(cls) -> dict[str, Any]:
+        """Hyperparameters with the paper's defaults, as stored in ``config.json``'s ``method_params``."""
+        return cls.Params().to_dict()
 
-    def train_unet(
-        self,
-        net: nn.Module,
-        loss: LossFn,
-        train_images: torch.Tensor,
-        train_cfg: TrainConfig,
-        dist_info: DistInfo,
-        resume: bool,
-        progress: bool,
-        description: str,
-    ) -> dict[str, Any]:
-        """Train ``net`` with the shared loop (checkpoints record the step in ``config.json``), then load
-        the EMA weights into it; returns the run summary's training fields."""
-
-        def on_checkpoint(step: int, final: bool) -> None:
-            self.config.state.update({"step": step, "final": final})
-            self.config.save(self.run_dir)
-
-        result = train_network(net, loss, train_images, train_cfg, dist_info, run_dir=self.run_dir,
-                               on_checkpoint=on_checkpoint, resume=resume, progress=progress,
-                               description=description)
-        result.ema.copy_to(net)
-        net.cpu().eval()
-        return {
-            "steps": result.step,
-            "reached_target_steps": result.finished,
-            "train_seconds": round(result.seconds, 1),
-            "final_loss": result.losses[-1] if result.losses else None,
-        }
+    @classmethod
+    def model_config(cls, preset: str, channels: int, params: Any) -> dict[str, Any]:
+        """``config.model`` for a new run (empty for methods without a trained network)."""
+        return {}
 
     @property
     def preprocess_config(self) -> PreprocessConfig:
         return PreprocessConfig.from_dict(self.config.preprocess)
 
-    @classmethod
-    @abc.abstractmethod
-    def default_params(cls) -> dict[str, Any]:
-        """Hyperparameters with the paper's defaults, stored as ``method_params`` in ``config.json``."""
+    def held_out_normals(self, ctx: FitContext, limit: int) -> tuple[list[np.ndarray], str]:
+        """Up to ``limit`` normal uint8 RGB images at the input size that the fit did not train on (the
+        run's held-out split), for choices made on a pseudo-validation set; without a held-out split
+        (``--val-fraction 0``) the first training images, which the fit did see, and the source says so."""
+        from edgead.data.holdout import load_holdout
+
+        rgb, _ = load_holdout(self.run_dir, self.config.data.get("holdout")) if self.run_dir else ([], [])
+        if len(rgb) >= 2:
+            rgb = rgb[:limit]
+            return rgb, f"{len(rgb)} held-out normal images"
+        pre = self.preprocess_config
+        count = min(len(ctx.images), limit)
+        pixels = ctx.images[:count].numpy().transpose(0, 2, 3, 1)
+        if pixels.shape[-1] == 1:
+            pixels = np.repeat(pixels, 3, axis=-1)
+        mean, std = np.array(pre.mean), np.array(pre.std)
+        rgb = [np.clip((p * std + mean) * 255.0 + 0.5, 0, 255).astype(np.uint8) for p in pixels]
+        return rgb, f"{count} training images (no held-out split)"
 
     @abc.abstractmethod
-    def fit(
-        self,
-        train_images: torch.Tensor,
-        train_cfg: TrainConfig,
-        dist_info: DistInfo,
-        resume: bool = False,
-        progress: bool = True,
-    ) -> dict[str, Any]:
-        """Fit on normal images ``(N, C, S, S)``, saving into ``self.run_dir``; return a summary for the run."""
+    def fit(self, ctx: FitContext) -> dict[str, Any]:
+        """Fit on ``ctx.images``, saving into ``self.run_dir``; return a summary for the run."""
 
     @abc.abstractmethod
     def build_graph(self) -> nn.Module:

@@ -205,6 +205,8 @@ class GaussianFourierEmbedding(nn.Module):
     Tancik et al. 2020). ``W`` is a persistent buffer, so it travels with the weights.
     """
 
+    keep_fp32 = True  # sin / cos of 2 pi t W with |W| ~ 16: FP16 exports keep this module FP32
+
     def __init__(self, embed_dim: int, scale: float = _FOURIER_SCALE, seed: int = 0) -> None:
         super().__init__()
         generator = torch.Generator().manual_seed(seed)
@@ -218,6 +220,8 @@ class GaussianFourierEmbedding(nn.Module):
 
 class SinusoidalEmbedding(nn.Module):
     """DDPM timestep embedding of ``1000 t`` (Ho et al. 2020, after Vaswani et al. 2017, sec. 3.5)."""
+
+    keep_fp32 = True  # sin / cos of arguments up to 1000: FP16 exports keep this module FP32
 
     def __init__(self, embed_dim: int, max_period: float = 10000.0) -> None:
         super().__init__()

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from sklearn.covariance import LedoitWolf
 
 from edgead.config import RunConfig, TrainConfig
+from edgead.methods.base import FitContext
 from edgead.data.preprocess import PreprocessConfig
 from edgead.export.fp16 import HalfNetwork, mixed_precision_graph
 from edgead.export.onnx import export_onnx
@@ -45,7 +46,7 @@ def textures(n: int, seed: int, channels: int = 3) -> torch.Tensor:
 def fitted(tmp_path_factory: pytest.TempPathFactory) -> GaussianOPCA:
     run_dir = tmp_path_factory.mktemp("gaussian-run")
     method = make_method(run_dir)
-    summary = method.fit(textures(32, seed=0), TrainConfig(batch_size=16), CPU, progress=False)
+    summary = method.fit(FitContext(textures(32, seed=0), TrainConfig(batch_size=16), CPU, progress=False))
     assert [s["stage"] for s in summary["stages"]] == [3, 4, 5, 6, 7]
     assert summary["weights"]["weights"] == "imagenet" and summary["fit_seconds"] < 30
     assert all(1 <= s["image_kept"] <= s["channels"] for s in summary["stages"])
@@ -134,7 +135,7 @@ def test_load_rebuilds_the_same_graph(fitted: GaussianOPCA) -> None:
 
 def test_grayscale_pooled_and_random_variants(tmp_path: Path) -> None:
     method = make_method(tmp_path, channels=1, weights="random", projection="pca", map_statistics="pooled")
-    summary = method.fit(textures(12, seed=2, channels=1), TrainConfig(batch_size=6), CPU, progress=False)
+    summary = method.fit(FitContext(textures(12, seed=2, channels=1), TrainConfig(batch_size=6), CPU, progress=False))
     assert summary["weights"]["weights"] == "random"
     assert all(s["map_kept"] == s["image_kept"] for s in summary["stages"])
     anomaly_map, score = method.build_graph()(textures(2, seed=3, channels=1))
@@ -173,7 +174,7 @@ REAL_DATA_ROOT = os.environ.get("EDGEAD_DATA_ROOT")
 @pytest.mark.skipif(not REAL_DATA_ROOT, reason="EDGEAD_DATA_ROOT is not set")
 def test_pretrained_features_beat_random_ones_on_magnetic_tile(tmp_path: Path) -> None:
     from edgead.data.mvtec import list_test, list_train, load_images
-    from edgead.evaluate import image_auroc
+    from edgead.metrics import image_auroc
 
     root = Path(str(REAL_DATA_ROOT)) / "magnetic_tile"
     train = list_train(root)
@@ -188,7 +189,7 @@ def test_pretrained_features_beat_random_ones_on_magnetic_tile(tmp_path: Path) -
     for weights in ("imagenet", "random"):
         method = make_method(tmp_path / weights, image_size=128, weights=weights)
         pre = method.preprocess_config
-        method.fit(torch.from_numpy(load_images(train, pre)), TrainConfig(batch_size=30), CPU, progress=False)
+        method.fit(FitContext(torch.from_numpy(load_images(train, pre)), TrainConfig(batch_size=30), CPU, progress=False))
         with torch.no_grad():
             _, scores = method.build_graph()(torch.from_numpy(load_images(test, pre)))
         results[weights] = image_auroc(labels, scores.numpy())

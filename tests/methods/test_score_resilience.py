@@ -15,10 +15,10 @@ from edgead.data.mvtec import list_test, load_images, load_masks
 from edgead.data.synthetic import generate_dataset
 from edgead.demo import DEMO_CATEGORY, DEMO_IMAGE_SIZE, demo_train_config
 from edgead.diffusion.sde import spr_sigma
-from edgead.evaluate import compute_metrics
 from edgead.methods import load_method
 from edgead.methods.base import run_graph
 from edgead.methods.score_resilience.graph import ScoreResilienceGraph, default_filter_size
+from edgead.metrics import compute_metrics
 from edgead.pipeline import evaluate_run, train_run
 
 

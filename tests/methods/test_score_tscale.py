@@ -14,11 +14,11 @@ from edgead.data.mvtec import list_test, load_images, load_masks
 from edgead.data.synthetic import generate_dataset
 from edgead.demo import DEMO_CATEGORY, DEMO_IMAGE_SIZE, demo_train_config
 from edgead.diffusion.sde import SDE
-from edgead.evaluate import compute_metrics
 from edgead.methods import load_method
 from edgead.methods.base import run_graph
 from edgead.methods.score_tscale.graph import ScoreTScaleGraph, tscale_pair
 from edgead.methods.score_tscale.method import ScoreTScale, rank_feature_maps
+from edgead.metrics import compute_metrics
 from edgead.nn.unet import ScoreUNet, UNetConfig
 from edgead.pipeline import evaluate_run, train_run
 
@@ -194,8 +194,8 @@ def test_rank_feature_maps_keeps_the_informative_taps() -> None:
 
 
 def test_model_config_follows_appendix_b() -> None:
-    ve = ScoreTScale.model_config("tiny", 3, {**ScoreTScale.default_params(), "sde": "ve"})["unet"]
-    vp = ScoreTScale.model_config("tiny", 1, {**ScoreTScale.default_params(), "sde": "vp"})["unet"]
+    ve = ScoreTScale.model_config("tiny", 3, ScoreTScale.parse_params({"sde": "ve"}))["unet"]
+    vp = ScoreTScale.model_config("tiny", 1, ScoreTScale.parse_params({"sde": "vp"}))["unet"]
     assert ve["time_embedding"] == "fourier" and vp["time_embedding"] == "sinusoidal"
     assert ve["output_scaling"] == vp["output_scaling"] == "sigma"
     assert vp["in_channels"] == 1
@@ -204,7 +204,7 @@ def test_model_config_follows_appendix_b() -> None:
 def test_bad_parameters_are_named(tmp_path: Path) -> None:
     data = generate_dataset(tmp_path / "data", size=32, n_train=6, n_test_good=1, n_test_defect=1)
     cfg = TrainConfig(steps=1, batch_size=2)
-    for params, match in (({"sde": "spr"}, "sde must be one of"), ({"timesteps": [1]}, "outside"),
+    for params, match in (({"sde": "spr"}, "sde='spr' must be one of"), ({"timesteps": [1]}, "outside"),
                           ({"feature_maps": []}, "feature_maps")):
         with pytest.raises(ValueError, match=match):
             train_run("score-tscale", data, preset="tiny", image_size=32, train_cfg=cfg, method_params=params,

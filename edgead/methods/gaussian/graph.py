@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgead.methods.base import InferenceGraph
 from edgead.nn.backbones import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -62,7 +64,7 @@ class StageGaussian(nn.Module):
         return z.square().sum(dim=-1).sqrt()
 
 
-class GaussianGraph(nn.Module):
+class GaussianGraph(InferenceGraph):
     """Image score (eq. 4) and anomaly map (section 3.4) of a batch.
 
     ``forward(image (B, C, S, S)) -> (anomaly_map (B, S, S), score (B,))``:
@@ -105,6 +107,12 @@ class GaussianGraph(nn.Module):
         if len(features) != len(self.image_gaussians):
             raise ValueError(f"the backbone gives {len(features)} stages, the graph has {len(self.image_gaussians)}")
         return features
+
+    def export_notes(self) -> dict[str, Any]:
+        return {
+            "noise": None,
+            "fp32_parts": "input normalisation, normalisation layers, pooling, Mahalanobis distances, resize, max",
+        }
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         size = (image.shape[-2], image.shape[-1])

@@ -7,7 +7,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -16,12 +16,12 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from sklearn.covariance import LedoitWolf
 from torch import nn
 
-from edgead.config import RunConfig, TrainConfig
-from edgead.methods.base import Method
+from edgead.config import RunConfig
+from edgead.methods.base import FitContext, Method
 from edgead.methods.gaussian.graph import GaussianGraph, InputAdapter, StageGaussian
+from edgead.methods.params import MethodParams, at_least, open_unit, param
 from edgead.nn.backbones import DEFAULT_BACKBONE, DEFAULT_STAGES, FeatureExtractor
 from edgead.train.checkpoint import load_weights, save_weights
-from edgead.train.distributed import DistInfo
 
 PROJECTIONS = ("opca", "pca", "none")
 MAP_STATISTICS = ("positions", "pooled")
@@ -60,6 +60,20 @@ def select_components(eigenvalues: np.ndarray, projection: str, fraction: float)
     cumulative = np.cumsum(share if projection == "opca" else share[::-1])
     kept = min(count, int(np.searchsorted(cumulative, target * (1.0 - _SHARE_TOLERANCE), side="left")) + 1)
     return np.arange(kept) if projection == "opca" else np.arange(count - kept, count)
+
+
+@dataclass(frozen=True)
+class GaussianParams(MethodParams):
+    backbone: str = param(DEFAULT_BACKBONE, "timm backbone (the paper: EfficientNet-b4; see the README)", "Sec. 4.1")
+    weights: str = param("imagenet", '"imagenet" (the shipped weights), "random", or a weights file', "ours")
+    stages: list[int] = param(list(DEFAULT_STAGES), "backbone stages, indexed from 0 (0 = stem)", "Sec. 3.1")
+    projection: str = param("opca", "opca; pca and none for the ablation", "Sec. 3.2, 4.5.1", choices=PROJECTIONS)
+    opca_fraction: float = param(0.05, "variance share of the kept least-variance components", "Sec. 4.1",
+                                 check=open_unit)
+    map_statistics: str = param("positions", "positions: one Gaussian over all spatial vectors; pooled: reuse "
+                                "the image Gaussian for the map", "ours", choices=MAP_STATISTICS)
+    max_map_vectors: int | None = param(200_000, "spatial vectors per stage the map Gaussian is fitted on "
+                                        "(null: all)", "ours", check=at_least(2))
 
 
 @dataclass
@@ -158,56 +172,27 @@ class GaussianOPCA(Method):
     Localization", Journal of New Media 4(4), 2022 (doi 10.32604/jnm.2022.032447)."""
 
     name = "gaussian"
-    uses_score_unet = False
+    paper = "Wang et al., 2022"
+    summary = "pretrained EfficientNet-Lite0 features, opposite PCA, Ledoit-Wolf Gaussian, Mahalanobis"
+    Params = GaussianParams
+    params: GaussianParams
+    smoke: ClassVar[dict[str, Any]] = {}
     graph: GaussianGraph | None = None  # set by ``fit`` or ``load``
-
-    @classmethod
-    def default_params(cls) -> dict[str, Any]:
-        return {
-            "backbone": DEFAULT_BACKBONE,  # the paper: EfficientNet-b4 (section 4.1); see the README's mapping
-            "weights": "imagenet",  # "imagenet" | "random" | a weights file
-            "stages": list(DEFAULT_STAGES),  # section 3.1: layers 3..7, indexed from 0 (0 = stem)
-            "projection": "opca",  # section 3.2; "pca" and "none" for the ablation of section 4.5.1
-            "opca_fraction": 0.05,  # section 4.1: the default variance threshold
-            "map_statistics": "positions",  # "positions": one Gaussian over all spatial vectors; "pooled": reuse
-            "max_map_vectors": 200_000,  # spatial vectors per stage the position-level Gaussian is fitted on
-        }
-
-    @property
-    def params(self) -> dict[str, Any]:
-        """``method_params`` over the defaults, validated."""
-        params = {**self.default_params(), **self.config.method_params}
-        if params["projection"] not in PROJECTIONS:
-            raise ValueError(f"projection must be one of {PROJECTIONS}, got {params['projection']!r}")
-        if not 0.0 < float(params["opca_fraction"]) < 1.0:
-            raise ValueError(f"opca_fraction must be in (0, 1), got {params['opca_fraction']}")
-        if params["map_statistics"] not in MAP_STATISTICS:
-            raise ValueError(f"map_statistics must be one of {MAP_STATISTICS}, got {params['map_statistics']!r}")
-        if params["max_map_vectors"] is not None and int(params["max_map_vectors"]) < 2:
-            raise ValueError(f"max_map_vectors must be >= 2 (or null for all), got {params['max_map_vectors']}")
-        return params
 
     def build_adapter(self) -> InputAdapter:
         pre = self.preprocess_config
         return InputAdapter(pre.mean, pre.std)
 
     def build_backbone(self, weights: str | Path | None = None) -> FeatureExtractor:
-        params = self.params
-        return FeatureExtractor(params["backbone"], params["stages"], params["weights"] if weights is None else weights)
+        p = self.params
+        return FeatureExtractor(p.backbone, p.stages, p.weights if weights is None else weights)
 
-    def fit(
-        self,
-        train_images: torch.Tensor,
-        train_cfg: TrainConfig,
-        dist_info: DistInfo,
-        resume: bool = False,
-        progress: bool = True,
-    ) -> dict[str, Any]:
+    def fit(self, ctx: FitContext) -> dict[str, Any]:
         """Fit the per-stage Gaussians; statistics only, no training (``resume`` simply refits).
 
         Fitting is cheap, so under torchrun only rank 0 fits and saves; other ranks return at once.
         """
-        params = self.params
+        p, train_images, train_cfg, dist_info = self.params, ctx.images, ctx.train, ctx.dist
         if not dist_info.is_main:
             return {"skipped": "statistics are fitted on rank 0 only"}
         if len(train_images) < 2:
@@ -215,13 +200,13 @@ class GaussianOPCA(Method):
         start = time.perf_counter()
         torch.manual_seed(train_cfg.seed)  # makes weights="random" reproducible
         adapter, backbone = self.build_adapter(), self.build_backbone()
-        pooled_mode = params["map_statistics"] == "pooled"
+        pooled_mode = p.map_statistics == "pooled"
         pooled, positions, sizes = collect_features(
             adapter.to(dist_info.device), backbone.to(dist_info.device), torch.as_tensor(train_images),
             batch_size=train_cfg.batch_size, device=dist_info.device,
-            max_map_vectors=0 if pooled_mode else params["max_map_vectors"], seed=train_cfg.seed, progress=progress,
+            max_map_vectors=0 if pooled_mode else p.max_map_vectors, seed=train_cfg.seed, progress=ctx.progress,
         )
-        projection, fraction = params["projection"], float(params["opca_fraction"])
+        projection, fraction = p.projection, p.opca_fraction
         image_fits = [fit_gaussian(vectors, projection, fraction) for vectors in pooled]
         map_fits = image_fits if pooled_mode else [fit_gaussian(vectors, projection, fraction) for vectors in positions]
         self.graph = GaussianGraph(
@@ -236,12 +221,12 @@ class GaussianOPCA(Method):
                 "map_kept": int(spatial.kept.size), "map_shrinkage": round(spatial.shrinkage, 4),
                 "map_vectors": spatial.samples,
             }
-            for stage, size, image, spatial in zip(params["stages"], sizes, image_fits, map_fits, strict=True)
+            for stage, size, image, spatial in zip(p.stages, sizes, image_fits, map_fits, strict=True)
         ]
         return {
             "fit_seconds": round(time.perf_counter() - start, 1),
             "n_images": len(train_images),
-            "backbone": params["backbone"],
+            "backbone": p.backbone,
             "weights": backbone.weights_info,
             "stages": stages,
         }

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from edgead.diffusion.sde import spr_sigma
+from edgead.methods.base import InferenceGraph
 
 
 def default_filter_size(map_size: int) -> int:
@@ -15,7 +18,7 @@ def default_filter_size(map_size: int) -> int:
     return size if size % 2 == 1 else size + 1
 
 
-class ScoreResilienceGraph(nn.Module):
+class ScoreResilienceGraph(InferenceGraph):
     """Restoration error map and image score of a batch (Algorithm 1, eq. 5-6).
 
     For each of the ``N`` fixed noise draws ``eps_n`` (a seeded buffer, so PyTorch, ONNX Runtime and
@@ -53,8 +56,16 @@ class ScoreResilienceGraph(nn.Module):
         self.filter_size = filter_size or default_filter_size(self.map_size)
         if self.filter_size % 2 == 0:
             raise ValueError(f"filter_size must be odd so the map keeps its size, got {self.filter_size}")
+        self.noise_seed = noise_seed
         generator = torch.Generator().manual_seed(noise_seed)
         self.register_buffer("noise", torch.randn(n_draws, channels, image_size, image_size, generator=generator))
+
+    def export_notes(self) -> dict[str, Any]:
+        return {
+            "noise": {"mode": "fixed seeded buffer in the graph", "seed": self.noise_seed,
+                      "draws": int(self.noise.shape[0])},
+            "fp32_parts": "normalisation, time embedding, noise injection, error reduction, resize, mean filter, max",
+        }
 
     def restoration_error(self, image: torch.Tensor) -> torch.Tensor:
         """Per-pixel restoration error averaged over the draws, ``(B, 1, S, S)`` before smoothing (eq. 6)."""

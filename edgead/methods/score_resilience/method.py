@@ -2,19 +2,39 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from edgead.config import RunConfig, TrainConfig
 from edgead.diffusion.sde import spr_sigma
-from edgead.methods.base import Method
+from edgead.methods.params import MethodParams, at_least, param, positive
 from edgead.methods.score_resilience.graph import ScoreResilienceGraph
-from edgead.nn.unet import ScoreUNet, UNetConfig
-from edgead.train.checkpoint import load_weights
-from edgead.train.distributed import DistInfo
+from edgead.methods.score_unet import ScoreUNetMethod
+
+
+def _odd(value: int) -> str | None:
+    return None if value % 2 == 1 else "odd (the map keeps its size)"
+
+
+@dataclass(frozen=True)
+class ScoreResilienceParams(MethodParams):
+    sigma: float = param(25.0, "sigma of the perturbation scale sigma_k", "Sec. 5.3", check=positive)
+    k: float = param(1e-3, "inference perturbation scale k in (0, 1]", "Sec. 5.3, Alg. 1 line 2", check=positive)
+    n_draws: int = param(3, "noise draws N averaged per image", "Sec. 5.3, Table 5", check=at_least(1))
+    map_size: int | None = param(None, "anomaly map size (null: the input size; the paper evaluates at 256)",
+                                 "Sec. 5.3", check=at_least(1))
+    filter_size: int | None = param(None, "mean filter size (null: 31 at 256, scaled to map_size)",
+                                    "Alg. 1 line 9", check=_odd)
+    noise_seed: int = param(0, "seed of the fixed noise buffer in the graph", "ours")
+    train_k_min: float = param(1e-5, "lower end of k ~ U(k_min, k_max] in training", "eq. 4, released code",
+                               check=positive)
+    train_k_max: float = param(1.0, "upper end of k in training", "eq. 4", check=positive)
+
+    def check(self) -> str | None:
+        if self.train_k_min >= self.train_k_max:
+            return f"train_k_min ({self.train_k_min}) must be < train_k_max ({self.train_k_max})"
+        return None
 
 
 def dsm_loss(net: nn.Module, x: torch.Tensor, sigma: float, k_min: float, k_max: float) -> torch.Tensor:
@@ -31,67 +51,22 @@ def dsm_loss(net: nn.Module, x: torch.Tensor, sigma: float, k_min: float, k_max:
     return (s.float() + z).square().sum(dim=(1, 2, 3)).mean()
 
 
-class ScoreResilience(Method):
+class ScoreResilience(ScoreUNetMethod):
     """Shin et al., "Anomaly Detection using Score-based Perturbation Resilience", ICCV 2023."""
 
     name = "score-resilience"
+    paper = "Shin et al., ICCV 2023"
+    summary = "single-step restoration error of a score U-Net"
+    Params = ScoreResilienceParams
+    params: ScoreResilienceParams
 
-    @classmethod
-    def default_params(cls) -> dict[str, Any]:
-        return {
-            "sigma": 25.0,  # section 5.3
-            "k": 1e-3,  # section 5.3: inference perturbation scale
-            "n_draws": 3,  # section 5.3 / Table 5
-            "map_size": None,  # None: the model's input size; the paper evaluates at 256
-            "filter_size": None,  # None: 31 at 256, scaled to map_size
-            "noise_seed": 0,
-            "train_k_min": 1e-5,
-            "train_k_max": 1.0,
-        }
-
-    def unet_config(self) -> UNetConfig:
-        return UNetConfig.from_dict(self.config.model["unet"])
-
-    def build_unet(self) -> ScoreUNet:
-        return ScoreUNet(self.unet_config())
-
-    def fit(
-        self,
-        train_images: torch.Tensor,
-        train_cfg: TrainConfig,
-        dist_info: DistInfo,
-        resume: bool = False,
-        progress: bool = True,
-    ) -> dict[str, Any]:
-        params = self.config.method_params
-        torch.manual_seed(train_cfg.seed)
-        self.unet = self.build_unet()
-
-        def loss(net: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-            return dsm_loss(net, batch, params["sigma"], params["train_k_min"], params["train_k_max"])
-
-        return self.train_unet(self.unet, loss, train_images, train_cfg, dist_info, resume, progress,
-                               "score-resilience DSM")
+    def loss(self, net: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        p = self.params
+        return dsm_loss(net, batch, p.sigma, p.train_k_min, p.train_k_max)
 
     def build_graph(self) -> ScoreResilienceGraph:
-        params = self.config.method_params
-        pre = self.preprocess_config
+        p, pre = self.params, self.preprocess_config
         return ScoreResilienceGraph(
-            self.unet,
-            sigma=params["sigma"],
-            k=params["k"],
-            n_draws=params["n_draws"],
-            image_size=pre.image_size,
-            channels=pre.channels,
-            map_size=params.get("map_size"),
-            filter_size=params.get("filter_size"),
-            noise_seed=params.get("noise_seed", 0),
+            self.unet, sigma=p.sigma, k=p.k, n_draws=p.n_draws, image_size=pre.image_size, channels=pre.channels,
+            map_size=p.map_size, filter_size=p.filter_size, noise_seed=p.noise_seed,
         ).eval()
-
-    @classmethod
-    def load(cls, run_dir: Path, config: RunConfig) -> ScoreResilience:
-        method = cls(config, run_dir)
-        method.unet = method.build_unet()
-        method.unet.load_state_dict(load_weights(run_dir))
-        method.unet.eval()
-        return method

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from edgead.diffusion.sde import SDE, broadcast_like, perturb, probability_flow_step, reverse_sde_step
+from edgead.methods.base import InferenceGraph
 
 SAMPLERS = ("ode", "sde")
 COMBINES = ("product", "sum")
@@ -80,7 +82,7 @@ def feature_distance(a: Tensor, b: Tensor) -> Tensor:
     return (a - b).square().sum(dim=1, keepdim=True).sqrt()
 
 
-class ScoreTScaleGraph(nn.Module):
+class ScoreTScaleGraph(InferenceGraph):
     """Anomaly map and image score of a batch with T scales (section 4.3, Fig. 5, Algorithms 1-2).
 
     All ``T`` start times run as one batch of ``B * T``; the ``r`` steps are unrolled. The network is
@@ -140,6 +142,7 @@ class ScoreTScaleGraph(nn.Module):
         self.feature_maps = list(feature_maps)
         self.image_size = image_size
         self.register_buffer("times", torch.tensor(times, dtype=torch.float32))
+        self.noise_seed = noise_seed
         generator = torch.Generator().manual_seed(noise_seed)
         n_scales = len(times)
         self.register_buffer("z", torch.randn(n_scales, channels, image_size, image_size, generator=generator))
@@ -196,6 +199,13 @@ class ScoreTScaleGraph(nn.Module):
         x = F.pad(anomaly_map, (pad, pad, pad, pad), mode="reflect")
         x = F.conv2d(x, k.view(1, 1, 1, -1))
         return F.conv2d(x, k.view(1, 1, -1, 1))
+
+    def export_notes(self) -> dict[str, Any]:
+        return {
+            "noise": {"mode": "fixed seeded buffers in the graph (z(t), and n(t_i) for the reverse SDE)",
+                      "seed": self.noise_seed},
+            "fp32_parts": "normalisation, time embedding, SDE steps, feature distances, resize, combination, max",
+        }
 
     def forward(self, image: Tensor) -> tuple[Tensor, Tensor]:
         distances = self.distances(image)

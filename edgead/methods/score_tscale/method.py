@@ -4,26 +4,67 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from edgead.config import RunConfig, TrainConfig
-from edgead.data.io import read_image
-from edgead.data.preprocess import preprocess, resize_image
-from edgead.data.pseudo import make_pseudo_anomaly_set
+from edgead.data.pseudo import pseudo_validation_set
 from edgead.diffusion.sde import SDE, broadcast_like, perturb
-from edgead.evaluate import image_auroc, pixel_auroc
-from edgead.methods.base import Method
+from edgead.methods.base import FitContext
+from edgead.methods.params import MethodParams, at_least, param, positive
 from edgead.methods.score_tscale.graph import COMBINES, SAMPLERS, ScoreTScaleGraph
-from edgead.nn.unet import ScoreUNet, UNetConfig
-from edgead.train.checkpoint import load_weights
-from edgead.train.distributed import DistInfo
+from edgead.methods.score_unet import ScoreUNetMethod
+from edgead.metrics import image_auroc, pixel_auroc
+from edgead.nn.unet import UNetConfig
 
 SDE_KINDS = ("ve", "vp", "subvp")
+
+
+def _feature_maps(value: Any) -> str | None:
+    if value == "auto" or (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
+        return None
+    return '"auto" or a non-empty list of tap names, e.g. ["dec0", "dec1"]'
+
+
+@dataclass(frozen=True)
+class ScoreTScaleParams(MethodParams):
+    sde: str = param("ve", "forward SDE", "Table 1 (i): VE with the flow ODE is the paper's best", choices=SDE_KINDS)
+    sigma_min: float = param(0.01, "VE sigma_min", "App. B (MVTec)", check=positive)
+    sigma_max: float = param(348.0, "VE sigma_max", "App. B (MVTec)", check=positive)
+    beta_min: float = param(0.1, "VP / sub-VP beta_min", "App. B", check=positive)
+    beta_max: float = param(20.0, "VP / sub-VP beta_max", "App. B", check=positive)
+    sampler: str = param("ode", "ode: Algorithm 1 (flow ODE); sde: Algorithm 2 (reverse SDE)", "Alg. 1-2",
+                         choices=SAMPLERS)
+    n_timesteps: int = param(2000, "diffusion time steps, dt = 1 / n_timesteps", "Sec. 5.2", check=at_least(1))
+    timesteps: list[float] = param([250, 200, 150, 100, 50], "the T scales {t} in units of 1 / n_timesteps",
+                                   "Sec. 5.5")
+    r: int = param(1, "whole-score steps per T scale", "Sec. 5.5", check=at_least(1))
+    dt_timesteps: float = param(20, "step t_i - t_(i+1) in units of 1 / n_timesteps (README: FP32 conditioning)",
+                                "ours (Fig. 3 step)", check=positive)
+    feature_maps: Any = param("auto", '"auto" (chosen on pseudo-anomalies) or a list of U-Net taps', "ours",
+                              check=_feature_maps)
+    auto_candidates: list[str] | None = param(None, "taps the automatic selection considers (null: every tap)",
+                                              "ours")
+    auto_keep: int = param(3, "largest number of taps the automatic selection keeps", "ours", check=at_least(1))
+    auto_pseudo: int = param(32, "held-out normal images (and as many pseudo-anomalies) for the selection",
+                             "ours, LafitE Sec. 3.4", check=at_least(2))
+    combine: str = param("product", "how the T-scale maps combine", "Sec. 4.2 (product); sum is the option",
+                         choices=COMBINES)
+    smoothing_sigma: float = param(0.0, "Gaussian smoothing of the map (the paper smooths nothing)", "ours",
+                                   check=at_least(0.0))
+    noise_seed: int = param(0, "seed of the fixed noise buffer in the graph (Alg. 2)", "ours")
+    train_t_min: float = param(1e-5, "lower end of t ~ U(t_min, t_max) in training", "eq. 3", check=positive)
+    train_t_max: float = param(1.0, "upper end of t in training", "eq. 3", check=positive)
+
+    def check(self) -> str | None:
+        low = self.r * self.dt_timesteps
+        bad = [k for k in self.timesteps if not low < k <= self.n_timesteps]
+        if bad:
+            return f"timesteps {bad} outside (r * dt_timesteps, n_timesteps] = ({low:g}, {self.n_timesteps}]"
+        return None
 
 
 def sde_dsm_loss(net: nn.Module, x: torch.Tensor, sde: SDE, t_min: float, t_max: float) -> torch.Tensor:
@@ -80,75 +121,30 @@ def rank_feature_maps(
     return best.split(","), {"candidates": candidates, "prefixes": prefixes, "selected": best.split(",")}
 
 
-class ScoreTScale(Method):
+class ScoreTScale(ScoreUNetMethod):
     """Teng et al., "Unsupervised Visual Defect Detection with Score-Based Generative Model" (Score-DD)."""
 
     name = "score-tscale"
+    paper = "Teng et al. (Score-DD)"
+    summary = "few-step T-scales, whole-score vs self-score feature differences; feature maps chosen on pseudo-anomalies"
+    Params = ScoreTScaleParams
+    params: ScoreTScaleParams
 
     @classmethod
-    def default_params(cls) -> dict[str, Any]:
-        return {
-            "sde": "ve",  # Table 1 (i): VE SDE with the flow ODE is the paper's best
-            "sigma_min": 0.01,  # appendix B, MVTec
-            "sigma_max": 348.0,
-            "beta_min": 0.1,  # appendix B, VP / sub-VP
-            "beta_max": 20.0,
-            "sampler": "ode",  # "ode": Algorithm 1, "sde": Algorithm 2
-            "n_timesteps": 2000,  # section 5.2: 2000 diffusion time steps, dt = 1 / n_timesteps
-            "timesteps": [250, 200, 150, 100, 50],  # section 5.5: {t} in units of 1 / n_timesteps
-            "r": 1,  # section 5.5
-            "dt_timesteps": 20,  # dt = t_i - t_{i+1} = 20 / 2000 = 1 / 100 (see the README: FP32 conditioning)
-            "feature_maps": "auto",  # "auto" or a list of taps, e.g. ["dec0", "dec1"]
-            "auto_candidates": None,  # None: every tap of the network
-            "auto_keep": 3,
-            "auto_pseudo": 32,  # pseudo-anomalies for the selection (as many normal images)
-            "combine": "product",  # section 4.2; "sum" is the option
-            "smoothing_sigma": 0.0,  # the paper smooths nothing
-            "noise_seed": 0,
-            "train_t_min": 1e-5,
-            "train_t_max": 1.0,
-        }
-
-    @classmethod
-    def model_config(cls, preset: str, channels: int, params: dict[str, Any]) -> dict[str, Any]:
+    def unet_config(cls, preset: str, channels: int, params: ScoreTScaleParams) -> UNetConfig:
         """Appendix B: Fourier time embedding (scale 16) for VE, positional for VP / sub-VP; the network
         output is divided by ``sigma(t)`` (NCSN++ ``scale_by_sigma``), so it predicts ``-z``."""
         unet = UNetConfig.preset(preset, in_channels=channels)
-        unet.time_embedding = "fourier" if params["sde"] == "ve" else "sinusoidal"
+        unet.time_embedding = "fourier" if params.sde == "ve" else "sinusoidal"
         unet.output_scaling = "sigma"
-        return {"preset": preset, "unet": unet.to_dict()}
+        return unet
 
     def sde(self) -> SDE:
-        p = self.config.method_params
-        if p["sde"] not in SDE_KINDS:
-            raise ValueError(f"sde must be one of {SDE_KINDS}, got {p['sde']!r}")
-        return SDE(p["sde"], sigma_min=p["sigma_min"], sigma_max=p["sigma_max"], beta_min=p["beta_min"],
-                   beta_max=p["beta_max"])
-
-    def _check_params(self) -> None:
-        p = self.config.method_params
-        self.sde()
-        if p["sampler"] not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {SAMPLERS}, got {p['sampler']!r}")
-        if p["combine"] not in COMBINES:
-            raise ValueError(f"combine must be one of {COMBINES}, got {p['combine']!r}")
-        if int(p["r"]) < 1 or int(p["n_timesteps"]) < 1:
-            raise ValueError(f"need r >= 1 and n_timesteps >= 1, got r={p['r']}, n_timesteps={p['n_timesteps']}")
-        if not float(p["dt_timesteps"]) > 0:
-            raise ValueError(f"dt_timesteps must be > 0, got {p['dt_timesteps']}")
-        low = int(p["r"]) * float(p["dt_timesteps"])
-        bad = [k for k in p["timesteps"] if not low < k <= int(p["n_timesteps"])]
-        if bad:
-            raise ValueError(f"timesteps {bad} outside (r * dt_timesteps, n_timesteps] = ({low:g}, {p['n_timesteps']}]")
-        maps = p["feature_maps"]
-        if maps != "auto" and (not isinstance(maps, list) or not maps):
-            raise ValueError(f'feature_maps must be "auto" or a non-empty list of tap names, got {maps!r}')
-
-    def build_unet(self) -> ScoreUNet:
-        return ScoreUNet(UNetConfig.from_dict(self.config.model["unet"]))
+        p = self.params
+        return SDE(p.sde, sigma_min=p.sigma_min, sigma_max=p.sigma_max, beta_min=p.beta_min, beta_max=p.beta_max)
 
     def selected_feature_maps(self) -> list[str]:
-        maps = self.config.method_params["feature_maps"]
+        maps = self.params.feature_maps
         if maps != "auto":
             return list(maps)
         selection = self.config.state.get("feature_selection")
@@ -156,29 +152,14 @@ class ScoreTScale(Method):
             raise ValueError('feature_maps="auto" but the run holds no selection; train it again')
         return list(selection["selected"])
 
-    def fit(
-        self,
-        train_images: torch.Tensor,
-        train_cfg: TrainConfig,
-        dist_info: DistInfo,
-        resume: bool = False,
-        progress: bool = True,
-    ) -> dict[str, Any]:
-        params = self.config.method_params
-        self._check_params()
-        torch.manual_seed(train_cfg.seed)
-        self.unet = self.build_unet()
-        sde = self.sde()
+    def loss(self, net: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        return sde_dsm_loss(net, batch, self.sde(), self.params.train_t_min, self.params.train_t_max)
 
-        def loss(net: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-            return sde_dsm_loss(net, batch, sde, params["train_t_min"], params["train_t_max"])
-
-        summary = self.train_unet(self.unet, loss, train_images, train_cfg, dist_info, resume, progress,
-                                  "score-tscale DSM")
-        summary["network_calls_per_image"] = self.network_calls()
-        if params["feature_maps"] == "auto" and dist_info.is_main:
+    def after_training(self, ctx: FitContext) -> dict[str, Any]:
+        summary: dict[str, Any] = {"network_calls_per_image": self.network_calls()}
+        if self.params.feature_maps == "auto" and ctx.dist.is_main:
             start = time.perf_counter()
-            selection = self.select_feature_maps(train_images, device=dist_info.device)
+            selection = self.select_feature_maps(ctx, device=ctx.dist.device)
             selection["seconds"] = round(time.perf_counter() - start, 1)
             self.config.state["feature_selection"] = selection
             summary["feature_maps"] = selection["selected"]
@@ -187,48 +168,20 @@ class ScoreTScale(Method):
 
     def network_calls(self) -> dict[str, Any]:
         """How often the network runs per image: ``r`` calls on T samples and one on 2T (section 5.5)."""
-        p = self.config.method_params
-        n, r = len(p["timesteps"]), int(p["r"])
+        n, r = len(self.params.timesteps), self.params.r
         return {"batched_calls": r + 1, "sample_evaluations": n * (r + 2),
                 "calls": f"{r} x batch {n} (whole-score steps) + 1 x batch {2 * n} (features of x' and x'')"}
 
-    def _validation_set(self, train_images: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
-        """Held-out normal images plus as many pseudo-anomalies (LafitE section 3.4) made from them."""
-        pre = self.preprocess_config
-        params = self.config.method_params
-        paths = [Path(p) for p in (self.config.data or {}).get("validation_paths", []) if Path(p).is_file()]
-        if len(paths) >= 2:
-            rgb = [resize_image(read_image(p), pre.image_size, pre.interpolation) for p in paths]
-            rgb = rgb[: params["auto_pseudo"]]
-            normal = np.stack([preprocess(img, pre) for img in rgb])
-            source = f"{len(rgb)} held-out normal images"
-        else:
-            # No held-out split (e.g. --val-fraction 0): fall back to training images, which the network saw.
-            count = min(len(train_images), params["auto_pseudo"])
-            normal = train_images[:count].numpy()
-            pixels = normal.transpose(0, 2, 3, 1)
-            if pixels.shape[-1] == 1:
-                pixels = np.repeat(pixels, 3, axis=-1)
-            mean, std = np.array(pre.mean), np.array(pre.std)
-            rgb = [np.clip((p * std + mean) * 255.0 + 0.5, 0, 255).astype(np.uint8) for p in pixels]
-            source = f"{count} training images (no held-out split)"
+    @torch.no_grad()
+    def select_feature_maps(self, ctx: FitContext, device: str | torch.device = "cpu") -> dict[str, Any]:
+        """``feature_maps="auto"``: rank every candidate tap on pseudo-anomalies (see :func:`rank_feature_maps`)."""
+        p = self.params
+        candidates = p.auto_candidates or list(self.unet.feature_names())
+        graph = self._graph(candidates).to(device).eval()
+        rgb, source = self.held_out_normals(ctx, limit=p.auto_pseudo)
         if len(rgb) < 2:
             raise ValueError('feature_maps="auto" needs at least two normal images for pseudo-anomalies')
-        pseudo_rgb, pseudo_masks = make_pseudo_anomaly_set(rgb, n=max(len(rgb), 2), seed=0)
-        pseudo = np.stack([preprocess(img, pre) for img in pseudo_rgb])
-        images = np.concatenate([normal, pseudo]).astype(np.float32)
-        labels = np.r_[np.zeros(len(normal), dtype=int), np.ones(len(pseudo), dtype=int)]
-        masks = np.concatenate([np.zeros((len(normal), pre.image_size, pre.image_size), dtype=bool),
-                                np.stack(pseudo_masks).astype(bool)])
-        return images, labels, masks, source
-
-    @torch.no_grad()
-    def select_feature_maps(self, train_images: torch.Tensor, device: str | torch.device = "cpu") -> dict[str, Any]:
-        """``feature_maps="auto"``: rank every candidate tap on pseudo-anomalies (see :func:`rank_feature_maps`)."""
-        params = self.config.method_params
-        candidates = params["auto_candidates"] or list(self.unet.feature_names())
-        graph = self._graph(candidates).to(device).eval()
-        images, labels, masks, source = self._validation_set(train_images)
+        images, labels, masks = pseudo_validation_set(rgb, self.preprocess_config, seed=0)
         size = images.shape[-1]
         maps: dict[str, list[np.ndarray]] = {name: [] for name in candidates}
         for start in range(0, len(images), 8):
@@ -237,36 +190,27 @@ class ScoreTScale(Method):
                 maps[name].append(graph.smooth(graph.combine_maps([d], size))[:, 0].float().cpu().numpy())
         stacked = {name: np.concatenate(parts) for name, parts in maps.items()}
         graph.cpu()
-        _, record = rank_feature_maps(stacked, labels, masks, params["combine"], int(params["auto_keep"]))
+        _, record = rank_feature_maps(stacked, labels, masks, p.combine, p.auto_keep)
         record.update({"validation": source, "n_normal": int((labels == 0).sum()), "n_pseudo": int(labels.sum())})
         return record
 
     def _graph(self, feature_maps: Sequence[str]) -> ScoreTScaleGraph:
-        p = self.config.method_params
-        pre = self.preprocess_config
-        n = int(p["n_timesteps"])
+        p, pre = self.params, self.preprocess_config
+        n = p.n_timesteps
         return ScoreTScaleGraph(
             self.unet,
             sde=self.sde(),
-            times=[k / n for k in p["timesteps"]],
-            dt=float(p["dt_timesteps"]) / n,
-            r=int(p["r"]),
+            times=[k / n for k in p.timesteps],
+            dt=float(p.dt_timesteps) / n,
+            r=p.r,
             feature_maps=feature_maps,
             image_size=pre.image_size,
             channels=pre.channels,
-            sampler=p["sampler"],
-            combine=p["combine"],
-            smoothing_sigma=p["smoothing_sigma"],
-            noise_seed=p["noise_seed"],
+            sampler=p.sampler,
+            combine=p.combine,
+            smoothing_sigma=p.smoothing_sigma,
+            noise_seed=p.noise_seed,
         ).eval()
 
     def build_graph(self) -> ScoreTScaleGraph:
         return self._graph(self.selected_feature_maps())
-
-    @classmethod
-    def load(cls, run_dir: Path, config: RunConfig) -> ScoreTScale:
-        method = cls(config, run_dir)
-        method.unet = method.build_unet()
-        method.unet.load_state_dict(load_weights(run_dir))
-        method.unet.eval()
-        return method
