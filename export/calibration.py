@@ -6,6 +6,8 @@ from typing import Any
 
 import numpy as np
 
+from edgead.runtime.decision import is_anomalous
+
 DEFAULT_FALSE_ALARM_RATE = 0.01
 
 
@@ -22,14 +24,14 @@ def threshold_from_normal_scores(normal_scores: np.ndarray, false_alarm_rate: fl
     if scores.size == 0 or not np.all(np.isfinite(scores)):
         raise ValueError("threshold calibration needs at least one finite normal score")
     quantile = float(np.quantile(scores, 1.0 - false_alarm_rate, method="higher"))
-    # The runtime flags ``score >= threshold``; stepping just above the quantile keeps that score normal.
+    # ``is_anomalous`` flags ``score >= threshold``; stepping just above the quantile keeps that score normal.
     value = float(np.nextafter(np.float32(quantile), np.float32(np.inf)))
     return {
         "value": value,
         "method": "quantile of held-out normal scores",
         "false_alarm_rate": false_alarm_rate,
         "n_normal": int(scores.size),
-        "observed_false_alarm_rate": float(np.mean(scores >= value)),
+        "observed_false_alarm_rate": float(np.mean(is_anomalous(scores, value))),
         "resolution_note": (
             f"only {scores.size} normal images: the threshold is the largest normal score"
             if scores.size < 1.0 / false_alarm_rate else None
@@ -39,12 +41,12 @@ def threshold_from_normal_scores(normal_scores: np.ndarray, false_alarm_rate: fl
 
 def pseudo_anomaly_check(normal_scores: np.ndarray, pseudo_scores: np.ndarray, threshold: float) -> dict[str, Any]:
     """How the threshold does on pseudo-anomalies (LafitE section 3.4 fragments pasted into normals)."""
-    from edgead.evaluate import image_auroc
+    from edgead.metrics import image_auroc
 
     pseudo = np.asarray(pseudo_scores, dtype=np.float64)
     labels = np.r_[np.zeros(len(normal_scores)), np.ones(len(pseudo))]
     return {
         "n_pseudo_anomalies": int(pseudo.size),
-        "recall_at_threshold": float(np.mean(pseudo >= threshold)),
+        "recall_at_threshold": float(np.mean(is_anomalous(pseudo, threshold))),
         "auroc_vs_normal": float(image_auroc(labels, np.r_[normal_scores, pseudo])),
     }

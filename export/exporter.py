@@ -1,42 +1,52 @@
 """``edgead export``: run dir -> ONNX (+ FP16 ONNX) -> parity -> threshold -> optional engine -> export dir.
 
-One table of formats drives the checks (as in the ultralytics exporter); each step logs its time and
-file size. Everything is written into a staging folder first and moved into place only when every
-check passed, ``edgead.json`` last, so a failed export never damages the previous one.
+Export knows no particular method or network: it loads the run's method through the registry, asks it for
+its inference graph, and reads what the graph declares (``fp16_modules``, ``export_notes``). The work is a
+sequence of named steps (as in the ultralytics exporter's ``try_export``), each logged with its time and the
+size of what it wrote, and recorded in ``edgead.json``. Everything is written into a staging folder first
+and moved into place only when every check passed, ``edgead.json`` last, so a failed export never damages
+the previous one.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from edgead import __version__
 from edgead.config import RunConfig
+from edgead.data.holdout import load_holdout
 from edgead.data.io import read_image
 from edgead.data.mvtec import list_test, list_train
 from edgead.data.preprocess import PreprocessConfig, preprocess, resize_image
 from edgead.data.pseudo import make_pseudo_anomaly_set
 from edgead.export.calibration import DEFAULT_FALSE_ALARM_RATE, pseudo_anomaly_check, threshold_from_normal_scores
 from edgead.export.fp16 import mixed_precision_graph
-from edgead.export.metadata import build_metadata
 from edgead.export.onnx import ExportError, export_onnx
 from edgead.export.parity import FP32_SCORE_RTOL, compare, fp32_envelope
 from edgead.methods import get_method
 from edgead.methods.base import run_graph
+from edgead.runtime.backends.base import INPUT_NAME, OUTPUT_NAMES
 from edgead.runtime.backends.onnxruntime import OnnxRuntimeBackend
-from edgead.runtime.metadata import artifact_record, write_metadata
+from edgead.runtime.metadata import METADATA_NAME, ExportMetadata, artifact_record
 
 #: name -> (file suffix, needs TensorRT)
 FORMATS: dict[str, tuple[str, bool]] = {"onnx": (".onnx", False), "tensorrt": (".engine", True)}
 PRECISIONS = ("fp32", "fp16")
 FP32_NAME, FP16_NAME = "model.onnx", "model.fp16.onnx"
+#: Images (those where PyTorch and ONNX Runtime disagree most) evaluated in float64 when FP32 parity trips.
+FP64_CHECK_IMAGES = 16
 
 
 @dataclass
@@ -62,24 +72,135 @@ class ExportOptions:
             raise ValueError(f"--batch must be >= 1, got {self.batch}")
 
 
-#: Images (those where PyTorch and ONNX Runtime disagree most) evaluated in float64 when FP32 parity trips.
-FP64_CHECK_IMAGES = 16
+@dataclass
+class ExportJob:
+    """What the steps share: the inputs, and what each step produced for the next."""
+
+    run_dir: Path
+    out_dir: Path
+    options: ExportOptions
+    log: Callable[[str], None]
+    staging: Path = Path()
+    config: RunConfig | None = None
+    pre: PreprocessConfig | None = None
+    graph: torch.nn.Module | None = None
+    input_shape: tuple[int, ...] = ()
+    sets: dict[str, np.ndarray] = field(default_factory=dict)  # "normal", "pseudo", "test": preprocessed images
+    normal_source: str = ""
+    test_labels: np.ndarray | None = None
+    ref: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # PyTorch FP32 maps, scores
+    threshold: dict[str, Any] = field(default_factory=dict)
+    parity: dict[str, Any] = field(default_factory=dict)
+    artifacts: dict[str, Any] = field(default_factory=dict)
+    steps: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def all_images(self) -> np.ndarray:
+        return np.concatenate(list(self.sets.values()))
+
+    @property
+    def ref_maps(self) -> np.ndarray:
+        return np.concatenate([self.ref[name][0] for name in self.sets])
+
+    @property
+    def ref_scores(self) -> np.ndarray:
+        return np.concatenate([self.ref[name][1] for name in self.sets])
 
 
-def _held_out_images(config: RunConfig, data: Path | None) -> tuple[list[np.ndarray], str]:
-    """Normal RGB images not used for training: the run's validation split, else ``--data``'s normals."""
-    paths = [Path(p) for p in config.data.get("validation_paths", []) if Path(p).is_file()]
-    source = "held-out normal training images"
-    if not paths and data is not None:
-        paths = [s.path for s in (list_test(data) if (Path(data) / "test").is_dir() else [])
-                 if s.label == 0] or [s.path for s in list_train(data)]
-        source = f"normal images of {Path(data).name}"
-    if not paths:
-        raise ValueError(
-            "no held-out normal images to calibrate the threshold and check parity: the run's validation images "
-            "are gone; pass --data DIR (an MVTec-layout root or a folder of normal images)"
-        )
-    return [read_image(p) for p in paths], source
+Step = Callable[[ExportJob], list[Path] | None]
+
+
+def run_step(job: ExportJob, name: str, step: Step) -> None:
+    """Run one step; log and record its time and the size of the files it wrote."""
+    start = time.perf_counter()
+    written = step(job) or []
+    seconds = time.perf_counter() - start
+    size = sum(p.stat().st_size for p in written if p.is_file())
+    files = ", ".join(p.name for p in written)
+    job.log(f"{name}: {seconds:.1f} s" + (f", {files} ({size / 1e6:.2f} MB)" if written else ""))
+    job.steps.append({"step": name, "seconds": round(seconds, 2), "files": [p.name for p in written],
+                      "bytes": size})
+
+
+# ----------------------------------------------------------------------------------------------------- steps
+def load_graph(job: ExportJob) -> None:
+    """The run's method, rebuilt through the registry, and its inference graph in FP32."""
+    config = copy.deepcopy(RunConfig.load(job.run_dir))
+    if job.options.image_size:
+        config.preprocess["image_size"] = job.options.image_size
+    method = get_method(config.method).load(job.run_dir, config)
+    job.config, job.pre = config, PreprocessConfig.from_dict(config.preprocess)
+    job.graph = method.build_graph().float().eval()
+    job.input_shape = (job.options.batch, job.pre.channels, job.pre.image_size, job.pre.image_size)
+
+
+def _held_out_normals(job: ExportJob) -> tuple[list[np.ndarray], str]:
+    """Normal RGB images not used for training: those the run stored, else ``--data``'s normals."""
+    rgb, _ = load_holdout(job.run_dir, job.config.data.get("holdout"))
+    if rgb:
+        stored = job.config.data["holdout"].get("image_size")
+        resized = f", resized from the stored {stored} px" if stored != job.pre.image_size else ""
+        return rgb, f"held-out normal training images stored in the run{resized}"
+    # Runs made before the held-out images were stored: absolute paths only (a relative path would be
+    # resolved against whatever folder export runs in, and could name other images).
+    paths = [Path(p) for p in job.config.data.get("validation_paths", []) if Path(p).is_absolute()
+             and Path(p).is_file()]
+    if paths:
+        return [read_image(p) for p in paths], "held-out normal training images (read from the dataset)"
+    data = job.options.data
+    if data is not None:
+        samples = [s for s in list_test(data) if s.label == 0] if (Path(data) / "test").is_dir() else []
+        paths = [s.path for s in samples] or [s.path for s in list_train(data)]
+        if paths:
+            return [read_image(p) for p in paths], f"normal images of {Path(data).name}"
+    raise ValueError(
+        f"{job.run_dir}: the run holds no held-out normal images to calibrate the threshold and check parity "
+        "(trained with --val-fraction 0, or by an older edgead); pass --data DIR (an MVTec-layout root or a "
+        "folder of normal images)"
+    )
+
+
+def build_validation_sets(job: ExportJob) -> None:
+    """Held-out normals (threshold), pseudo-anomalies made from them (threshold check) and, with ``--data``,
+    a subsample of its test split (FP32/FP16 AUROC): every set goes through the parity checks."""
+    pre = job.pre
+    normal_rgb, job.normal_source = _held_out_normals(job)
+    job.sets["normal"] = np.stack([preprocess(img, pre) for img in normal_rgb])
+    if len(normal_rgb) >= 2:
+        resized = [resize_image(img, pre.image_size, pre.interpolation) for img in normal_rgb]
+        pseudo_rgb, _ = make_pseudo_anomaly_set(resized, n=len(normal_rgb), seed=0)
+        job.sets["pseudo"] = np.stack([preprocess(img, pre) for img in pseudo_rgb])
+    data = job.options.data
+    if data is not None and (Path(data) / "test").is_dir():
+        samples = list_test(data)
+        samples = samples[:: max(1, len(samples) // job.options.max_eval_images)]
+        job.sets["test"] = np.stack([preprocess(read_image(s.path), pre) for s in samples])
+        job.test_labels = np.array([s.label for s in samples])
+    job.log(f"  validation: {', '.join(f'{len(v)} {k}' for k, v in job.sets.items())} ({job.normal_source})")
+
+
+def export_fp32_onnx(job: ExportJob) -> list[Path]:
+    path = job.staging / FP32_NAME
+    info = export_onnx(job.graph, path, job.input_shape)
+    job.artifacts["onnx"] = artifact_record(job.staging, FP32_NAME, precision="fp32", opset=info["opset"],
+                                            nodes=info["nodes"])
+    return [path]
+
+
+def reference_outputs(job: ExportJob) -> None:
+    job.ref = {name: run_graph(job.graph, images, batch_size=8) for name, images in job.sets.items()}
+
+
+def calibrate_threshold(job: ExportJob) -> None:
+    """Threshold from the held-out normal scores, checked on pseudo-anomalies."""
+    normal_scores = job.ref["normal"][1]
+    job.threshold = threshold_from_normal_scores(normal_scores, job.options.false_alarm_rate)
+    job.threshold["source"] = job.normal_source
+    if "pseudo" in job.ref:
+        job.threshold["pseudo_anomalies"] = pseudo_anomaly_check(normal_scores, job.ref["pseudo"][1],
+                                                                 job.threshold["value"])
+    job.log(f"  threshold {job.threshold['value']:.6g} ({job.threshold['method']}, {job.threshold['n_normal']} "
+            f"images, target false-alarm rate {job.options.false_alarm_rate:.1%})")
 
 
 def _run_onnx(path: Path, images: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -87,153 +208,174 @@ def _run_onnx(path: Path, images: np.ndarray, batch: int) -> tuple[np.ndarray, n
     maps, scores = [], []
     for start in range(0, len(images), batch):
         chunk = images[start : start + batch]
-        padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch - len(chunk), axis=0)]) if len(chunk) < batch \
-            else chunk
-        out = backend.infer(padded)
-        maps.append(out["anomaly_map"][: len(chunk)])
-        scores.append(out["score"][: len(chunk)])
+        if len(chunk) < batch:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - len(chunk), axis=0)])
+        out = backend.infer(chunk)
+        count = min(batch, len(images) - start)
+        maps.append(out["anomaly_map"][:count])
+        scores.append(out["score"][:count])
     return np.concatenate(maps), np.concatenate(scores)
 
 
+def check_fp32_parity(job: ExportJob) -> None:
+    """ONNX Runtime FP32 within ``FP32_SCORE_RTOL`` of PyTorch; where it is not, accept the export only if a
+    float64 evaluation shows that PyTorch FP32 itself is that inexact for this graph."""
+    images, ref_scores = job.all_images, job.ref_scores
+    ort_maps, ort_scores = _run_onnx(job.staging / FP32_NAME, images, job.options.batch)
+    report = compare(job.ref_maps, ref_scores, ort_maps, ort_scores, job.threshold["value"])
+    job.parity["torch_vs_onnxruntime_fp32"] = report
+    worst = report["score_max_rel_error"]
+    job.log(f"  torch vs ONNX Runtime (FP32): score rel. error {worst:.2e}, flips {report['decision_flips']}")
+    if worst <= FP32_SCORE_RTOL:
+        return
+    # Either a broken export, or a graph whose FP32 result is itself this inexact: decide with float64 on the
+    # images where the two disagree most (float64 convolutions are slow on a CPU).
+    rel = np.abs(ref_scores - ort_scores) / np.maximum(np.abs(ref_scores), 1e-12)
+    worst_images = np.argsort(rel)[-FP64_CHECK_IMAGES:]
+    _, f64_scores = run_graph(copy.deepcopy(job.graph).double(), images[worst_images].astype(np.float64),
+                              batch_size=8)
+    envelope = fp32_envelope(ref_scores[worst_images], ort_scores[worst_images], f64_scores)
+    envelope["n_images"] = len(worst_images)
+    job.parity["fp32_conditioning"] = envelope
+    job.log(f"  PyTorch FP32 itself is {envelope['torch_fp32_vs_float64']:.2e} from float64, ONNX Runtime "
+            f"{envelope['export_vs_float64']:.2e} (allowed {envelope['allowed']:.2e})")
+    if not envelope["within"]:
+        raise ExportError(
+            f"FP32 ONNX disagrees with PyTorch: score relative error {worst:.3e} > {FP32_SCORE_RTOL:g}, and "
+            f"{envelope['export_vs_float64']:.3e} from a float64 evaluation where PyTorch FP32 is "
+            f"{envelope['torch_fp32_vs_float64']:.3e}; the export is not written"
+        )
+
+
 def _auroc(labels: np.ndarray, scores: np.ndarray) -> float | None:
-    from edgead.evaluate import image_auroc
+    from edgead.metrics import image_auroc
 
     return float(image_auroc(labels, scores)) if 0 < labels.sum() < len(labels) else None
+
+
+def export_fp16_onnx(job: ExportJob) -> list[Path]:
+    """The graph's declared networks in FP16, everything else FP32 (``edgead.export.fp16``); parity vs FP32."""
+    path = job.staging / FP16_NAME
+    info = export_onnx(mixed_precision_graph(job.graph), path, job.input_shape)
+    notes = job.graph.export_notes() if hasattr(job.graph, "export_notes") else {}
+    job.artifacts["onnx_fp16"] = artifact_record(job.staging, FP16_NAME, precision="fp16", opset=info["opset"],
+                                                 nodes=info["nodes"], fp32_parts=notes.get("fp32_parts"))
+    maps, scores = _run_onnx(path, job.all_images, job.options.batch)
+    report = compare(job.ref_maps, job.ref_scores, maps, scores, job.threshold["value"])
+    job.parity["fp32_vs_onnxruntime_fp16"] = report
+    job.log(f"  FP32 vs FP16 ONNX: score rel. error {report['score_max_rel_error']:.2e}, "
+            f"flips {report['decision_flips']}")
+    if job.test_labels is not None:
+        n = len(job.test_labels)
+        job.parity["test_image_auroc"] = {"fp32": _auroc(job.test_labels, job.ref_scores[-n:]),
+                                          "fp16": _auroc(job.test_labels, scores[-n:]), "n_images": n}
+    return [path]
+
+
+def build_tensorrt_engine(job: ExportJob) -> list[Path]:
+    from edgead.export.tensorrt import BuildSettings, build_engine, detect_flavour
+
+    options = job.options
+    flavour = detect_flavour(options.trt_flavour)
+    engine_name = f"model.{options.precision}.engine"
+    settings = BuildSettings(
+        precision=options.precision, input_shape=job.input_shape, workspace_mb=options.workspace_mb,
+        timing_cache=(options.engine_cache / "timing.cache") if options.engine_cache else None,
+        compute_capabilities=options.compute_capabilities,
+    )
+    info = build_engine(job.staging / FP32_NAME, job.staging / engine_name, settings, flavour=flavour,
+                        cache_dir=options.engine_cache, log=lambda line: job.log(f"  {line}"),
+                        fp16_onnx_path=(job.staging / FP16_NAME) if options.precision == "fp16" else None)
+    job.artifacts["engines"] = [artifact_record(
+        job.staging, engine_name, precision=options.precision, flavour=info.flavour,
+        flavour_version=info.flavour_version, key=info.key, built_from=info.onnx_path.name,
+        builder_flags=list(info.builder_flags), layers=info.layers,
+        compute_capabilities=list(info.compute_capabilities or []), build_seconds=round(info.build_seconds, 2),
+    )]
+    return [job.staging / engine_name]
+
+
+def tool_versions() -> dict[str, str | None]:
+    """Versions of the libraries that produced an export."""
+    versions: dict[str, str | None] = {"edgead": __version__}
+    for module in ("torch", "onnx", "onnxruntime", "onnxscript", "tensorrt", "tensorrt_rtx"):
+        if importlib.util.find_spec(module) is None:
+            versions[module] = None
+            continue
+        try:
+            versions[module] = str(getattr(__import__(module), "__version__", "unknown"))
+        except Exception:  # a broken optional install (e.g. the PyPI tensorrt stub) is recorded, not fatal
+            versions[module] = "broken install"
+    return versions
+
+
+def build_metadata(job: ExportJob) -> ExportMetadata:
+    """The ``edgead.json`` record of this export (steps so far included)."""
+    import datetime as dt
+
+    pre, config = job.pre, job.config
+    notes = job.graph.export_notes() if hasattr(job.graph, "export_notes") else {}
+    run_dir = str(Path(job.run_dir).resolve())
+    return ExportMetadata(
+        method=config.method,
+        edgead_version=__version__,
+        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        run={"name": Path(run_dir).name, "dir": run_dir},
+        input={
+            "name": INPUT_NAME, "shape": list(job.input_shape), "dtype": "float32", "layout": "NCHW",
+            "channel_order": "RGB" if pre.channels == 3 else "GRAY",
+            "note": "frames are converted BGR->RGB and preprocessed by edgead.data.preprocess.preprocess",
+        },
+        outputs=[
+            {"name": OUTPUT_NAMES[0], "shape": [job.options.batch, *job.ref_maps.shape[1:]], "dtype": "float32"},
+            {"name": OUTPUT_NAMES[1], "shape": [job.options.batch], "dtype": "float32"},
+        ],
+        preprocess=pre.to_dict(),
+        notes=notes,
+        method_params=dict(config.method_params),
+        model=config.model,
+        threshold=job.threshold,
+        artifacts=job.artifacts,
+        parity=job.parity,
+        steps=job.steps,
+        versions=tool_versions(),
+    )
 
 
 def _move_into_place(staging: Path, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     names = sorted(p.name for p in staging.iterdir())
-    for name in [n for n in names if n != "edgead.json"] + ["edgead.json"]:
+    for name in [n for n in names if n != METADATA_NAME] + [METADATA_NAME]:
         os.replace(staging / name, out_dir / name)
 
 
 def export_run(
     run_dir: Path, out_dir: Path, options: ExportOptions, log: Callable[[str], None] = print
-) -> dict[str, Any]:
+) -> ExportMetadata:
     """Export the run in ``run_dir`` into ``out_dir``; returns the metadata written to ``edgead.json``."""
     options.validate()
-    config = copy.deepcopy(RunConfig.load(run_dir))
-    if options.image_size:
-        config.preprocess["image_size"] = options.image_size
-    method = get_method(config.method).load(Path(run_dir), config)
-    pre = PreprocessConfig.from_dict(config.preprocess)
-    graph = method.build_graph().float().eval()
-    input_shape = (options.batch, pre.channels, pre.image_size, pre.image_size)
-
-    normal_rgb, normal_source = _held_out_images(config, options.data)
-    normal = np.stack([preprocess(img, pre) for img in normal_rgb])
-    pseudo_rgb, _ = make_pseudo_anomaly_set(
-        [resize_image(img, pre.image_size, pre.interpolation) for img in normal_rgb], n=len(normal_rgb), seed=0
-    ) if len(normal_rgb) >= 2 else ([], [])
-    pseudo = np.stack([preprocess(img, pre) for img in pseudo_rgb]) if pseudo_rgb else None
-    test_images = test_labels = None
-    if options.data is not None and (Path(options.data) / "test").is_dir():
-        samples = list_test(options.data)
-        step = max(1, len(samples) // options.max_eval_images)
-        samples = samples[::step]
-        test_images = np.stack([preprocess(read_image(s.path), pre) for s in samples])
-        test_labels = np.array([s.label for s in samples])
-
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
+    job = ExportJob(run_dir=Path(run_dir), out_dir=Path(out_dir), options=options, log=log)
+    run_step(job, "load run", load_graph)
+    run_step(job, "validation sets", build_validation_sets)
+    job.out_dir.parent.mkdir(parents=True, exist_ok=True)
+    job.staging = Path(tempfile.mkdtemp(prefix=f".{job.out_dir.name}.staging-", dir=job.out_dir.parent))
     try:
-        log(f"tracing {config.method} graph {tuple(input_shape)} to ONNX ...")
-        artifacts: dict[str, Any] = {}
-        onnx_info = export_onnx(graph, staging / FP32_NAME, input_shape)
-        log(f"  {FP32_NAME}: {onnx_info['nodes']} nodes, {onnx_info['bytes'] / 1e6:.2f} MB, {onnx_info['seconds']} s")
-        artifacts["onnx"] = artifact_record(staging, FP32_NAME, precision="fp32", opset=onnx_info["opset"],
-                                            nodes=onnx_info["nodes"])
-
-        sets = {"normal": normal, **({"pseudo": pseudo} if pseudo is not None else {}),
-                **({"test": test_images} if test_images is not None else {})}
-        ref = {name: run_graph(graph, images, batch_size=8) for name, images in sets.items()}
-        threshold = threshold_from_normal_scores(ref["normal"][1], options.false_alarm_rate)
-        threshold["source"] = normal_source
-        if "pseudo" in ref:
-            threshold["pseudo_anomalies"] = pseudo_anomaly_check(ref["normal"][1], ref["pseudo"][1], threshold["value"])
-        log(f"  threshold {threshold['value']:.6g} ({threshold['method']}, {threshold['n_normal']} images, "
-            f"target false-alarm rate {options.false_alarm_rate:.1%})")
-
-        parity: dict[str, Any] = {}
-        all_images = np.concatenate(list(sets.values()))
-        ref_maps = np.concatenate([ref[n][0] for n in sets])
-        ref_scores = np.concatenate([ref[n][1] for n in sets])
-        ort_maps, ort_scores = _run_onnx(staging / FP32_NAME, all_images, options.batch)
-        parity["torch_vs_onnxruntime_fp32"] = compare(ref_maps, ref_scores, ort_maps, ort_scores, threshold["value"])
-        worst = parity["torch_vs_onnxruntime_fp32"]["score_max_rel_error"]
-        log(f"  parity torch vs ONNX Runtime (FP32): score rel. error {worst:.2e}, "
-            f"flips {parity['torch_vs_onnxruntime_fp32']['decision_flips']}")
-        if worst > FP32_SCORE_RTOL:
-            # Either a broken export, or a graph whose FP32 result is itself this inexact: decide with float64
-            # on the images where the two disagree most (float64 convolutions are slow on a CPU).
-            rel = np.abs(ref_scores - ort_scores) / np.maximum(np.abs(ref_scores), 1e-12)
-            worst_images = np.argsort(rel)[-FP64_CHECK_IMAGES:]
-            _, f64_scores = run_graph(copy.deepcopy(graph).double(), all_images[worst_images].astype(np.float64),
-                                      batch_size=8)
-            envelope = fp32_envelope(ref_scores[worst_images], ort_scores[worst_images], f64_scores)
-            envelope["n_images"] = len(worst_images)
-            parity["fp32_conditioning"] = envelope
-            log(f"  PyTorch FP32 itself is {envelope['torch_fp32_vs_float64']:.2e} from float64, ONNX Runtime "
-                f"{envelope['export_vs_float64']:.2e} (allowed {envelope['allowed']:.2e})")
-            if not envelope["within"]:
-                raise ExportError(
-                    f"FP32 ONNX disagrees with PyTorch: score relative error {worst:.3e} > {FP32_SCORE_RTOL:g}, and "
-                    f"{envelope['export_vs_float64']:.3e} from a float64 evaluation where PyTorch FP32 is "
-                    f"{envelope['torch_fp32_vs_float64']:.3e}; the export is not written"
-                )
-
+        log(f"tracing {job.config.method} graph {job.input_shape} to ONNX ...")
+        run_step(job, "ONNX FP32", export_fp32_onnx)
+        run_step(job, "PyTorch reference", reference_outputs)
+        run_step(job, "threshold", calibrate_threshold)
+        run_step(job, "parity FP32", check_fp32_parity)
         if options.precision == "fp16":
-            half = mixed_precision_graph(graph)
-            fp16_info = export_onnx(half, staging / FP16_NAME, input_shape)
-            log(f"  {FP16_NAME}: {fp16_info['nodes']} nodes, {fp16_info['bytes'] / 1e6:.2f} MB")
-            artifacts["onnx_fp16"] = artifact_record(staging, FP16_NAME, precision="fp16", opset=fp16_info["opset"],
-                                                     nodes=fp16_info["nodes"],
-                                                     fp32_parts="normalisation, embeddings, error reduction, pooling")
-            h_maps, h_scores = _run_onnx(staging / FP16_NAME, all_images, options.batch)
-            parity["fp32_vs_onnxruntime_fp16"] = compare(ref_maps, ref_scores, h_maps, h_scores, threshold["value"])
-            log(f"  parity FP32 vs FP16 ONNX: score rel. error "
-                f"{parity['fp32_vs_onnxruntime_fp16']['score_max_rel_error']:.2e}, "
-                f"flips {parity['fp32_vs_onnxruntime_fp16']['decision_flips']}")
-            if test_images is not None:
-                n = len(test_images)
-                parity["test_image_auroc"] = {"fp32": _auroc(test_labels, ref_scores[-n:]),
-                                              "fp16": _auroc(test_labels, h_scores[-n:]), "n_images": n}
-
+            run_step(job, "ONNX FP16", export_fp16_onnx)
         if FORMATS[options.format][1]:
-            from edgead.export.tensorrt import BuildSettings, build_engine, detect_flavour
-
-            flavour = detect_flavour(options.trt_flavour)
-            engine_name = f"model.{options.precision}.engine"
-            settings = BuildSettings(precision=options.precision, input_shape=input_shape,
-                                     workspace_mb=options.workspace_mb,
-                                     timing_cache=(options.engine_cache / "timing.cache") if options.engine_cache
-                                     else None, compute_capabilities=options.compute_capabilities)
-            info = build_engine(staging / FP32_NAME, staging / engine_name, settings, flavour=flavour,
-                                cache_dir=options.engine_cache, log=lambda line: log(f"  {line}"),
-                                fp16_onnx_path=(staging / FP16_NAME) if options.precision == "fp16" else None)
-            artifacts["engines"] = [artifact_record(
-                staging, engine_name, precision=options.precision, flavour=info.flavour,
-                flavour_version=info.flavour_version, key=info.key, built_from=info.onnx_path.name,
-                builder_flags=list(info.builder_flags), layers=info.layers,
-                compute_capabilities=list(info.compute_capabilities or []),
-                build_seconds=round(info.build_seconds, 2),
-            )]
-
-        params = dict(config.method_params)
-        meta = build_metadata(
-            method=config.method, run_dir=str(Path(run_dir).resolve()), preprocess=pre.to_dict(),
-            method_params=params, model=config.model, input_shape=input_shape,
-            map_shape=(options.batch, *ref_maps.shape[1:]), threshold=threshold, artifacts=artifacts,
-            parity=parity, noise={"mode": "fixed seeded buffer in the graph", "seed": params.get("noise_seed")},
-        )
-        write_metadata(staging, meta)
-        _move_into_place(staging, Path(out_dir))
-        log(f"export written to {out_dir}")
+            run_step(job, "TensorRT engine", build_tensorrt_engine)
+        meta = build_metadata(job)
+        meta.save(job.staging)
+        _move_into_place(job.staging, job.out_dir)
+        log(f"export written to {job.out_dir}")
         return meta
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(job.staging, ignore_errors=True)
 
 
 __all__ = ["FORMATS", "ExportError", "ExportOptions", "export_run"]

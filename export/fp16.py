@@ -6,7 +6,8 @@ say exactly where FP16 is safe. Rules, applied to a copy of a method's inference
 - the networks (the graph's ``fp16_modules``, by default every direct child with parameters) run in
   FP16: convolutions, matmuls and activations, where FP16 tensor cores pay off;
 - normalisation layers (GroupNorm, LayerNorm, BatchNorm) compute their statistics in FP32;
-- time / position embeddings (sin and cos of large arguments) stay FP32;
+- any module that declares ``keep_fp32 = True`` stays FP32 (the U-Net's time / position embeddings do:
+  sin and cos of large arguments); export knows no particular network;
 - everything outside the networks (noise injection, the error reduction, means over draws, resizing,
   the mean filter, the max pooling, Mahalanobis distances) stays FP32, as does the graph's IO.
 
@@ -21,11 +22,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from edgead.nn.unet import GaussianFourierEmbedding, SinusoidalEmbedding
+#: Normalisation layers whose statistics need FP32 range and precision, in any network.
+FP32_MODULE_TYPES: tuple[type[nn.Module], ...] = (nn.GroupNorm, nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d)
 
-FP32_MODULE_TYPES: tuple[type[nn.Module], ...] = (
-    nn.GroupNorm, nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d, GaussianFourierEmbedding, SinusoidalEmbedding,
-)
+
+def keeps_fp32(module: nn.Module) -> bool:
+    """Whether ``module`` stays FP32 inside an FP16 network: a normalisation layer, or declared by its class."""
+    return isinstance(module, FP32_MODULE_TYPES) or bool(getattr(module, "keep_fp32", False))
 
 
 def _cast(value: Any, dtype: torch.dtype) -> Any:
@@ -52,7 +55,7 @@ class FP32Island(nn.Module):
 
 
 class HalfNetwork(nn.Module):
-    """Runs ``module`` in FP16 with FP32 inputs and outputs, keeping ``FP32_MODULE_TYPES`` in FP32."""
+    """Runs ``module`` in FP16 with FP32 inputs and outputs, keeping :func:`keeps_fp32` modules in FP32."""
 
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
@@ -65,7 +68,7 @@ class HalfNetwork(nn.Module):
 
 def _wrap_fp32_islands(module: nn.Module) -> None:
     for name, child in module.named_children():
-        if isinstance(child, FP32_MODULE_TYPES):
+        if keeps_fp32(child):
             setattr(module, name, FP32Island(child))
         else:
             _wrap_fp32_islands(child)

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from edgead.runtime.decision import is_anomalous
+
 FP32_SCORE_RTOL = 1e-4
 #: Where PyTorch's own FP32 scores are less accurate than FP32_SCORE_RTOL (a graph that subtracts two
 #: nearly equal network passes, e.g. score-tscale), ONNX Runtime may be this many times as far from a
@@ -46,7 +48,7 @@ def compare(
                          f"{scores.shape}")
     map_error = np.abs(ref_maps - maps)
     score_rel = np.abs(ref_scores - scores) / np.maximum(np.abs(ref_scores), 1e-12)
-    flips = int(np.sum((ref_scores >= threshold) != (scores >= threshold)))
+    flips = int(np.sum(is_anomalous(ref_scores, threshold) != is_anomalous(scores, threshold)))
     return {
         "n_images": int(len(ref_scores)),
         "map_max_abs_error": float(map_error.max()),

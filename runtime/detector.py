@@ -5,13 +5,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from edgead.data.preprocess import PreprocessConfig, bgr_to_rgb, preprocess
 from edgead.runtime.backends.base import Backend, BackendError
-from edgead.runtime.metadata import find_engine, load_metadata, verified_artifact
+from edgead.runtime.decision import decision_threshold, is_anomalous
+from edgead.runtime.metadata import ExportMetadata, find_engine, load_metadata, verified_artifact
 from edgead.runtime.result import Result
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime")
@@ -33,12 +33,22 @@ class Detector:
         >>> result.score, result.is_anomaly, result.timings["infer"]
     """
 
-    def __init__(self, backend: Backend, metadata: dict[str, Any], threshold: float | None = None) -> None:
+    def __init__(self, backend: Backend, metadata: ExportMetadata, threshold: float | None = None) -> None:
         self.backend = backend
         self.metadata = metadata
-        self.preprocess_config = PreprocessConfig.from_dict(metadata["preprocess"])
-        self.threshold = float(metadata["threshold"]["value"] if threshold is None else threshold)
+        self.preprocess_config = PreprocessConfig.from_dict(metadata.preprocess)
+        self.threshold = threshold  # type: ignore[assignment]  # the setter applies the override rule
         self.batch_size = int(backend.input_shape[0])
+
+    @property
+    def threshold(self) -> float:
+        """The decision threshold in force (``score >= threshold`` is anomalous)."""
+        return self._threshold
+
+    @threshold.setter
+    def threshold(self, override: float | None) -> None:
+        """Override the calibrated threshold (None restores it); the one override point of the runtime."""
+        self._threshold = decision_threshold(self.metadata.threshold_value, override)
 
     @classmethod
     def load(
@@ -88,11 +98,11 @@ class Detector:
                 if on_event:
                     on_event(f"TensorRT unavailable ({err}); using ONNX Runtime")
         key = "onnx_fp16" if precision == "fp16" else "onnx"
-        if key not in meta["artifacts"]:
+        if key not in meta.artifacts:
             raise BackendError(f"{export_dir}: no {precision} ONNX in this export; export with --precision {precision}")
         from edgead.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
-        path = verified_artifact(export_dir, meta["artifacts"][key])
+        path = verified_artifact(export_dir, meta.artifacts[key])
         return cls(OnnxRuntimeBackend(path, providers=providers), meta, threshold)
 
     def preprocess(self, frame_bgr: np.ndarray) -> np.ndarray:
@@ -115,7 +125,7 @@ class Detector:
             t2 = time.perf_counter()
             maps, scores = outputs["anomaly_map"], outputs["score"]
             chunk_results = [
-                Result(score=float(scores[i]), anomaly_map=maps[i], is_anomaly=bool(scores[i] >= self.threshold),
+                Result(score=float(scores[i]), anomaly_map=maps[i], is_anomaly=bool(is_anomalous(scores[i], self.threshold)),
                        threshold=self.threshold)
                 for i in range(len(chunk))
             ]

@@ -6,7 +6,6 @@ any detector or a test double plugs in.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -53,7 +52,6 @@ class LiveOptions:
         log_path: JSON-lines log (appended to); None = no log.
         log_every_frame: Log every frame; False = only anomalous frames.
         max_frames: Stop after this many processed frames; None = until the source ends or Ctrl-C.
-        threshold: Overrides the detector's threshold (``is_anomaly = score >= threshold``).
         queue_size: Frames buffered between capture and inference (small keeps live latency low).
         window_name: Title of the display window.
         map_range: Fixed (vmin, vmax) for heatmap colours; None = (0, 2 x threshold).
@@ -66,7 +64,6 @@ class LiveOptions:
     log_path: Path | None = None
     log_every_frame: bool = True
     max_frames: int | None = None
-    threshold: float | None = None
     queue_size: int = 2
     window_name: str = "edgead"
     map_range: tuple[float, float] | None = None
@@ -237,11 +234,8 @@ def run_live(
                 summary.stop_reason = "end of source"
                 break
 
+            # The predictor decides (its threshold is the one override point: ``Detector.threshold``).
             result = predictor.predict(frame.image)
-            if options.threshold is not None:
-                result = dataclasses.replace(
-                    result, threshold=float(options.threshold), is_anomaly=bool(result.score >= options.threshold)
-                )
             now = time.monotonic()
             latency_ms = (now - frame.timestamp) * 1000.0
             latencies.append(latency_ms)

@@ -1,52 +1,126 @@
-"""The ``edgead.json`` sidecar of an export: read, check and write it without torch.
+"""The ``edgead.json`` sidecar of an export: one typed record, read, validated and written here (torch-free).
 
 It records everything the runtime needs to reproduce the training-time preprocessing and decision
 (input size, channel order, normalisation, threshold), the method's inference hyperparameters, and
 the SHA-256 of every artifact, so a runtime never runs an ONNX file or engine that does not belong to
-the metadata next to it.
+the metadata next to it. ``edgead export`` builds an :class:`ExportMetadata` and calls :meth:`save`;
+the runtime calls :func:`load_metadata`, which names the field when something is wrong.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edgead.data.io import file_sha256, write_bytes_atomic
 
 METADATA_NAME = "edgead.json"
-FORMAT_VERSION = 1
-REQUIRED_KEYS = ("format_version", "method", "input", "outputs", "preprocess", "threshold", "artifacts")
+#: Version 2: ``notes`` (declared by the method's graph) and ``steps`` (export step timings) added.
+FORMAT_VERSION = 2
 
 
 class MetadataError(ValueError):
     """An export directory is missing its metadata, or an artifact does not match it."""
 
 
-def load_metadata(export_dir: str | Path) -> dict[str, Any]:
+@dataclass
+class ExportMetadata:
+    """Everything ``edgead.json`` holds. Mapping-style reads (``meta["threshold"]``) also work."""
+
+    method: str
+    input: dict[str, Any]  # name, shape [B, C, S, S], dtype, layout, channel_order
+    outputs: list[dict[str, Any]]  # anomaly_map and score: name, shape, dtype
+    preprocess: dict[str, Any]  # edgead.data.preprocess.PreprocessConfig fields
+    threshold: dict[str, Any]  # value (score >= value is anomalous), how it was calibrated
+    artifacts: dict[str, Any]  # onnx, onnx_fp16, engines: file, sha256, bytes, ...
+    format_version: int = FORMAT_VERSION
+    edgead_version: str = ""
+    created: str = ""
+    run: dict[str, Any] = field(default_factory=dict)
+    notes: dict[str, Any] = field(default_factory=dict)  # what the method's graph declares (noise, FP32 parts)
+    method_params: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)
+    parity: dict[str, Any] = field(default_factory=dict)
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    versions: dict[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self.field_names():
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key) if key in self.field_names() else default
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @property
+    def threshold_value(self) -> float:
+        return float(self.threshold["value"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = METADATA_NAME) -> ExportMetadata:
+        """Validate ``data`` (parsed JSON) field by field; errors name ``source`` and the field."""
+        if not isinstance(data, dict):
+            raise MetadataError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        version = data.get("format_version")
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise MetadataError(f"{source}: field 'format_version' must be an integer, got {version!r}")
+        if version > FORMAT_VERSION:
+            raise MetadataError(f"{source}: format version {version} is newer than this runtime understands "
+                                f"({FORMAT_VERSION}); upgrade edgead")
+        hints = {"str": str, "int": int, "dict[str, Any]": dict, "list[dict[str, Any]]": list}
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for name, f in fields.items():
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            if name not in data:
+                if required:
+                    raise MetadataError(f"{source}: missing field '{name}'; re-run `edgead export`")
+                continue
+            expected = hints[str(f.type)]
+            if not isinstance(data[name], expected):
+                raise MetadataError(f"{source}: field '{name}' must be a JSON {expected.__name__}, got "
+                                    f"{type(data[name]).__name__}")
+        meta = cls(**{k: v for k, v in data.items() if k in fields})
+        meta._check_details(source)
+        return meta
+
+    def _check_details(self, source: str) -> None:
+        value = self.threshold.get("value")
+        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+            raise MetadataError(f"{source}: field 'threshold.value' must be a finite number, got {value!r}")
+        shape = self.input.get("shape")
+        if not (isinstance(shape, list) and len(shape) == 4 and all(isinstance(v, int) and v > 0 for v in shape)):
+            raise MetadataError(f"{source}: field 'input.shape' must be [batch, channels, size, size], got {shape!r}")
+        onnx = self.artifacts.get("onnx")
+        if not (isinstance(onnx, dict) and isinstance(onnx.get("file"), str) and isinstance(onnx.get("sha256"), str)):
+            raise MetadataError(f"{source}: field 'artifacts.onnx' must name the model file and its sha256")
+
+    def save(self, export_dir: str | Path) -> Path:
+        """Write ``edgead.json`` atomically (last, after every artifact it lists)."""
+        payload = (json.dumps(self.to_dict(), indent=2) + "\n").encode()
+        return write_bytes_atomic(Path(export_dir) / METADATA_NAME, payload, durable=True)
+
+
+def load_metadata(export_dir: str | Path) -> ExportMetadata:
     """Read and validate ``<export_dir>/edgead.json``."""
     path = Path(export_dir) / METADATA_NAME
     if not path.is_file():
         raise MetadataError(f"{path}: not found; expected an export directory made by `edgead export`")
     try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise MetadataError(f"{path}: not valid JSON ({err})") from err
-    missing = [key for key in REQUIRED_KEYS if key not in meta]
-    if missing:
-        raise MetadataError(f"{path}: missing keys {missing}")
-    if meta["format_version"] > FORMAT_VERSION:
-        raise MetadataError(
-            f"{path}: format version {meta['format_version']} is newer than this runtime understands "
-            f"({FORMAT_VERSION}); upgrade edgead"
-        )
-    return meta
-
-
-def write_metadata(export_dir: str | Path, meta: dict[str, Any]) -> Path:
-    """Write ``edgead.json`` atomically (last, after every artifact it lists)."""
-    payload = (json.dumps(meta, indent=2) + "\n").encode()
-    return write_bytes_atomic(Path(export_dir) / METADATA_NAME, payload, durable=True)
+    return ExportMetadata.from_dict(data, source=str(path))
 
 
 def artifact_record(export_dir: str | Path, file_name: str, **fields: Any) -> dict[str, Any]:
@@ -69,9 +143,9 @@ def verified_artifact(export_dir: str | Path, record: dict[str, Any]) -> Path:
     return path
 
 
-def find_engine(meta: dict[str, Any], precision: str | None = None, flavour: str | None = None) -> dict | None:
+def find_engine(meta: ExportMetadata, precision: str | None = None, flavour: str | None = None) -> dict | None:
     """The engine entry for ``precision`` (any if None) and ``flavour`` (any if None), or None."""
-    for engine in meta["artifacts"].get("engines", []):
+    for engine in meta.artifacts.get("engines", []):
         if precision not in (None, engine["precision"]):
             continue
         if flavour not in (None, engine["flavour"]):

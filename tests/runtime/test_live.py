@@ -106,18 +106,18 @@ def test_folder_run_logs_every_frame_and_saves_anomalies(tmp_path: Path) -> None
     assert "end of source" in events[-1]
 
 
-def test_max_frames_threshold_override_and_anomaly_only_log(tmp_path: Path) -> None:
+def test_max_frames_threshold_and_anomaly_only_log(tmp_path: Path) -> None:
     source = _brightness_folder(tmp_path / "imgs", LEVELS)
     log_path = tmp_path / "run.jsonl"
-    options = LiveOptions(show=False, log_path=log_path, max_frames=5, threshold=50.0)
-    summary = run_live(BrightnessPredictor(threshold=1000.0), str(source), options, on_event=lambda _: None)
+    options = LiveOptions(show=False, log_path=log_path, max_frames=5)
+    summary = run_live(BrightnessPredictor(threshold=50.0), str(source), options, on_event=lambda _: None)
     assert summary.frames == 5 and summary.stop_reason == "max frames"
-    assert summary.anomalies == 3  # levels 150, 60, 200 reach the overridden threshold 50
+    assert summary.anomalies == 3  # levels 150, 60, 200 reach the predictor's threshold 50
     assert [record["threshold"] for record in _log_lines(log_path)] == [50.0] * 5
 
     # The log is appended to, and log_every_frame=False keeps only anomalies.
-    options = LiveOptions(show=False, log_path=log_path, log_every_frame=False, threshold=50.0)
-    run_live(BrightnessPredictor(threshold=1000.0), str(source), options, on_event=lambda _: None)
+    options = LiveOptions(show=False, log_path=log_path, log_every_frame=False)
+    run_live(BrightnessPredictor(threshold=50.0), str(source), options, on_event=lambda _: None)
     records = _log_lines(log_path)
     assert len(records) == 5 + 5 and all(record["is_anomaly"] for record in records[5:])
 
