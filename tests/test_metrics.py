@@ -1,4 +1,4 @@
-"""Tests for edgead.metrics and edgead.report: metrics against hand-computed and brute-force references, and the report files."""
+"""edgead.metrics against hand-computed and brute-force references; edgead.report's files."""
 
 from __future__ import annotations
 

@@ -169,8 +169,4 @@ class MethodParams:
         return rows
 
 
-class NoParams(MethodParams):
-    """A method without hyperparameters."""
-
-
-__all__ = ["MethodParams", "NoParams", "ParamError", "at_least", "open_unit", "param", "positive"]
+__all__ = ["MethodParams", "ParamError", "at_least", "open_unit", "param", "positive"]

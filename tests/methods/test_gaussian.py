@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from sklearn.covariance import LedoitWolf
 
 from edgead.config import RunConfig, TrainConfig
-from edgead.methods.base import FitContext
 from edgead.data.preprocess import PreprocessConfig
 from edgead.export.fp16 import HalfNetwork, mixed_precision_graph
 from edgead.export.onnx import export_onnx
+from edgead.methods.base import FitContext
 from edgead.methods.gaussian.graph import GaussianGraph
 from edgead.methods.gaussian.method import GaussianOPCA, fit_gaussian, select_components
 from edgead.train.distributed import DistInfo

@@ -86,7 +86,8 @@ def test_tiny_model_trains_and_detects_generated_defects(tmp_path: Path) -> None
     assert summary["train_seconds"] < 180
     assert resolve_latest("score-resilience", tmp_path / "runs") == run_dir.resolve()
     config = json.loads((run_dir / "config.json").read_text())
-    assert config["data"]["validation_paths"], "held-out normal images for threshold calibration at export"
+    assert config["data"]["holdout"]["n"] > 0, "held-out normal images for threshold calibration at export"
+    assert (run_dir / config["data"]["holdout"]["file"]).is_file()
 
     metrics, report = evaluate_run(run_dir, data, tmp_path / "report")
     assert metrics["image_auroc"] >= 0.9, metrics
@@ -95,7 +96,7 @@ def test_tiny_model_trains_and_detects_generated_defects(tmp_path: Path) -> None
 
     method = load_method(run_dir)
     torch.manual_seed(0)
-    method.unet.load_state_dict(type(method.unet)(method.unet_config()).state_dict())
+    method.unet.load_state_dict(method.build_unet().state_dict())
     samples = list_test(data)
     maps, scores = run_graph(method.build_graph(), load_images(samples, method.preprocess_config))
     labels = np.array([s.label for s in samples])

@@ -7,7 +7,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -176,7 +176,6 @@ class GaussianOPCA(Method):
     summary = "pretrained EfficientNet-Lite0 features, opposite PCA, Ledoit-Wolf Gaussian, Mahalanobis"
     Params = GaussianParams
     params: GaussianParams
-    smoke: ClassVar[dict[str, Any]] = {}
     graph: GaussianGraph | None = None  # set by ``fit`` or ``load``
 
     def build_adapter(self) -> InputAdapter:
@@ -257,8 +256,8 @@ class GaussianOPCA(Method):
 
     @classmethod
     def load(cls, run_dir: Path, config: RunConfig) -> GaussianOPCA:
-        """Rebuild the graph skeleton from ``config.method_params`` (not ``config.model``, which
-        ``edgead train`` fills with a U-Net preset this method does not use) and load the saved buffers."""
+        """Rebuild the graph skeleton from the method's parameters (backbone, stages) and the saved buffers'
+        shapes, then load the buffers."""
         method = cls(config, run_dir)
         state = load_weights(run_dir)
         graph = method.graph_skeleton({key: tuple(value.shape) for key, value in state.items()})

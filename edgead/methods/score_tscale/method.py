@@ -126,7 +126,7 @@ class ScoreTScale(ScoreUNetMethod):
 
     name = "score-tscale"
     paper = "Teng et al. (Score-DD)"
-    summary = "few-step T-scales, whole-score vs self-score feature differences; feature maps chosen on pseudo-anomalies"
+    summary = "few-step T-scales, whole- vs self-score feature differences; maps chosen on pseudo-anomalies"
     Params = ScoreTScaleParams
     params: ScoreTScaleParams
 
