@@ -69,7 +69,7 @@ def train(
     resume: Path | None = typer.Option(None, "--resume", help="Continue an interrupted run directory."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
 ) -> None:
-    """Fit a method on defect-free images and save weights, config and calibration scores."""
+    """Fit a method on defect-free images; save weights, config and the held-out normal images (for export)."""
     from edgead.config import TrainConfig
     from edgead.pipeline import train_run
 
