@@ -38,14 +38,26 @@ def main() -> None:
 
     params = {k: json.loads(v) for k, _, v in (p.partition("=") for p in args.param)}
     cfg = TrainConfig(
-        steps=args.steps, batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule,
-        warmup_steps=min(100, args.steps // 10), ema_decay=args.ema_decay, max_time_s=args.max_time,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        lr_schedule=args.lr_schedule,
+        warmup_steps=min(100, args.steps // 10),
+        ema_decay=args.ema_decay,
+        max_time_s=args.max_time,
         checkpoint_every=max(500, args.steps // 4),
     )
     dataset = args.data.resolve().name
     run_dir, summary = train_run(
-        args.method, args.data, preset=args.preset, image_size=args.image_size, channels=args.channels,
-        train_cfg=cfg, method_params=params, runs_root=args.work, device=args.device,
+        args.method,
+        args.data,
+        preset=args.preset,
+        image_size=args.image_size,
+        channels=args.channels,
+        train_cfg=cfg,
+        method_params=params,
+        runs_root=args.work,
+        device=args.device,
     )
     device = "cuda" if summary["device"].startswith("cuda") else "cpu"
     metrics, report = evaluate_run(run_dir, args.data, device=device)

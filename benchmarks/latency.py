@@ -56,24 +56,42 @@ def main() -> None:
         if run_dir is None:
             data = generate_dataset(work / "data", size=args.image_size, n_train=20, n_test_good=2, n_test_defect=2)
             params = {"n_draws": args.n_draws} if args.method == "score-resilience" else {}
-            run_dir, _ = train_run(args.method, data, preset=args.preset, image_size=args.image_size,
-                                   train_cfg=TrainConfig(steps=1, batch_size=2), runs_root=work / "runs",
-                                   method_params=params, progress=False)
+            run_dir, _ = train_run(
+                args.method,
+                data,
+                preset=args.preset,
+                image_size=args.image_size,
+                train_cfg=TrainConfig(steps=1, batch_size=2),
+                runs_root=work / "runs",
+                method_params=params,
+                progress=False,
+            )
         run_cfg = json.loads((Path(run_dir) / "config.json").read_text())
         export_dir = work / "export"
         export_run(run_dir, export_dir, ExportOptions(precision=args.precision), log=print)
-        report = run_bench(export_dir, backend="onnxruntime", precision=args.precision, warmup_s=args.warmup,
-                           duration_s=args.duration)
+        report = run_bench(
+            export_dir, backend="onnxruntime", precision=args.precision, warmup_s=args.warmup, duration_s=args.duration
+        )
         runtime_only = subprocess.run(
             [sys.executable, "-c", RUNTIME_ONLY, str(export_dir), str(args.warmup), str(args.duration / 4)],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         )
     report.pop("export")
     report["runtime_process_without_torch"] = json.loads(runtime_only.stdout.strip().splitlines()[-1])
-    record = {"benchmark": "latency", "command": " ".join(["python", *sys.argv]), "method": run_cfg["method"],
-              "run": args.run.name if args.run else None, "image_size": run_cfg["preprocess"]["image_size"],
-              "method_params": run_cfg["method_params"], "model": run_cfg.get("model"),
-              "precision": args.precision, **report, "machine": machine_record()}
+    record = {
+        "benchmark": "latency",
+        "command": " ".join(["python", *sys.argv]),
+        "method": run_cfg["method"],
+        "run": args.run.name if args.run else None,
+        "image_size": run_cfg["preprocess"]["image_size"],
+        "method_params": run_cfg["method_params"],
+        "model": run_cfg.get("model"),
+        "precision": args.precision,
+        **report,
+        "machine": machine_record(),
+    }
     device = "gpu" if record["machine"].get("gpu") else "cpu"
     tag = args.tag or f"{args.preset}_{args.image_size}_n{args.n_draws}"
     out = args.out or Path(__file__).resolve().parent / "results" / f"latency_{device}_{tag}.json"

@@ -41,8 +41,9 @@ def _metrics_table(metrics: dict[str, float], title: str) -> Table:
 
 @app.command()
 def train(
-    data: Path = typer.Option(..., "--data",
-        help="Normal images: an MVTec-layout root (<data>/train/good) or a plain folder."),
+    data: Path = typer.Option(
+        ..., "--data", help="Normal images: an MVTec-layout root (<data>/train/good) or a plain folder."
+    ),
     method: str = typer.Option("score-resilience", "--method", help="Detection method to fit."),
     preset: str = typer.Option("small", "--preset", help="Network size: tiny (tests, CPU), small (edge), paper."),
     image_size: int = typer.Option(192, "--image-size", help="Square input size in pixels (the paper uses 192)."),
@@ -50,20 +51,23 @@ def train(
     steps: int = typer.Option(20000, "--steps", help="Optimiser steps."),
     batch_size: int = typer.Option(16, "--batch-size", help="Images per step (per process under torchrun)."),
     lr: float = typer.Option(1e-4, "--lr", help="AdamW learning rate."),
-    lr_schedule: str = typer.Option("multistep", "--lr-schedule",
-        help="multistep (x0.1 at 1/3, 2/3), cosine or constant."),
+    lr_schedule: str = typer.Option(
+        "multistep", "--lr-schedule", help="multistep (x0.1 at 1/3, 2/3), cosine or constant."
+    ),
     warmup_steps: int = typer.Option(0, "--warmup-steps", help="Linear learning-rate warm-up steps."),
     ema_decay: float = typer.Option(0.9999, "--ema-decay", help="EMA decay of the weights used for evaluation."),
     grad_clip: float = typer.Option(1.0, "--grad-clip", help="Gradient norm clip (0 disables)."),
     seed: int = typer.Option(0, "--seed", help="Seed for weights, batches and noise."),
-    max_time: float | None = typer.Option(None, "--max-time",
-        help="Stop after this many seconds even if steps remain."),
+    max_time: float | None = typer.Option(
+        None, "--max-time", help="Stop after this many seconds even if steps remain."
+    ),
     checkpoint_every: int = typer.Option(1000, "--checkpoint-every", help="Save a resumable checkpoint every N steps."),
     val_fraction: float = typer.Option(0.1, "--val-fraction", help="Normal images held out for threshold calibration."),
     device: str | None = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
     no_amp: bool = typer.Option(False, "--no-amp", help="Disable mixed precision on CUDA."),
-    param: list[str] = typer.Option([], "--param",
-        help="Method hyperparameter KEY=VALUE (JSON value), repeatable, e.g. --param n_draws=5."),
+    param: list[str] = typer.Option(
+        [], "--param", help="Method hyperparameter KEY=VALUE (JSON value), repeatable, e.g. --param n_draws=5."
+    ),
     out: Path | None = typer.Option(None, "--out", help="Run directory (default runs/<method>/<timestamp>)."),
     runs_root: Path = typer.Option(Path("runs"), "--runs-root", help="Where default run directories go."),
     resume: Path | None = typer.Option(None, "--resume", help="Continue an interrupted run directory."),
@@ -84,14 +88,32 @@ def train(
             except json.JSONDecodeError:
                 params[key] = value
         cfg = TrainConfig(
-            steps=steps, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, warmup_steps=warmup_steps,
-            ema_decay=ema_decay, grad_clip=grad_clip, seed=seed, max_time_s=max_time,
-            checkpoint_every=checkpoint_every, amp=not no_amp,
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            lr_schedule=lr_schedule,
+            warmup_steps=warmup_steps,
+            ema_decay=ema_decay,
+            grad_clip=grad_clip,
+            seed=seed,
+            max_time_s=max_time,
+            checkpoint_every=checkpoint_every,
+            amp=not no_amp,
         )
         run_dir, summary = train_run(
-            method, data, preset=preset, image_size=image_size, channels=channels, train_cfg=cfg,
-            method_params=params, run_dir=out, runs_root=runs_root, val_fraction=val_fraction,
-            device=device, resume=resume, progress=progress,
+            method,
+            data,
+            preset=preset,
+            image_size=image_size,
+            channels=channels,
+            train_cfg=cfg,
+            method_params=params,
+            run_dir=out,
+            runs_root=runs_root,
+            val_fraction=val_fraction,
+            device=device,
+            resume=resume,
+            progress=progress,
         )
     except USER_ERRORS as err:
         _fail(err)
@@ -106,8 +128,9 @@ def train(
 @app.command("eval")
 def evaluate(
     data: Path = typer.Option(..., "--data", help="MVTec-layout root with test/<good|defect>/ and ground_truth/."),
-    method: str = typer.Option("score-resilience", "--method",
-        help="Method whose latest run is used when --run is absent."),
+    method: str = typer.Option(
+        "score-resilience", "--method", help="Method whose latest run is used when --run is absent."
+    ),
     run: Path | None = typer.Option(None, "--run", help="Run directory (default: the method's latest run)."),
     out: Path | None = typer.Option(None, "--out", help="Report directory (default <run>/eval)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Images per inference batch."),
@@ -130,8 +153,9 @@ def evaluate(
 
 @app.command()
 def demo(
-    out: Path = typer.Option(Path("edgead-demo"), "--out",
-        help="Folder for the generated data, the run and the report."),
+    out: Path = typer.Option(
+        Path("edgead-demo"), "--out", help="Folder for the generated data, the run and the report."
+    ),
     steps: int = typer.Option(1500, "--steps", help="Training steps of the tiny model."),
     max_time: float = typer.Option(240.0, "--max-time", help="Upper bound on training time in seconds."),
     seed: int = typer.Option(0, "--seed", help="Seed of the dataset and the training."),
@@ -153,8 +177,11 @@ def demo(
 
 @app.command()
 def info(
-    method: str | None = typer.Option(None, "--method", help="Show this method's parameters, defaults and paper "
-                                      "references instead of the installation summary."),
+    method: str | None = typer.Option(
+        None,
+        "--method",
+        help="Show this method's parameters, defaults and paper references instead of the installation summary.",
+    ),
 ) -> None:
     """Versions, available backends and accelerators, and the methods table (or one method's parameters)."""
     import importlib.util
@@ -211,8 +238,11 @@ def _method_info(name: str) -> None:
         meaning = row["doc"] + (f" (one of {', '.join(map(str, row['choices']))})" if row["choices"] else "")
         table.add_row(row["name"], json.dumps(row["default"]), row["ref"], meaning)
     console.print(table)
-    console.print(f"set with `edgead train --method {cls.name} --param NAME=VALUE` (VALUE in JSON, e.g. a number, "
-                  '"text" or [1, 2])', soft_wrap=True)
+    console.print(
+        f"set with `edgead train --method {cls.name} --param NAME=VALUE` (VALUE in JSON, e.g. a number, "
+        '"text" or [1, 2])',
+        soft_wrap=True,
+    )
 
 
 def _latest_export(exports_root: Path) -> Path:
@@ -229,22 +259,36 @@ def export(
     method: str = typer.Option("score-resilience", "--method", help="Method whose latest run is exported."),
     run: Path | None = typer.Option(None, "--run", help="Run directory (default: the method's latest run)."),
     out: Path | None = typer.Option(None, "--out", help="Export directory (default exports/<method>)."),
-    precision: str = typer.Option("fp32", "--precision",
-        help="fp32, or fp16 (also writes model.fp16.onnx with normalisation, reductions and pooling in FP32)."),
+    precision: str = typer.Option(
+        "fp32",
+        "--precision",
+        help="fp32, or fp16 (also writes model.fp16.onnx with normalisation, reductions and pooling in FP32).",
+    ),
     fmt: str = typer.Option("onnx", "--format", help="onnx, or tensorrt (ONNX plus an engine built for this device)."),
     batch: int = typer.Option(1, "--batch", help="Fixed batch size of the exported graph."),
     image_size: int | None = typer.Option(None, "--image-size", help="Input size (default: the training size)."),
-    data: Path | None = typer.Option(None, "--data",
-        help="MVTec-layout root: adds its test split to the parity check and reports FP32/FP16 AUROC."),
-    false_alarm_rate: float = typer.Option(0.01, "--false-alarm-rate",
-        help="Target fraction of normal images flagged; sets the threshold from held-out normal scores."),
-    trt_flavour: str | None = typer.Option(None, "--trt-flavour",
-        help="tensorrt or tensorrt_rtx (default: whichever is installed, tensorrt first)."),
+    data: Path | None = typer.Option(
+        None, "--data", help="MVTec-layout root: adds its test split to the parity check and reports FP32/FP16 AUROC."
+    ),
+    false_alarm_rate: float = typer.Option(
+        0.01,
+        "--false-alarm-rate",
+        help="Target fraction of normal images flagged; sets the threshold from held-out normal scores.",
+    ),
+    trt_flavour: str | None = typer.Option(
+        None, "--trt-flavour", help="tensorrt or tensorrt_rtx (default: whichever is installed, tensorrt first)."
+    ),
     workspace_mb: int = typer.Option(1024, "--workspace-mb", help="TensorRT builder workspace limit in MiB."),
-    compute_capability: list[str] = typer.Option([], "--compute-capability",
-        help="TensorRT-RTX ahead-of-time target, e.g. 8.9; repeatable (default: RTX's portable set)."),
-    engine_cache: Path = typer.Option(Path(".edgead-cache"), "--engine-cache",
-        help="Engine and timing cache folder, keyed by ONNX hash, TensorRT version, GPU, precision and shape."),
+    compute_capability: list[str] = typer.Option(
+        [],
+        "--compute-capability",
+        help="TensorRT-RTX ahead-of-time target, e.g. 8.9; repeatable (default: RTX's portable set).",
+    ),
+    engine_cache: Path = typer.Option(
+        Path(".edgead-cache"),
+        "--engine-cache",
+        help="Engine and timing cache folder, keyed by ONNX hash, TensorRT version, GPU, precision and shape.",
+    ),
     runs_root: Path = typer.Option(Path("runs"), "--runs-root", help="Where to look for the latest run."),
     exports_root: Path = typer.Option(Path("exports"), "--exports-root", help="Parent of default export folders."),
 ) -> None:
@@ -257,9 +301,16 @@ def export(
     try:
         run_dir = run or resolve_latest(method, runs_root)
         options = ExportOptions(
-            precision=precision, format=fmt, batch=batch, image_size=image_size, data=data,
-            false_alarm_rate=false_alarm_rate, trt_flavour=trt_flavour, workspace_mb=workspace_mb,
-            compute_capabilities=tuple(compute_capability) or None, engine_cache=engine_cache,
+            precision=precision,
+            format=fmt,
+            batch=batch,
+            image_size=image_size,
+            data=data,
+            false_alarm_rate=false_alarm_rate,
+            trt_flavour=trt_flavour,
+            workspace_mb=workspace_mb,
+            compute_capabilities=tuple(compute_capability) or None,
+            engine_cache=engine_cache,
         )
         target = out or exports_root / method
         meta = export_run(run_dir, target, options, log=lambda line: console.print(line, soft_wrap=True))
@@ -272,17 +323,21 @@ def export(
 
 @app.command("run")
 def run_camera(
-    camera: str = typer.Option(..., "--camera",
-        help="Camera index, video file, RTSP/HTTP URL, GStreamer pipeline (with '!') or a folder of images."),
-    export_dir: Path | None = typer.Option(None, "--export",
-        help="Export directory (default: newest under exports/)."),
+    camera: str = typer.Option(
+        ...,
+        "--camera",
+        help="Camera index, video file, RTSP/HTTP URL, GStreamer pipeline (with '!') or a folder of images.",
+    ),
+    export_dir: Path | None = typer.Option(None, "--export", help="Export directory (default: newest under exports/)."),
     backend: str = typer.Option("auto", "--backend", help="auto, tensorrt or onnxruntime."),
     precision: str | None = typer.Option(None, "--precision", help="fp32 or fp16 (default: what the export has)."),
     threshold: float | None = typer.Option(None, "--threshold", help="Override the calibrated threshold."),
-    show: bool | None = typer.Option(None, "--show/--headless",
-        help="Show the overlay window (default: only when a display is available)."),
-    save_anomalies: Path | None = typer.Option(None, "--save-anomalies",
-        help="Folder for anomalous frames, their overlays and raw maps."),
+    show: bool | None = typer.Option(
+        None, "--show/--headless", help="Show the overlay window (default: only when a display is available)."
+    ),
+    save_anomalies: Path | None = typer.Option(
+        None, "--save-anomalies", help="Folder for anomalous frames, their overlays and raw maps."
+    ),
     log: Path | None = typer.Option(None, "--log", help="JSON-lines log, one line per frame (appended)."),
     log_anomalies_only: bool = typer.Option(False, "--log-anomalies-only", help="Log only anomalous frames."),
     max_frames: int | None = typer.Option(None, "--max-frames", help="Stop after N frames."),
@@ -296,10 +351,20 @@ def run_camera(
 
     say = lambda line: err_console.print(line)  # noqa: E731
     try:
-        detector = Detector.load(export_dir or _latest_export(exports_root), backend=backend, precision=precision,
-                                 threshold=threshold, on_event=say)
-        options = LiveOptions(show=show, save_anomalies=save_anomalies, log_path=log, max_frames=max_frames,
-                              log_every_frame=not log_anomalies_only)
+        detector = Detector.load(
+            export_dir or _latest_export(exports_root),
+            backend=backend,
+            precision=precision,
+            threshold=threshold,
+            on_event=say,
+        )
+        options = LiveOptions(
+            show=show,
+            save_anomalies=save_anomalies,
+            log_path=log,
+            max_frames=max_frames,
+            log_every_frame=not log_anomalies_only,
+        )
         summary = run_live(detector, camera, options, on_event=say)
     except (*USER_ERRORS, SourceError, BackendError, RuntimeError) as err:
         _fail(err)
@@ -312,16 +377,21 @@ def run_camera(
 
 @app.command()
 def bench(
-    export_dir: Path | None = typer.Option(None, "--export",
-        help="Export directory (default: newest under exports/)."),
+    export_dir: Path | None = typer.Option(None, "--export", help="Export directory (default: newest under exports/)."),
     backend: str = typer.Option("auto", "--backend", help="auto, tensorrt or onnxruntime."),
     precision: str | None = typer.Option(None, "--precision", help="fp32 or fp16."),
     warmup: float = typer.Option(2.0, "--warmup", help="Warm-up seconds before measuring."),
     duration: float = typer.Option(10.0, "--duration", help="Measured seconds (at least 50 runs)."),
-    torch_baseline: bool = typer.Option(True, "--torch/--no-torch",
-        help="Also time the PyTorch eager module in the same run (needs torch and the run directory)."),
-    camera_loop: bool = typer.Option(True, "--camera-loop/--no-camera-loop",
-        help="Also measure end-to-end FPS of the camera loop on a generated video file."),
+    torch_baseline: bool = typer.Option(
+        True,
+        "--torch/--no-torch",
+        help="Also time the PyTorch eager module in the same run (needs torch and the run directory).",
+    ),
+    camera_loop: bool = typer.Option(
+        True,
+        "--camera-loop/--no-camera-loop",
+        help="Also measure end-to-end FPS of the camera loop on a generated video file.",
+    ),
     json_path: Path | None = typer.Option(None, "--json", help="Write the full report as JSON."),
     exports_root: Path = typer.Option(Path("exports"), "--exports-root", help="Where to look for the newest export."),
 ) -> None:
@@ -329,9 +399,16 @@ def bench(
     from edgead.bench.report import run_bench
 
     try:
-        report = run_bench(export_dir or _latest_export(exports_root), backend=backend, precision=precision,
-                           warmup_s=warmup, duration_s=duration, torch_baseline=torch_baseline,
-                           camera_loop=camera_loop, json_path=json_path)
+        report = run_bench(
+            export_dir or _latest_export(exports_root),
+            backend=backend,
+            precision=precision,
+            warmup_s=warmup,
+            duration_s=duration,
+            torch_baseline=torch_baseline,
+            camera_loop=camera_loop,
+            json_path=json_path,
+        )
     except USER_ERRORS as err:
         _fail(err)
     console.print(report["table"], soft_wrap=True, markup=False)

@@ -17,8 +17,16 @@ def demo_train_config(steps: int, max_time_s: float | None, seed: int) -> TrainC
     """Short-run settings: a higher constant-then-cosine learning rate than the paper's 1e-4 over
     20k+ steps, because the demo has a few minutes of CPU time; EMA with warm-up."""
     return TrainConfig(
-        steps=steps, batch_size=16, lr=2e-3, lr_schedule="cosine", warmup_steps=50, ema_decay=0.999,
-        seed=seed, max_time_s=max_time_s, checkpoint_every=max(steps, 1), amp=False,
+        steps=steps,
+        batch_size=16,
+        lr=2e-3,
+        lr_schedule="cosine",
+        warmup_steps=50,
+        ema_decay=0.999,
+        seed=seed,
+        max_time_s=max_time_s,
+        checkpoint_every=max(steps, 1),
+        amp=False,
     )
 
 
@@ -29,8 +37,15 @@ def run_demo(
     out = Path(out)
     data = generate_dataset(out / "data", category=DEMO_CATEGORY, size=DEMO_IMAGE_SIZE, seed=seed)
     run_dir, _ = train_run(
-        "score-resilience", data, preset="tiny", image_size=DEMO_IMAGE_SIZE, channels=3,
-        train_cfg=demo_train_config(steps, max_time_s, seed), run_dir=out / "run", runs_root=out / "runs",
-        device="cpu", progress=progress,
+        "score-resilience",
+        data,
+        preset="tiny",
+        image_size=DEMO_IMAGE_SIZE,
+        channels=3,
+        train_cfg=demo_train_config(steps, max_time_s, seed),
+        run_dir=out / "run",
+        runs_root=out / "runs",
+        device="cpu",
+        progress=progress,
     )
     return evaluate_run(run_dir, data, out / "report", device="cpu")

@@ -248,5 +248,3 @@ def _format_value(value: Any) -> str:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)):
         return str(value)
     return f"{float(value):.4f}"
-
-

@@ -43,9 +43,7 @@ def _overlay_row(
     # White text over a thicker black copy stays readable on any heatmap colour.
     origin = (6, int(22 * text_scale / 0.4))
     for colour, thickness in (((0, 0, 0), 3), ((255, 255, 255), 1)):
-        cv2.putText(
-            overlay, caption, origin, cv2.FONT_HERSHEY_SIMPLEX, text_scale, colour, thickness, cv2.LINE_AA
-        )
+        cv2.putText(overlay, caption, origin, cv2.FONT_HERSHEY_SIMPLEX, text_scale, colour, thickness, cv2.LINE_AA)
     panels = [rgb, overlay]
     if mask is not None:
         defect = (np.asarray(mask) > 0).astype(np.uint8)

@@ -34,7 +34,8 @@ def threshold_from_normal_scores(normal_scores: np.ndarray, false_alarm_rate: fl
         "observed_false_alarm_rate": float(np.mean(is_anomalous(scores, value))),
         "resolution_note": (
             f"only {scores.size} normal images: the threshold is the largest normal score"
-            if scores.size < 1.0 / false_alarm_rate else None
+            if scores.size < 1.0 / false_alarm_rate
+            else None
         ),
     }
 

@@ -118,8 +118,7 @@ def run_step(job: ExportJob, name: str, step: Step) -> None:
     size = sum(p.stat().st_size for p in written if p.is_file())
     files = ", ".join(p.name for p in written)
     job.log(f"{name}: {seconds:.1f} s" + (f", {files} ({size / 1e6:.2f} MB)" if written else ""))
-    job.steps.append({"step": name, "seconds": round(seconds, 2), "files": [p.name for p in written],
-                      "bytes": size})
+    job.steps.append({"step": name, "seconds": round(seconds, 2), "files": [p.name for p in written], "bytes": size})
 
 
 # ----------------------------------------------------------------------------------------------------- steps
@@ -143,8 +142,9 @@ def _held_out_normals(job: ExportJob) -> tuple[list[np.ndarray], str]:
         return rgb, f"held-out normal training images stored in the run{resized}"
     # Runs made before the held-out images were stored: absolute paths only (a relative path would be
     # resolved against whatever folder export runs in, and could name other images).
-    paths = [Path(p) for p in job.config.data.get("validation_paths", []) if Path(p).is_absolute()
-             and Path(p).is_file()]
+    paths = [
+        Path(p) for p in job.config.data.get("validation_paths", []) if Path(p).is_absolute() and Path(p).is_file()
+    ]
     if paths:
         return [read_image(p) for p in paths], "held-out normal training images (read from the dataset)"
     data = job.options.data
@@ -182,8 +182,9 @@ def build_validation_sets(job: ExportJob) -> None:
 def export_fp32_onnx(job: ExportJob) -> list[Path]:
     path = job.staging / FP32_NAME
     info = export_onnx(job.graph, path, job.input_shape)
-    job.artifacts["onnx"] = artifact_record(job.staging, FP32_NAME, precision="fp32", opset=info["opset"],
-                                            nodes=info["nodes"])
+    job.artifacts["onnx"] = artifact_record(
+        job.staging, FP32_NAME, precision="fp32", opset=info["opset"], nodes=info["nodes"]
+    )
     return [path]
 
 
@@ -197,10 +198,13 @@ def calibrate_threshold(job: ExportJob) -> None:
     job.threshold = threshold_from_normal_scores(normal_scores, job.options.false_alarm_rate)
     job.threshold["source"] = job.normal_source
     if "pseudo" in job.ref:
-        job.threshold["pseudo_anomalies"] = pseudo_anomaly_check(normal_scores, job.ref["pseudo"][1],
-                                                                 job.threshold["value"])
-    job.log(f"  threshold {job.threshold['value']:.6g} ({job.threshold['method']}, {job.threshold['n_normal']} "
-            f"images, target false-alarm rate {job.options.false_alarm_rate:.1%})")
+        job.threshold["pseudo_anomalies"] = pseudo_anomaly_check(
+            normal_scores, job.ref["pseudo"][1], job.threshold["value"]
+        )
+    job.log(
+        f"  threshold {job.threshold['value']:.6g} ({job.threshold['method']}, {job.threshold['n_normal']} "
+        f"images, target false-alarm rate {job.options.false_alarm_rate:.1%})"
+    )
 
 
 def _run_onnx(path: Path, images: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -232,13 +236,14 @@ def check_fp32_parity(job: ExportJob) -> None:
     # images where the two disagree most (float64 convolutions are slow on a CPU).
     rel = np.abs(ref_scores - ort_scores) / np.maximum(np.abs(ref_scores), 1e-12)
     worst_images = np.argsort(rel)[-FP64_CHECK_IMAGES:]
-    _, f64_scores = run_graph(copy.deepcopy(job.graph).double(), images[worst_images].astype(np.float64),
-                              batch_size=8)
+    _, f64_scores = run_graph(copy.deepcopy(job.graph).double(), images[worst_images].astype(np.float64), batch_size=8)
     envelope = fp32_envelope(ref_scores[worst_images], ort_scores[worst_images], f64_scores)
     envelope["n_images"] = len(worst_images)
     job.parity["fp32_conditioning"] = envelope
-    job.log(f"  PyTorch FP32 itself is {envelope['torch_fp32_vs_float64']:.2e} from float64, ONNX Runtime "
-            f"{envelope['export_vs_float64']:.2e} (allowed {envelope['allowed']:.2e})")
+    job.log(
+        f"  PyTorch FP32 itself is {envelope['torch_fp32_vs_float64']:.2e} from float64, ONNX Runtime "
+        f"{envelope['export_vs_float64']:.2e} (allowed {envelope['allowed']:.2e})"
+    )
     if not envelope["within"]:
         raise ExportError(
             f"FP32 ONNX disagrees with PyTorch: score relative error {worst:.3e} > {FP32_SCORE_RTOL:g}, and "
@@ -258,17 +263,27 @@ def export_fp16_onnx(job: ExportJob) -> list[Path]:
     path = job.staging / FP16_NAME
     info = export_onnx(mixed_precision_graph(job.graph), path, job.input_shape)
     notes = job.graph.export_notes() if hasattr(job.graph, "export_notes") else {}
-    job.artifacts["onnx_fp16"] = artifact_record(job.staging, FP16_NAME, precision="fp16", opset=info["opset"],
-                                                 nodes=info["nodes"], fp32_parts=notes.get("fp32_parts"))
+    job.artifacts["onnx_fp16"] = artifact_record(
+        job.staging,
+        FP16_NAME,
+        precision="fp16",
+        opset=info["opset"],
+        nodes=info["nodes"],
+        fp32_parts=notes.get("fp32_parts"),
+    )
     maps, scores = _run_onnx(path, job.all_images, job.options.batch)
     report = compare(job.ref_maps, job.ref_scores, maps, scores, job.threshold["value"])
     job.parity["fp32_vs_onnxruntime_fp16"] = report
-    job.log(f"  FP32 vs FP16 ONNX: score rel. error {report['score_max_rel_error']:.2e}, "
-            f"flips {report['decision_flips']}")
+    job.log(
+        f"  FP32 vs FP16 ONNX: score rel. error {report['score_max_rel_error']:.2e}, flips {report['decision_flips']}"
+    )
     if job.test_labels is not None:
         n = len(job.test_labels)
-        job.parity["test_image_auroc"] = {"fp32": _auroc(job.test_labels, job.ref_scores[-n:]),
-                                          "fp16": _auroc(job.test_labels, scores[-n:]), "n_images": n}
+        job.parity["test_image_auroc"] = {
+            "fp32": _auroc(job.test_labels, job.ref_scores[-n:]),
+            "fp16": _auroc(job.test_labels, scores[-n:]),
+            "n_images": n,
+        }
     return [path]
 
 
@@ -279,19 +294,36 @@ def build_tensorrt_engine(job: ExportJob) -> list[Path]:
     flavour = detect_flavour(options.trt_flavour)
     engine_name = f"model.{options.precision}.engine"
     settings = BuildSettings(
-        precision=options.precision, input_shape=job.input_shape, workspace_mb=options.workspace_mb,
+        precision=options.precision,
+        input_shape=job.input_shape,
+        workspace_mb=options.workspace_mb,
         timing_cache=(options.engine_cache / "timing.cache") if options.engine_cache else None,
         compute_capabilities=options.compute_capabilities,
     )
-    info = build_engine(job.staging / FP32_NAME, job.staging / engine_name, settings, flavour=flavour,
-                        cache_dir=options.engine_cache, log=lambda line: job.log(f"  {line}"),
-                        fp16_onnx_path=(job.staging / FP16_NAME) if options.precision == "fp16" else None)
-    job.artifacts["engines"] = [artifact_record(
-        job.staging, engine_name, precision=options.precision, flavour=info.flavour,
-        flavour_version=info.flavour_version, key=info.key, built_from=info.onnx_path.name,
-        builder_flags=list(info.builder_flags), layers=info.layers,
-        compute_capabilities=list(info.compute_capabilities or []), build_seconds=round(info.build_seconds, 2),
-    )]
+    info = build_engine(
+        job.staging / FP32_NAME,
+        job.staging / engine_name,
+        settings,
+        flavour=flavour,
+        cache_dir=options.engine_cache,
+        log=lambda line: job.log(f"  {line}"),
+        fp16_onnx_path=(job.staging / FP16_NAME) if options.precision == "fp16" else None,
+    )
+    job.artifacts["engines"] = [
+        artifact_record(
+            job.staging,
+            engine_name,
+            precision=options.precision,
+            flavour=info.flavour,
+            flavour_version=info.flavour_version,
+            key=info.key,
+            built_from=info.onnx_path.name,
+            builder_flags=list(info.builder_flags),
+            layers=info.layers,
+            compute_capabilities=list(info.compute_capabilities or []),
+            build_seconds=round(info.build_seconds, 2),
+        )
+    ]
     return [job.staging / engine_name]
 
 
@@ -322,7 +354,10 @@ def build_metadata(job: ExportJob) -> ExportMetadata:
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         run={"name": Path(run_dir).name, "dir": run_dir},
         input={
-            "name": INPUT_NAME, "shape": list(job.input_shape), "dtype": "float32", "layout": "NCHW",
+            "name": INPUT_NAME,
+            "shape": list(job.input_shape),
+            "dtype": "float32",
+            "layout": "NCHW",
             "channel_order": "RGB" if pre.channels == 3 else "GRAY",
             "note": "frames are converted BGR->RGB and preprocessed by edgead.data.preprocess.preprocess",
         },

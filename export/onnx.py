@@ -42,8 +42,15 @@ def export_onnx(
         warnings.simplefilter("ignore")  # the exporter's informational warnings are noise for users
         try:
             program = torch.onnx.export(
-                graph, (example,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
-                output_names=list(OUTPUT_NAMES), optimize=True, external_data=False, verbose=False,
+                graph,
+                (example,),
+                dynamo=True,
+                opset_version=opset,
+                input_names=[INPUT_NAME],
+                output_names=list(OUTPUT_NAMES),
+                optimize=True,
+                external_data=False,
+                verbose=False,
             )
         except Exception as err:  # the exporter raises many error types; the user needs the step and cause
             raise ExportError(f"tracing {type(graph).__name__} to ONNX failed: {err}") from err

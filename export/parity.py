@@ -33,8 +33,12 @@ def fp32_envelope(ref_scores: np.ndarray, scores: np.ndarray, f64_scores: np.nda
     torch_error = float(np.max(np.abs(np.asarray(ref_scores, np.float64) - f64) / denom))
     export_error = float(np.max(np.abs(np.asarray(scores, np.float64) - f64) / denom))
     allowed = max(FP32_SCORE_RTOL, FP32_ENVELOPE_FACTOR * torch_error)
-    return {"torch_fp32_vs_float64": torch_error, "export_vs_float64": export_error, "allowed": allowed,
-            "within": export_error <= allowed}
+    return {
+        "torch_fp32_vs_float64": torch_error,
+        "export_vs_float64": export_error,
+        "allowed": allowed,
+        "within": export_error <= allowed,
+    }
 
 
 def compare(
@@ -44,8 +48,9 @@ def compare(
     ref_maps, maps = np.asarray(ref_maps, np.float64), np.asarray(maps, np.float64)
     ref_scores, scores = np.asarray(ref_scores, np.float64), np.asarray(scores, np.float64)
     if ref_maps.shape != maps.shape or ref_scores.shape != scores.shape:
-        raise ValueError(f"shape mismatch: maps {ref_maps.shape} vs {maps.shape}, scores {ref_scores.shape} vs "
-                         f"{scores.shape}")
+        raise ValueError(
+            f"shape mismatch: maps {ref_maps.shape} vs {maps.shape}, scores {ref_scores.shape} vs {scores.shape}"
+        )
     map_error = np.abs(ref_maps - maps)
     score_rel = np.abs(ref_scores - scores) / np.maximum(np.abs(ref_scores), 1e-12)
     flips = int(np.sum(is_anomalous(ref_scores, threshold) != is_anomalous(scores, threshold)))

@@ -32,8 +32,17 @@ from edgead.export.trt_flavours import (
 from edgead.runtime.backends.base import INPUT_NAME
 
 __all__ = [
-    "PRECISIONS", "BuildSettings", "EngineInfo", "Flavour", "TensorRTUnavailable", "build_engine",
-    "choose_onnx_for", "detect_flavour", "engine_cache_key", "file_sha256", "gpu_identity",
+    "PRECISIONS",
+    "BuildSettings",
+    "EngineInfo",
+    "Flavour",
+    "TensorRTUnavailable",
+    "build_engine",
+    "choose_onnx_for",
+    "detect_flavour",
+    "engine_cache_key",
+    "file_sha256",
+    "gpu_identity",
 ]
 
 
@@ -83,8 +92,13 @@ def engine_cache_key(
         extra: Further builder settings that change the engine (optimization level, workspace).
     """
     payload = dict(
-        onnx_sha256=onnx_sha256, flavour=flavour.name, flavour_version=flavour.version, gpu_name=gpu_name,
-        compute_capability=compute_capability, precision=precision, input_shape=[int(d) for d in input_shape],
+        onnx_sha256=onnx_sha256,
+        flavour=flavour.name,
+        flavour_version=flavour.version,
+        gpu_name=gpu_name,
+        compute_capability=compute_capability,
+        precision=precision,
+        input_shape=[int(d) for d in input_shape],
         extra=dict(extra or {}),
     )
     canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
@@ -270,10 +284,19 @@ def build_engine(
         cache_hit = False
     seconds = time.perf_counter() - started
     info = EngineInfo(
-        engine_path=engine_path, sha256=file_sha256(engine_path), flavour=flavour.name,
-        flavour_version=flavour.version, precision=settings.precision, onnx_path=onnx, build_seconds=seconds,
-        cache_hit=cache_hit, key=key, input_shape=tuple(settings.input_shape), layers=layers,
-        size_bytes=engine_path.stat().st_size, builder_flags=tuple(sorted(flags)),
+        engine_path=engine_path,
+        sha256=file_sha256(engine_path),
+        flavour=flavour.name,
+        flavour_version=flavour.version,
+        precision=settings.precision,
+        onnx_path=onnx,
+        build_seconds=seconds,
+        cache_hit=cache_hit,
+        key=key,
+        input_shape=tuple(settings.input_shape),
+        layers=layers,
+        size_bytes=engine_path.stat().st_size,
+        builder_flags=tuple(sorted(flags)),
         compute_capabilities=settings.compute_capabilities,
     )
     if cached is not None and not cache_hit:

@@ -125,8 +125,12 @@ class Detector:
             t2 = time.perf_counter()
             maps, scores = outputs["anomaly_map"], outputs["score"]
             chunk_results = [
-                Result(score=float(scores[i]), anomaly_map=maps[i], is_anomaly=bool(is_anomalous(scores[i], self.threshold)),
-                       threshold=self.threshold)
+                Result(
+                    score=float(scores[i]),
+                    anomaly_map=maps[i],
+                    is_anomaly=bool(is_anomalous(scores[i], self.threshold)),
+                    threshold=self.threshold,
+                )
                 for i in range(len(chunk))
             ]
             t3 = time.perf_counter()

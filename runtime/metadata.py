@@ -76,8 +76,10 @@ class ExportMetadata:
         if not isinstance(version, int) or isinstance(version, bool):
             raise MetadataError(f"{source}: field 'format_version' must be an integer, got {version!r}")
         if version > FORMAT_VERSION:
-            raise MetadataError(f"{source}: format version {version} is newer than this runtime understands "
-                                f"({FORMAT_VERSION}); upgrade edgead")
+            raise MetadataError(
+                f"{source}: format version {version} is newer than this runtime understands "
+                f"({FORMAT_VERSION}); upgrade edgead"
+            )
         hints = {"str": str, "int": int, "dict[str, Any]": dict, "list[dict[str, Any]]": list}
         fields = {f.name: f for f in dataclasses.fields(cls)}
         for name, f in fields.items():
@@ -88,8 +90,9 @@ class ExportMetadata:
                 continue
             expected = hints[str(f.type)]
             if not isinstance(data[name], expected):
-                raise MetadataError(f"{source}: field '{name}' must be a JSON {expected.__name__}, got "
-                                    f"{type(data[name]).__name__}")
+                raise MetadataError(
+                    f"{source}: field '{name}' must be a JSON {expected.__name__}, got {type(data[name]).__name__}"
+                )
         meta = cls(**{k: v for k, v in data.items() if k in fields})
         meta._check_details(source)
         return meta

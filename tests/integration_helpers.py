@@ -13,7 +13,15 @@ def make_tiny_run(root: Path, image_size: int = 32, steps: int = 5) -> tuple[Pat
     """Return ``(data_root, run_dir)``; a few steps suffice for numerical parity tests."""
     data = generate_dataset(root / "data", size=image_size, n_train=24, n_test_good=6, n_test_defect=6, seed=3)
     cfg = TrainConfig(steps=steps, batch_size=4, lr=1e-3, checkpoint_every=steps)
-    run_dir, _ = train_run("score-resilience", data, preset="tiny", image_size=image_size, train_cfg=cfg,
-                           runs_root=root / "runs", device="cpu", progress=False,
-                           method_params={"n_draws": 2})
+    run_dir, _ = train_run(
+        "score-resilience",
+        data,
+        preset="tiny",
+        image_size=image_size,
+        train_cfg=cfg,
+        runs_root=root / "runs",
+        device="cpu",
+        progress=False,
+        method_params={"n_draws": 2},
+    )
     return data, run_dir

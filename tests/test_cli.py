@@ -54,8 +54,22 @@ def test_train_with_truncated_image_names_the_file(tmp_path: Path) -> None:
     data = generate_dataset(tmp_path / "data", size=32, n_train=6, n_test_good=2, n_test_defect=2, seed=1)
     victim = sorted((data / "train" / "good").iterdir())[0]
     victim.write_bytes(victim.read_bytes()[:60])
-    result = runner.invoke(app, ["train", "--data", str(data), "--preset", "tiny", "--image-size", "32",
-                                 "--steps", "1", "--runs-root", str(tmp_path / "runs")])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--data",
+            str(data),
+            "--preset",
+            "tiny",
+            "--image-size",
+            "32",
+            "--steps",
+            "1",
+            "--runs-root",
+            str(tmp_path / "runs"),
+        ],
+    )
     assert result.exit_code == 2
     assert victim.name in result.output
 
@@ -77,9 +91,27 @@ def test_eval_without_a_run_says_how_to_get_one(tmp_path: Path) -> None:
 def test_train_then_eval_through_the_cli(tmp_path: Path) -> None:
     data = generate_dataset(tmp_path / "data", size=32, n_train=12, n_test_good=4, n_test_defect=4, seed=2)
     runs = tmp_path / "runs"
-    result = runner.invoke(app, ["train", "--data", str(data), "--preset", "tiny", "--image-size", "32",
-                                 "--steps", "3", "--batch-size", "4", "--runs-root", str(runs), "--no-progress",
-                                 "--param", "n_draws=2"])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--data",
+            str(data),
+            "--preset",
+            "tiny",
+            "--image-size",
+            "32",
+            "--steps",
+            "3",
+            "--batch-size",
+            "4",
+            "--runs-root",
+            str(runs),
+            "--no-progress",
+            "--param",
+            "n_draws=2",
+        ],
+    )
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["eval", "--data", str(data), "--runs-root", str(runs)])
     assert result.exit_code == 0, result.output

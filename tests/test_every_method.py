@@ -44,9 +44,26 @@ def trained(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     root = tmp_path_factory.mktemp(name)
     data = generate_dataset(root / "data", size=32, n_train=24, n_test_good=4, n_test_defect=4, seed=7)
     smoke = cls.smoke
-    args = ["train", "--method", name, "--data", str(data), "--image-size", "32", "--runs-root", str(root / "runs"),
-            "--steps", str(smoke.get("steps", 1)), "--batch-size", str(smoke.get("batch_size", 8)),
-            "--lr", str(smoke.get("lr", 1e-3)), "--lr-schedule", "constant", "--no-progress"]
+    args = [
+        "train",
+        "--method",
+        name,
+        "--data",
+        str(data),
+        "--image-size",
+        "32",
+        "--runs-root",
+        str(root / "runs"),
+        "--steps",
+        str(smoke.get("steps", 1)),
+        "--batch-size",
+        str(smoke.get("batch_size", 8)),
+        "--lr",
+        str(smoke.get("lr", 1e-3)),
+        "--lr-schedule",
+        "constant",
+        "--no-progress",
+    ]
     if cls.uses_preset:
         args += ["--preset", smoke.get("preset", "tiny")]
     for key, value in smoke.get("params", {}).items():
@@ -59,20 +76,34 @@ def trained(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_export_parity_engine_runtime_and_live_loop(trained: tuple[str, Path, Path], precision: str,
-                                                   tmp_path: Path) -> None:
+def test_export_parity_engine_runtime_and_live_loop(
+    trained: tuple[str, Path, Path], precision: str, tmp_path: Path
+) -> None:
     name, runs, tests = trained
     out = tmp_path / "export"
-    args = ["export", "--method", name, "--runs-root", str(runs), "--out", str(out), "--precision", precision,
-            "--engine-cache", str(tmp_path / "cache")]
+    args = [
+        "export",
+        "--method",
+        name,
+        "--runs-root",
+        str(runs),
+        "--out",
+        str(out),
+        "--precision",
+        precision,
+        "--engine-cache",
+        str(tmp_path / "cache"),
+    ]
     if HAS_RTX:
         args += ["--format", "tensorrt", "--trt-flavour", "tensorrt_rtx"]
     _invoke(args)
 
     meta = load_metadata(out)
     assert meta.method == name and meta.format_version >= 2
-    assert meta.parity["torch_vs_onnxruntime_fp32"]["score_max_rel_error"] < 1e-4 or \
-        meta.parity["fp32_conditioning"]["within"]
+    assert (
+        meta.parity["torch_vs_onnxruntime_fp32"]["score_max_rel_error"] < 1e-4
+        or meta.parity["fp32_conditioning"]["within"]
+    )
     assert "stored in the run" in meta.threshold["source"]  # the dataset is gone: the run was self-contained
     steps = [step["step"] for step in meta.steps]
     assert steps[:6] == ["load run", "validation sets", "ONNX FP32", "PyTorch reference", "threshold", "parity FP32"]
@@ -98,8 +129,26 @@ def test_export_parity_engine_runtime_and_live_loop(trained: tuple[str, Path, Pa
 
     # The live loop on a folder of images, headless, with the one threshold override.
     log = tmp_path / "frames.jsonl"
-    _invoke(["run", "--camera", str(tests / "good"), "--export", str(out), "--headless", "--max-frames", "3",
-             "--log", str(log), "--threshold", "-1", "--precision", precision, "--backend", "onnxruntime"])
+    _invoke(
+        [
+            "run",
+            "--camera",
+            str(tests / "good"),
+            "--export",
+            str(out),
+            "--headless",
+            "--max-frames",
+            "3",
+            "--log",
+            str(log),
+            "--threshold",
+            "-1",
+            "--precision",
+            precision,
+            "--backend",
+            "onnxruntime",
+        ]
+    )
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert len(records) == 3 and all(r["is_anomaly"] and r["threshold"] == -1.0 for r in records)
 

@@ -50,9 +50,7 @@ def _regions_8connected(mask: np.ndarray) -> list[np.ndarray]:
 
 
 def _brute_force_aupro(masks: np.ndarray, maps: np.ndarray, limit: float) -> float:
-    regions = [
-        (index, region) for index, mask in enumerate(masks) for region in _regions_8connected(mask > 0)
-    ]
+    regions = [(index, region) for index, mask in enumerate(masks) for region in _regions_8connected(mask > 0)]
     normal = masks == 0
     points = [(0.0, 0.0)]
     for threshold in sorted(np.unique(maps), reverse=True):
@@ -228,9 +226,7 @@ def test_write_report_files(tmp_path: Path) -> None:
     labels, scores, masks, maps = _toy_dataset(num_images=6, size=16)
     rng = np.random.default_rng(2)
     images = rng.integers(0, 256, size=(6, 32, 32, 3), dtype=np.uint8)  # maps/masks are smaller: resized
-    paths = [
-        f"data/test/{'crack' if label else 'good'}/{index:03d}.png" for index, label in enumerate(labels)
-    ]
+    paths = [f"data/test/{'crack' if label else 'good'}/{index:03d}.png" for index, label in enumerate(labels)]
     metrics = compute_metrics(labels, scores, masks, maps)
     out_dir = tmp_path / "report"
     (out_dir / "overlays").mkdir(parents=True)
@@ -268,9 +264,7 @@ def test_write_report_files(tmp_path: Path) -> None:
 def test_write_report_without_masks(tmp_path: Path) -> None:
     labels, scores, _, maps = _toy_dataset(num_images=4, size=8)
     images = [np.full((300, 300, 3), 128, dtype=np.uint8) for _ in labels]
-    write_report(
-        tmp_path, {"image_auroc": 1.0}, labels, scores, [f"{i}.png" for i in range(4)], images, maps, top_k=10
-    )
+    write_report(tmp_path, {"image_auroc": 1.0}, labels, scores, [f"{i}.png" for i in range(4)], images, maps, top_k=10)
     overlays = list((tmp_path / "overlays").iterdir())
     assert len(overlays) == 4
     row = cv2.imread(str(overlays[0]))

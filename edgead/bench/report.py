@@ -53,7 +53,9 @@ def run_bench(
     name = f"{detector.backend.name} ({precision or 'default'})"
     rows = [{"name": name, "stats": backend_result["stages"]["total"], "fps": backend_result["throughput_fps"]}]
     report: dict[str, Any] = {
-        "export": str(export_dir), "method": meta["method"], "input_shape": meta["input"]["shape"],
+        "export": str(export_dir),
+        "method": meta["method"],
+        "input_shape": meta["input"]["shape"],
         "backend": {"name": detector.backend.name, **backend_result},
         "memory_after_backend": resident_memory_mb(),
     }
@@ -69,21 +71,37 @@ def run_bench(
         device = "cuda" if torch.cuda.is_available() else "cpu"
         baselines = [bench_torch_eager(run_dir, batch, warmup_s, duration_s, min_runs, device=device)]
         if device == "cuda":
-            baselines.append(bench_torch_eager(run_dir, batch, warmup_s, duration_s, min_runs, device=device,
-                                               half=True))
+            baselines.append(
+                bench_torch_eager(run_dir, batch, warmup_s, duration_s, min_runs, device=device, half=True)
+            )
         report["torch_eager"] = baselines
         # Same work on both sides: the network graph on a preprocessed batch (the backend's "infer" stage).
         report["speedup_vs_torch_eager_fp32"] = baselines[0]["stats"]["median"] / infer
-        rows.insert(0, {"name": f"{detector.backend.name} infer only", "stats": backend_result["stages"]["infer"],
-                        "fps": 1e3 * detector.batch_size / infer, "speedup": report["speedup_vs_torch_eager_fp32"]})
+        rows.insert(
+            0,
+            {
+                "name": f"{detector.backend.name} infer only",
+                "stats": backend_result["stages"]["infer"],
+                "fps": 1e3 * detector.batch_size / infer,
+                "speedup": report["speedup_vs_torch_eager_fp32"],
+            },
+        )
         for base in baselines:
-            rows.append({"name": f"torch eager {base['device']} {base['precision']}", "stats": base["stats"],
-                         "fps": base["fps"], "speedup": baselines[0]["stats"]["median"] / base["stats"]["median"]})
+            rows.append(
+                {
+                    "name": f"torch eager {base['device']} {base['precision']}",
+                    "stats": base["stats"],
+                    "fps": base["fps"],
+                    "speedup": baselines[0]["stats"]["median"] / base["stats"]["median"],
+                }
+            )
     else:
         report["torch_eager"] = None
         report["torch_eager_skipped"] = (
-            "torch not installed" if not torch_available else f"run directory {run_dir} not found"
-        ) if torch_baseline else "disabled"
+            ("torch not installed" if not torch_available else f"run directory {run_dir} not found")
+            if torch_baseline
+            else "disabled"
+        )
     if camera_loop:
         with tempfile.TemporaryDirectory() as tmp:
             video = write_bench_video(Path(tmp) / "bench.avi", frame)
@@ -94,9 +112,11 @@ def run_bench(
     report["table"] = format_table(rows)
     if "camera_loop" in report:
         loop = report["camera_loop"]
-        report["table"] += (f"\ncamera loop on a video file: {loop['fps']:.1f} FPS "
-                            f"({loop['ratio_to_bare']:.2f} x bare predict), median latency "
-                            f"{loop['median_latency_ms']:.1f} ms")
+        report["table"] += (
+            f"\ncamera loop on a video file: {loop['fps']:.1f} FPS "
+            f"({loop['ratio_to_bare']:.2f} x bare predict), median latency "
+            f"{loop['median_latency_ms']:.1f} ms"
+        )
     detector.close()
     if json_path is not None:
         write_bytes_atomic(json_path, (json.dumps(report, indent=2) + "\n").encode())

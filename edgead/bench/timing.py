@@ -28,14 +28,20 @@ def latency_stats(samples_ms: list[float] | np.ndarray) -> dict[str, float]:
         raise ValueError("no latency samples")
     mean = float(values.mean())
     return {
-        "n": int(values.size), "min": float(values.min()), "mean": mean, "median": float(np.median(values)),
-        "p90": float(np.percentile(values, 90)), "p99": float(np.percentile(values, 99)),
-        "max": float(values.max()), "cv": float(values.std() / mean) if mean > 0 else 0.0,
+        "n": int(values.size),
+        "min": float(values.min()),
+        "mean": mean,
+        "median": float(np.median(values)),
+        "p90": float(np.percentile(values, 90)),
+        "p99": float(np.percentile(values, 99)),
+        "max": float(values.max()),
+        "cv": float(values.std() / mean) if mean > 0 else 0.0,
     }
 
 
-def timed_loop(fn: Callable[[], dict[str, float] | None], warmup_s: float, duration_s: float,
-               min_runs: int = 50) -> dict[str, list[float]]:
+def timed_loop(
+    fn: Callable[[], dict[str, float] | None], warmup_s: float, duration_s: float, min_runs: int = 50
+) -> dict[str, list[float]]:
     """Call ``fn`` for ``warmup_s`` unrecorded, then for at least ``duration_s`` and ``min_runs`` calls.
 
     ``fn`` may return its own stage timings in ms; the wall time of each call is recorded as ``total``.
@@ -54,8 +60,9 @@ def timed_loop(fn: Callable[[], dict[str, float] | None], warmup_s: float, durat
     return samples
 
 
-def bench_detector(detector: Detector, frame_bgr: np.ndarray, warmup_s: float = 2.0, duration_s: float = 10.0,
-                   min_runs: int = 50) -> dict[str, Any]:
+def bench_detector(
+    detector: Detector, frame_bgr: np.ndarray, warmup_s: float = 2.0, duration_s: float = 10.0, min_runs: int = 50
+) -> dict[str, Any]:
     """Latency of ``detector.predict`` on one frame, per stage."""
     samples = timed_loop(lambda: detector.predict(frame_bgr).timings, warmup_s, duration_s, min_runs)
     stats = {stage: latency_stats(samples[stage]) for stage in STAGES if stage in samples}
@@ -79,8 +86,12 @@ def write_bench_video(path: Path, frame_bgr: np.ndarray, n_frames: int = 120, fp
 def bench_camera_loop(detector: Detector, video: Path, max_frames: int | None = None) -> dict[str, Any]:
     """End-to-end FPS of ``edgead run`` (capture thread, queue, predict) on a video file, headless."""
     summary = run_live(detector, str(video), LiveOptions(show=False, max_frames=max_frames), on_event=lambda _: None)
-    return {"frames": summary.frames, "fps": summary.fps, "median_latency_ms": summary.median_latency_ms,
-            "dropped": summary.dropped}
+    return {
+        "frames": summary.frames,
+        "fps": summary.fps,
+        "median_latency_ms": summary.median_latency_ms,
+        "dropped": summary.dropped,
+    }
 
 
 def resident_memory_mb() -> dict[str, float | None]:
@@ -104,6 +115,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     for row in rows:
         s = row["stats"]
         ratio = f"{row['speedup']:.2f}x" if row.get("speedup") else "-"
-        lines.append(f"{row['name']:<28}{s['median']:>10.2f}{s['p90']:>9.2f}{s['p99']:>9.2f}{s['cv']:>7.2f}"
-                     f"{row['fps']:>9.1f}{ratio:>10}")
+        lines.append(
+            f"{row['name']:<28}{s['median']:>10.2f}{s['p90']:>9.2f}{s['p99']:>9.2f}{s['cv']:>7.2f}"
+            f"{row['fps']:>9.1f}{ratio:>10}"
+        )
     return "\n".join(lines)

@@ -14,8 +14,15 @@ from edgead.config import RunConfig
 from edgead.methods import get_method
 
 
-def bench_torch_eager(run_dir: Path, batch: np.ndarray, warmup_s: float, duration_s: float, min_runs: int = 50,
-                      device: str = "cpu", half: bool = False) -> dict[str, Any]:
+def bench_torch_eager(
+    run_dir: Path,
+    batch: np.ndarray,
+    warmup_s: float,
+    duration_s: float,
+    min_runs: int = 50,
+    device: str = "cpu",
+    half: bool = False,
+) -> dict[str, Any]:
     """Latency of the method's inference graph in eager PyTorch on the same preprocessed batch."""
     config = copy.deepcopy(RunConfig.load(run_dir))
     config.preprocess["image_size"] = int(batch.shape[-1])
@@ -34,5 +41,10 @@ def bench_torch_eager(run_dir: Path, batch: np.ndarray, warmup_s: float, duratio
 
     samples = timed_loop(call, warmup_s, duration_s, min_runs)
     stats = latency_stats(samples["total"])
-    return {"stats": stats, "fps": 1e3 * len(batch) / stats["median"], "device": device,
-            "precision": "fp16" if half else "fp32", "threads": torch.get_num_threads()}
+    return {
+        "stats": stats,
+        "fps": 1e3 * len(batch) / stats["median"],
+        "device": device,
+        "precision": "fp16" if half else "fp32",
+        "threads": torch.get_num_threads(),
+    }

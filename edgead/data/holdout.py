@@ -27,8 +27,11 @@ class HoldoutError(ValueError):
 
 def save_holdout(run_dir: Path, paths: Sequence[Path], pre: PreprocessConfig) -> dict[str, object]:
     """Read, resize and store the held-out images; return the record that goes into ``config.data``."""
-    images = np.stack([resize_image(read_image(p), pre.image_size, pre.interpolation) for p in paths]) if paths \
+    images = (
+        np.stack([resize_image(read_image(p), pre.image_size, pre.interpolation) for p in paths])
+        if paths
         else np.zeros((0, pre.image_size, pre.image_size, 3), np.uint8)
+    )
     names = np.array([Path(p).name for p in paths], dtype=np.str_)
     buffer = io.BytesIO()
     np.savez_compressed(buffer, images=images, names=names)
@@ -46,8 +49,9 @@ def load_holdout(run_dir: Path, record: dict[str, object] | None) -> tuple[list[
         return [], []
     path = Path(run_dir) / str(record["file"])
     if not path.is_file():
-        raise HoldoutError(f"{path}: the run's held-out images are missing; pass --data DIR to calibrate on "
-                           "other normal images")
+        raise HoldoutError(
+            f"{path}: the run's held-out images are missing; pass --data DIR to calibrate on other normal images"
+        )
     if record.get("sha256") and file_sha256(path) != record["sha256"]:
         raise HoldoutError(f"{path}: SHA-256 differs from config.json; the held-out images were changed")
     try:

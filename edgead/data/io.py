@@ -90,9 +90,7 @@ def _decode(path: str | os.PathLike[str]) -> np.ndarray:
     except cv2.error as exc:  # some codecs raise instead of returning None
         raise ImageReadError(f"cannot decode image file {file_path}: {exc}") from exc
     if decoded is None or decoded.size == 0:
-        raise ImageReadError(
-            f"cannot decode image file {file_path}: expected one of {', '.join(IMAGE_EXTENSIONS)}"
-        )
+        raise ImageReadError(f"cannot decode image file {file_path}: expected one of {', '.join(IMAGE_EXTENSIONS)}")
     return decoded
 
 

@@ -162,9 +162,7 @@ def _as_path(item: Sample | str | os.PathLike[str]) -> Path:
     return item.path if isinstance(item, Sample) else Path(item)
 
 
-def load_images(
-    samples_or_paths: Iterable[Sample | str | os.PathLike[str]], cfg: PreprocessConfig
-) -> np.ndarray:
+def load_images(samples_or_paths: Iterable[Sample | str | os.PathLike[str]], cfg: PreprocessConfig) -> np.ndarray:
     """Reads and preprocesses images into one batch.
 
     Args:

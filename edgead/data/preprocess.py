@@ -66,9 +66,7 @@ class PreprocessConfig:
         if self.channels not in (1, 3):
             raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {self.channels!r}")
         if self.interpolation not in INTERPOLATIONS:
-            raise ValueError(
-                f"interpolation must be one of {sorted(INTERPOLATIONS)}, got {self.interpolation!r}"
-            )
+            raise ValueError(f"interpolation must be one of {sorted(INTERPOLATIONS)}, got {self.interpolation!r}")
         mean = tuple(float(value) for value in self.mean)
         std = tuple(float(value) for value in self.std)
         if len(mean) != self.channels and all(value == 0.0 for value in mean):
@@ -77,8 +75,7 @@ class PreprocessConfig:
             std = (1.0,) * self.channels
         if len(mean) != self.channels or len(std) != self.channels:
             raise ValueError(
-                f"mean and std need one value per channel (channels={self.channels}), "
-                f"got mean={mean} and std={std}"
+                f"mean and std need one value per channel (channels={self.channels}), got mean={mean} and std={std}"
             )
         if not all(np.isfinite(value) for value in mean + std) or min(std) <= 0.0:
             raise ValueError(f"mean must be finite and std finite and > 0, got mean={mean}, std={std}")
@@ -110,9 +107,7 @@ class PreprocessConfig:
         known = {"image_size", "channels", "mean", "std", "interpolation"}
         unknown = set(data) - known
         if unknown:
-            raise ValueError(
-                f"unknown preprocessing keys {sorted(unknown)}; expected a subset of {sorted(known)}"
-            )
+            raise ValueError(f"unknown preprocessing keys {sorted(unknown)}; expected a subset of {sorted(known)}")
         if "image_size" not in data:
             raise ValueError("preprocessing config is missing 'image_size'")
         kwargs = dict(data)

@@ -109,9 +109,7 @@ class PseudoAnomaly:
         cols = np.flatnonzero(canvas.any(axis=0))
         return canvas[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].astype(bool)
 
-    def _placements(
-        self, height: int, width: int, box: tuple[int, int]
-    ) -> tuple[tuple[int, int], tuple[int, int]]:
+    def _placements(self, height: int, width: int, box: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
         """Picks top-left corners in source and target that are apart where the image allows."""
         rng = self._rng
         box_h, box_w = box
@@ -138,8 +136,7 @@ class PseudoAnomaly:
         target_pixels, source_pixels = np.asarray(target), np.asarray(source)
         if target_pixels.shape != source_pixels.shape:
             raise ValueError(
-                f"target and source must have the same shape, got {target_pixels.shape} "
-                f"and {source_pixels.shape}"
+                f"target and source must have the same shape, got {target_pixels.shape} and {source_pixels.shape}"
             )
         if target_pixels.dtype != np.uint8 or source_pixels.dtype != np.uint8:
             raise ValueError(f"expected uint8 images, got {target_pixels.dtype} and {source_pixels.dtype}")

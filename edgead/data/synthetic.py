@@ -76,9 +76,7 @@ def _print_scene(rng: np.random.Generator, size: int) -> _Scene:
     dx, dy = (u - cell_x - 0.5) * period, (v - cell_y - 0.5) * period
     # Soft (anti-aliased) edges so that sub-pixel shifts give smooth, natural variation.
     dot = np.clip(1.7 * scale - np.hypot(dx, dy) + 0.5, 0.0, 1.0)
-    dash = np.clip(0.9 * scale - np.abs(dy) + 0.5, 0.0, 1.0) * np.clip(
-        2.6 * scale - np.abs(dx) + 0.5, 0.0, 1.0
-    )
+    dash = np.clip(0.9 * scale - np.abs(dy) + 0.5, 0.0, 1.0) * np.clip(2.6 * scale - np.abs(dx) + 0.5, 0.0, 1.0)
     ink_weight = np.where((cell_x + cell_y) % 2 == 0, dot, dash)
     paper = np.array([228.0, 222.0, 205.0], dtype=np.float32) * rng.uniform(0.97, 1.03)
     ink = np.array([40.0, 55.0, 120.0], dtype=np.float32) + rng.normal(0.0, 3.0, 3).astype(np.float32)
@@ -152,12 +150,23 @@ def _fixed(points: np.ndarray) -> np.ndarray:
     return np.rint(np.asarray(points, dtype=np.float64) * _SUBPIXEL).astype(np.int32)
 
 
-def _fill_ellipse(canvas: np.ndarray, centre: np.ndarray, major: float, direction: float,
-                  rng: np.random.Generator) -> None:
+def _fill_ellipse(
+    canvas: np.ndarray, centre: np.ndarray, major: float, direction: float, rng: np.random.Generator
+) -> None:
     """Paint a filled anti-aliased ellipse (minor axis 0.6-1.0 x ``major``) into the mask canvas."""
     axes = _fixed([major, major * rng.uniform(0.6, 1.0)])
-    cv2.ellipse(canvas, tuple(_fixed(centre)), tuple(axes), float(np.degrees(direction)), 0.0, 360.0, 255, -1,
-                cv2.LINE_AA, _SUBPIXEL_BITS)
+    cv2.ellipse(
+        canvas,
+        tuple(_fixed(centre)),
+        tuple(axes),
+        float(np.degrees(direction)),
+        0.0,
+        360.0,
+        255,
+        -1,
+        cv2.LINE_AA,
+        _SUBPIXEL_BITS,
+    )
 
 
 def _contrasting_grey(rng: np.random.Generator, scene: _Scene) -> np.ndarray:
@@ -210,9 +219,7 @@ def _paint_defect(
         colour = np.full(3, rng.uniform(10.0, 30.0), dtype=np.float32)
     elif kind == "missing":
         width, height = rng.uniform(7.0, 12.0) * scale, rng.uniform(5.0, 10.0) * scale
-        corners = cv2.boxPoints(
-            ((float(centre[0]), float(centre[1])), (width, height), np.degrees(direction))
-        )
+        corners = cv2.boxPoints(((float(centre[0]), float(centre[1])), (width, height), np.degrees(direction)))
         corners += rng.uniform(-1.0, 1.0, corners.shape) * scale  # ragged rather than machined edges
         cv2.fillPoly(canvas, [_fixed(corners)], 255, cv2.LINE_8, _SUBPIXEL_BITS)
         colour = np.array(scene.backdrop, dtype=np.float32)
@@ -285,9 +292,7 @@ def _prepare_root(root: Path, marker: dict[str, object]) -> bool:
     if existing.get("params") == marker["params"] and existing.get("complete") is True:
         return True
     ours = set(_DATASET_DIRS) | {MARKER_NAME}
-    foreign = sorted(
-        entry.name for entry in entries if entry.name not in ours and not entry.name.startswith(".")
-    )
+    foreign = sorted(entry.name for entry in entries if entry.name not in ours and not entry.name.startswith("."))
     if foreign:
         raise ValueError(f"refusing to overwrite {root}: it also holds files edgead did not write: {foreign}")
     # A previous synthetic dataset with other parameters (or an interrupted run): regenerate.

@@ -121,13 +121,9 @@ def ddim_step(
     x0_hat = predict_x0_from_eps(x_t, eps, alpha_bar_t)
     x_prev = _sqrt(alpha_bar_prev) * x0_hat
     if eta > 0.0:
-        sigma_t = eta * _sqrt(
-            (1.0 - alpha_bar_prev) / (1.0 - alpha_bar_t) * (1.0 - alpha_bar_t / alpha_bar_prev)
-        )
+        sigma_t = eta * _sqrt((1.0 - alpha_bar_prev) / (1.0 - alpha_bar_t) * (1.0 - alpha_bar_t / alpha_bar_prev))
         direction_var = 1.0 - alpha_bar_prev - sigma_t**2
-        direction_var = (
-            direction_var.clamp(min=0.0) if isinstance(direction_var, Tensor) else max(direction_var, 0.0)
-        )
+        direction_var = direction_var.clamp(min=0.0) if isinstance(direction_var, Tensor) else max(direction_var, 0.0)
         return x_prev + _sqrt(direction_var) * eps + sigma_t * noise
     return x_prev + _sqrt(1.0 - alpha_bar_prev) * eps
 

@@ -95,9 +95,7 @@ def ve_marginal(t: Scalar, sigma_min: float = 0.01, sigma_max: float = 50.0) -> 
     return _ones_like(t), ve_sigma(t, sigma_min, sigma_max)
 
 
-def ve_drift_diffusion(
-    x: Tensor, t: Scalar, sigma_min: float = 0.01, sigma_max: float = 50.0
-) -> tuple[Tensor, Scalar]:
+def ve_drift_diffusion(x: Tensor, t: Scalar, sigma_min: float = 0.01, sigma_max: float = 50.0) -> tuple[Tensor, Scalar]:
     """``f = 0``, ``g(t) = sigma(t) sqrt(2 log(sigma_max / sigma_min))`` (Song et al. eq. 30).
 
     ``g(t)^2 = d sigma(t)^2 / dt`` for the geometric ``sigma(t)``.
@@ -155,9 +153,7 @@ def vp_marginal(t: Scalar, beta_min: float = 0.1, beta_max: float = 20.0) -> tup
     return mean_coeff, _sqrt(1.0 - mean_coeff**2)
 
 
-def vp_drift_diffusion(
-    x: Tensor, t: Scalar, beta_min: float = 0.1, beta_max: float = 20.0
-) -> tuple[Tensor, Scalar]:
+def vp_drift_diffusion(x: Tensor, t: Scalar, beta_min: float = 0.1, beta_max: float = 20.0) -> tuple[Tensor, Scalar]:
     """``f = -beta(t) x / 2``, ``g = sqrt(beta(t))`` (Song et al. eq. 32)."""
     beta_t = vp_beta(t, beta_min, beta_max)
     return -0.5 * broadcast_like(beta_t, x) * x, _sqrt(beta_t)
@@ -171,9 +167,7 @@ def subvp_marginal(t: Scalar, beta_min: float = 0.1, beta_max: float = 20.0) -> 
     return _exp(log_mean_coeff), 1.0 - _exp(2.0 * log_mean_coeff)
 
 
-def subvp_drift_diffusion(
-    x: Tensor, t: Scalar, beta_min: float = 0.1, beta_max: float = 20.0
-) -> tuple[Tensor, Scalar]:
+def subvp_drift_diffusion(x: Tensor, t: Scalar, beta_min: float = 0.1, beta_max: float = 20.0) -> tuple[Tensor, Scalar]:
     """``f = -beta(t) x / 2``, ``g = sqrt(beta(t) (1 - exp(-2 b_min t - (b_max - b_min) t^2)))``
     (Song et al. eq. 34).
     """

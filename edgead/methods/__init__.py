@@ -42,8 +42,9 @@ class MethodEntry:
 def _literal_class_attrs(node: ast.ClassDef) -> dict[str, str]:
     attrs: dict[str, str] = {}
     for stmt in node.body:
-        targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target] if isinstance(stmt, ast.AnnAssign) \
-            else []
+        targets = (
+            stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target] if isinstance(stmt, ast.AnnAssign) else []
+        )
         value = getattr(stmt, "value", None)
         if isinstance(value, ast.Constant) and isinstance(value.value, str):
             for target in targets:
@@ -63,10 +64,16 @@ def _entries_in(folder: Path) -> list[MethodEntry]:
         if "name" not in attrs:
             continue
         doc = (ast.get_docstring(node) or "").strip().splitlines()
-        entries.append(MethodEntry(
-            name=attrs["name"], module=f"edgead.methods.{folder.name}.method", class_name=node.name,
-            paper=attrs.get("paper", doc[0] if doc else ""), summary=attrs.get("summary", ""), folder=folder,
-        ))
+        entries.append(
+            MethodEntry(
+                name=attrs["name"],
+                module=f"edgead.methods.{folder.name}.method",
+                class_name=node.name,
+                paper=attrs.get("paper", doc[0] if doc else ""),
+                summary=attrs.get("summary", ""),
+                folder=folder,
+            )
+        )
     return entries
 
 
@@ -82,8 +89,9 @@ def discover() -> dict[str, MethodEntry]:
     for folder in method_folders():
         for entry in _entries_in(folder):
             if entry.name in found:
-                raise RuntimeError(f"method name {entry.name!r} is defined in both {found[entry.name].folder} "
-                                   f"and {folder}")
+                raise RuntimeError(
+                    f"method name {entry.name!r} is defined in both {found[entry.name].folder} and {folder}"
+                )
             found[entry.name] = entry
     return found
 

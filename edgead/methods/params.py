@@ -126,8 +126,10 @@ class MethodParams:
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - set(fields))
         if unknown:
-            raise ParamError(f"{method}: unknown parameter(s) {', '.join(unknown)}; "
-                             f"{method} has {', '.join(fields)} (see `edgead info --method {method}`)")
+            raise ParamError(
+                f"{method}: unknown parameter(s) {', '.join(unknown)}; "
+                f"{method} has {', '.join(fields)} (see `edgead info --method {method}`)"
+            )
         hints = typing.get_type_hints(cls)
         kwargs = {}
         for name, value in data.items():
@@ -138,8 +140,9 @@ class MethodParams:
                 raise ParamError(f"{method}: parameter {name}={value!r} must be {err}") from None
             choices = field.metadata.get("choices")
             if choices and value not in choices:
-                raise ParamError(f"{method}: parameter {name}={value!r} must be one of "
-                                 f"{', '.join(repr(c) for c in choices)}")
+                raise ParamError(
+                    f"{method}: parameter {name}={value!r} must be one of {', '.join(repr(c) for c in choices)}"
+                )
             check = field.metadata.get("check")
             problem = check(value) if check is not None and value is not None else None
             if problem:
@@ -164,8 +167,15 @@ class MethodParams:
         rows = []
         for field in dataclasses.fields(cls):
             default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
-            rows.append({"name": field.name, "default": default, "doc": field.metadata.get("doc", ""),
-                         "ref": field.metadata.get("ref", ""), "choices": field.metadata.get("choices")})
+            rows.append(
+                {
+                    "name": field.name,
+                    "default": default,
+                    "doc": field.metadata.get("doc", ""),
+                    "ref": field.metadata.get("ref", ""),
+                    "choices": field.metadata.get("choices"),
+                }
+            )
         return rows
 
 

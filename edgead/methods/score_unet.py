@@ -58,9 +58,18 @@ class ScoreUNetMethod(Method):
             self.config.state.update({"step": step, "final": final})
             self.config.save(self.run_dir)
 
-        result = train_network(self.unet, self.loss, ctx.images, ctx.train, ctx.dist, run_dir=self.run_dir,
-                               on_checkpoint=on_checkpoint, resume=ctx.resume, progress=ctx.progress,
-                               description=f"{self.name} training")
+        result = train_network(
+            self.unet,
+            self.loss,
+            ctx.images,
+            ctx.train,
+            ctx.dist,
+            run_dir=self.run_dir,
+            on_checkpoint=on_checkpoint,
+            resume=ctx.resume,
+            progress=ctx.progress,
+            description=f"{self.name} training",
+        )
         result.ema.copy_to(self.unet)
         self.unet.cpu().eval()
         summary = {

@@ -185,8 +185,9 @@ class FeatureExtractor(nn.Module):
         if self.efficientnet:
             n_blocks = len(full.blocks)
             if stages[0] < 0 or stages[-1] > n_blocks + 1:
-                raise ValueError(f"{name} has stages 0..{n_blocks + 1} (stem, {n_blocks} block stages, head), "
-                                 f"got {stages}")
+                raise ValueError(
+                    f"{name} has stages 0..{n_blocks + 1} (stem, {n_blocks} block stages, head), got {stages}"
+                )
             # Keep what the last requested stage needs; the classifier head would only bloat the graph.
             self.conv_stem, self.bn1 = full.conv_stem, full.bn1
             self.blocks = full.blocks[: min(stages[-1], n_blocks)]

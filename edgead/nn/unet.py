@@ -184,10 +184,7 @@ def _is_tracing() -> bool:
     """True while TorchScript tracing, ONNX export, ``torch.export`` or ``torch.compile`` runs."""
     is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
     return bool(
-        torch.jit.is_tracing()
-        or torch.onnx.is_in_onnx_export()
-        or torch.compiler.is_compiling()
-        or is_exporting()
+        torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling() or is_exporting()
     )
 
 
@@ -334,9 +331,7 @@ class ScoreUNet(nn.Module):
         in_ch = bottom
         for level in reversed(range(levels - 1)):
             attention = level in cfg.attention_levels
-            self.decoder.append(
-                _Level(in_ch + widths[level], dec_widths[level], cfg.num_res_blocks, attention, cfg)
-            )
+            self.decoder.append(_Level(in_ch + widths[level], dec_widths[level], cfg.num_res_blocks, attention, cfg))
             in_ch = dec_widths[level]
         self.norm_out = nn.GroupNorm(cfg.groups, in_ch)
         self.conv_out = nn.Conv2d(in_ch, cfg.out_channels or cfg.in_channels, 3, padding=1)
@@ -412,6 +407,5 @@ class ScoreUNet(nn.Module):
         factor = self.downsampling_factor
         if x.shape[-2] % factor or x.shape[-1] % factor:
             raise ValueError(
-                f"input size {tuple(x.shape[-2:])} must be divisible by {factor} "
-                f"(2 ** (len(channel_mult) - 1))"
+                f"input size {tuple(x.shape[-2:])} must be divisible by {factor} (2 ** (len(channel_mult) - 1))"
             )

@@ -210,8 +210,10 @@ def train_network(
                 rate = (step - result.step) / max(elapsed, 1e-9)
                 eta = (cfg.steps - step) / max(rate, 1e-9)
                 shown = result.losses[-1] if result.losses else loss_value
-                console.print(f"{description}: step {step}/{cfg.steps} loss {shown:.4g} "
-                              f"{rate:.1f} steps/s ETA {eta:.0f} s", soft_wrap=True)
+                console.print(
+                    f"{description}: step {step}/{cfg.steps} loss {shown:.4g} {rate:.1f} steps/s ETA {eta:.0f} s",
+                    soft_wrap=True,
+                )
             out_of_time = cfg.max_time_s is not None and elapsed >= cfg.max_time_s
             if cfg.max_time_s is not None and any_rank_true(out_of_time, dist_info):
                 break

@@ -13,6 +13,4 @@ from edgead.data.synthetic import generate_dataset
 def small_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small synthetic MVTec-layout dataset shared read-only by several tests."""
     root = tmp_path_factory.mktemp("synthetic") / "print"
-    return generate_dataset(
-        root, category="print", size=32, n_train=12, n_test_good=4, n_test_defect=10, seed=3
-    )
+    return generate_dataset(root, category="print", size=32, n_train=12, n_test_good=4, n_test_defect=10, seed=3)

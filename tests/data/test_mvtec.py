@@ -40,10 +40,7 @@ def test_lists_generated_dataset(small_dataset: Path) -> None:
     assert len(defects) == 10 and all(sample.label == 1 for sample in defects)
     assert [sample.defect_type for sample in defects] == sorted(sample.defect_type for sample in defects)
     for sample in defects:
-        assert (
-            sample.mask_path
-            == small_dataset / "ground_truth" / sample.defect_type / f"{sample.path.stem}_mask.png"
-        )
+        assert sample.mask_path == small_dataset / "ground_truth" / sample.defect_type / f"{sample.path.stem}_mask.png"
     assert list_test(small_dataset) == test  # deterministic order
 
 
@@ -51,9 +48,7 @@ def test_load_images_and_masks(small_dataset: Path) -> None:
     test = list_test(small_dataset)
     images = load_images(test, PreprocessConfig(image_size=16))
     assert images.shape == (len(test), 3, 16, 16) and images.dtype == np.float32
-    assert np.array_equal(
-        images, load_images([sample.path for sample in test], PreprocessConfig(image_size=16))
-    )
+    assert np.array_equal(images, load_images([sample.path for sample in test], PreprocessConfig(image_size=16)))
     masks = load_masks(test, 32)
     assert masks.dtype == np.uint8 and set(np.unique(masks).tolist()) <= {0, 1}
     assert not masks[:4].any() and all(masks[index].any() for index in range(4, len(test)))

@@ -22,9 +22,7 @@ from edgead.data.synthetic import (
 
 
 def _file_bytes(root: Path) -> dict[str, bytes]:
-    return {
-        str(path.relative_to(root)): path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()
-    }
+    return {str(path.relative_to(root)): path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}
 
 
 def test_same_seed_gives_identical_files(tmp_path: Path) -> None:
@@ -57,9 +55,7 @@ def test_every_kind_is_visible_with_mask_in_range(category: str) -> None:
 
 
 def test_layout_masks_and_kinds(tmp_path: Path) -> None:
-    root = generate_dataset(
-        tmp_path / "d", category="part", size=48, n_train=4, n_test_good=2, n_test_defect=10
-    )
+    root = generate_dataset(tmp_path / "d", category="part", size=48, n_train=4, n_test_good=2, n_test_defect=10)
     assert len(list_train(root)) == 4
     test = list_test(root)
     assert {sample.defect_type for sample in test} == {"good", *DEFECT_KINDS}

@@ -51,9 +51,7 @@ def test_cosine_alpha_bar() -> None:
 
 def test_alpha_bar_from_betas_and_errors() -> None:
     betas = torch.tensor([0.1, 0.2, 0.5], dtype=torch.float32)
-    torch.testing.assert_close(
-        alpha_bar_from_betas(betas), torch.tensor([0.9, 0.72, 0.36], dtype=torch.float64)
-    )
+    torch.testing.assert_close(alpha_bar_from_betas(betas), torch.tensor([0.9, 0.72, 0.36], dtype=torch.float64))
     with pytest.raises(ValueError, match="schedule"):
         make_alpha_bar("sigmoid", 10)
 
@@ -75,9 +73,7 @@ def test_ddim_deterministic_step() -> None:
     x_t = ddpm_q_sample(x0, 0.3, eps)
     torch.testing.assert_close(ddim_step(x_t, eps, 0.3, 1.0), x0, rtol=1e-5, atol=1e-5)
     # eta = 0 with the exact eps lands exactly on the forward sample of the target step.
-    torch.testing.assert_close(
-        ddim_step(x_t, eps, 0.3, 0.8), ddpm_q_sample(x0, 0.8, eps), rtol=1e-5, atol=1e-5
-    )
+    torch.testing.assert_close(ddim_step(x_t, eps, 0.3, 0.8), ddpm_q_sample(x0, 0.8, eps), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="noise"):
         ddim_step(x_t, eps, 0.3, 0.8, eta=1.0)
 
@@ -102,15 +98,11 @@ def test_ddpm_step_mean_is_q_posterior_mean() -> None:
     ab_t, ab_prev, beta = alpha_bar[i].item(), alpha_bar[i - 1].item(), betas[i].item()
     x_t = ddpm_q_sample(x0, ab_t, eps)
     mean = ddpm_step(x_t, eps, i, betas, alpha_bar, torch.zeros_like(x_t))
-    mu_tilde = (
-        math.sqrt(ab_prev) * beta / (1 - ab_t) * x0 + math.sqrt(1 - beta) * (1 - ab_prev) / (1 - ab_t) * x_t
-    )
+    mu_tilde = math.sqrt(ab_prev) * beta / (1 - ab_t) * x0 + math.sqrt(1 - beta) * (1 - ab_prev) / (1 - ab_t) * x_t
     torch.testing.assert_close(mean, mu_tilde)
     noise = torch.ones_like(x_t)
     var_small = (1 - ab_prev) / (1 - ab_t) * beta
-    torch.testing.assert_close(
-        ddpm_step(x_t, eps, i, betas, alpha_bar, noise) - mean, noise * math.sqrt(var_small)
-    )
+    torch.testing.assert_close(ddpm_step(x_t, eps, i, betas, alpha_bar, noise) - mean, noise * math.sqrt(var_small))
     large = ddpm_step(x_t, eps, i, betas, alpha_bar, noise, variance="fixed_large") - mean
     torch.testing.assert_close(large, noise * math.sqrt(beta))
 

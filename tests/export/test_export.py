@@ -78,8 +78,12 @@ def test_fp16_graph_keeps_sensitive_parts_fp32(tiny: tuple[Path, Path, Path]) ->
 @pytest.mark.skipif(not HAS_RTX, reason="tensorrt-rtx-cu13 not installed")
 def test_fp32_export_builds_a_tensorrt_rtx_engine(tiny: tuple[Path, Path, Path], tmp_path: Path) -> None:
     data, run_dir, _ = tiny
-    meta = export_run(run_dir, tmp_path / "fp32", ExportOptions(format="tensorrt", data=data,
-                                                                trt_flavour="tensorrt_rtx"), log=lambda _: None)
+    meta = export_run(
+        run_dir,
+        tmp_path / "fp32",
+        ExportOptions(format="tensorrt", data=data, trt_flavour="tensorrt_rtx"),
+        log=lambda _: None,
+    )
     engine = meta["artifacts"]["engines"][0]
     assert engine["precision"] == "fp32" and engine["built_from"] == "model.onnx" and engine["layers"] > 0
     assert (tmp_path / "fp32" / engine["file"]).stat().st_size > 100_000
@@ -89,9 +93,14 @@ def test_fp32_export_builds_a_tensorrt_rtx_engine(tiny: tuple[Path, Path, Path],
 def test_fp16_export_builds_a_tensorrt_rtx_engine(tiny: tuple[Path, Path, Path], tmp_path: Path) -> None:
     data, run_dir, _ = tiny
     out = tmp_path / "fp16"
-    meta = export_run(run_dir, out, ExportOptions(precision="fp16", format="tensorrt", data=data,
-                                                  trt_flavour="tensorrt_rtx", engine_cache=tmp_path / "cache"),
-                      log=lambda _: None)
+    meta = export_run(
+        run_dir,
+        out,
+        ExportOptions(
+            precision="fp16", format="tensorrt", data=data, trt_flavour="tensorrt_rtx", engine_cache=tmp_path / "cache"
+        ),
+        log=lambda _: None,
+    )
     engine = meta["artifacts"]["engines"][0]
     assert engine["flavour"] == "tensorrt_rtx" and engine["built_from"] == "model.fp16.onnx"
     assert (out / engine["file"]).stat().st_size > 100_000
@@ -103,18 +112,24 @@ def test_fp16_export_builds_a_tensorrt_rtx_engine(tiny: tuple[Path, Path, Path],
     assert any(n.op_type == "Cast" for n in fp16_model.graph.node)
 
 
-def test_missing_tensorrt_is_a_clear_error(tiny: tuple[Path, Path, Path], tmp_path: Path,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_tensorrt_is_a_clear_error(
+    tiny: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     data, run_dir, _ = tiny
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     with pytest.raises(TensorRTUnavailable, match=r"edgead\[trt\]"):
-        export_run(run_dir, tmp_path / "x", ExportOptions(format="tensorrt", trt_flavour="tensorrt", data=data),
-                   log=lambda _: None)
+        export_run(
+            run_dir,
+            tmp_path / "x",
+            ExportOptions(format="tensorrt", trt_flavour="tensorrt", data=data),
+            log=lambda _: None,
+        )
     assert not (tmp_path / "x" / "edgead.json").exists()
 
 
-def test_failed_parity_leaves_the_previous_export_intact(tiny: tuple[Path, Path, Path],
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_parity_leaves_the_previous_export_intact(
+    tiny: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     data, run_dir, out = tiny
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     monkeypatch.setattr(exporter_module, "FP32_SCORE_RTOL", -1.0)

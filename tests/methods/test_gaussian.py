@@ -78,8 +78,9 @@ def test_opca_recovers_the_least_variance_subspace_of_a_known_covariance() -> No
     true_kept = basis[:, 3:]  # eigenvalues 4, 2, 1.2, 0.5, 0.3
     recovered = fit.whitening / np.linalg.norm(fit.whitening, axis=0)
     np.testing.assert_allclose(recovered @ recovered.T, true_kept @ true_kept.T, atol=0.03)
-    np.testing.assert_allclose(np.sort(1.0 / np.linalg.norm(fit.whitening, axis=0) ** 2), [0.3, 0.5, 1.2, 2, 4],
-                               rtol=0.05)
+    np.testing.assert_allclose(
+        np.sort(1.0 / np.linalg.norm(fit.whitening, axis=0) ** 2), [0.3, 0.5, 1.2, 2, 4], rtol=0.05
+    )
 
 
 @pytest.mark.parametrize("projection", ["none", "opca", "pca"])
@@ -112,8 +113,10 @@ def test_graph_sums_stage_distances_and_averages_upsampled_maps(fitted: Gaussian
     with torch.no_grad():
         features = graph.stage_features(images)
         expected_score = sum(g(f.mean(dim=(2, 3))) for g, f in zip(graph.image_gaussians, features, strict=True))
-        maps = [F.interpolate(g(f.permute(0, 2, 3, 1))[:, None], size=(SIZE, SIZE), mode="bilinear")
-                for g, f in zip(graph.map_gaussians, features, strict=True)]
+        maps = [
+            F.interpolate(g(f.permute(0, 2, 3, 1))[:, None], size=(SIZE, SIZE), mode="bilinear")
+            for g, f in zip(graph.map_gaussians, features, strict=True)
+        ]
     torch.testing.assert_close(score, expected_score)
     torch.testing.assert_close(anomaly_map, torch.cat(maps, dim=1).mean(dim=1))
     # Batch composition does not change an image's result (fixed, per-image ops only).
@@ -189,7 +192,9 @@ def test_pretrained_features_beat_random_ones_on_magnetic_tile(tmp_path: Path) -
     for weights in ("imagenet", "random"):
         method = make_method(tmp_path / weights, image_size=128, weights=weights)
         pre = method.preprocess_config
-        method.fit(FitContext(torch.from_numpy(load_images(train, pre)), TrainConfig(batch_size=30), CPU, progress=False))
+        method.fit(
+            FitContext(torch.from_numpy(load_images(train, pre)), TrainConfig(batch_size=30), CPU, progress=False)
+        )
         with torch.no_grad():
             _, scores = method.build_graph()(torch.from_numpy(load_images(test, pre)))
         results[weights] = image_auroc(labels, scores.numpy())

@@ -130,8 +130,15 @@ def test_a_new_folder_needs_no_edit_elsewhere(throwaway: Path, tmp_path: Path) -
 
     assert "pixel-gaussian" in implemented_methods()
     data = generate_dataset(tmp_path / "data", size=32, n_train=20, n_test_good=2, n_test_defect=2, seed=1)
-    run_dir, summary = train_run("pixel-gaussian", data, image_size=32, runs_root=tmp_path / "runs", device="cpu",
-                                 progress=False, method_params={"variance_floor": 0.01})
+    run_dir, summary = train_run(
+        "pixel-gaussian",
+        data,
+        image_size=32,
+        runs_root=tmp_path / "runs",
+        device="cpu",
+        progress=False,
+        method_params={"variance_floor": 0.01},
+    )
     assert summary["n_images"] == 18
     meta = export_run(run_dir, tmp_path / "export", ExportOptions(), log=lambda _: None)
     assert meta.parity["torch_vs_onnxruntime_fp32"]["score_max_rel_error"] < 1e-4
@@ -171,8 +178,22 @@ def test_a_built_wheel_holds_a_new_method_folder(tmp_path: Path) -> None:
     (extra / "__init__.py").write_text('"""pixel-gaussian."""\n')
     (extra / "method.py").write_text(THROWAWAY_METHOD)
     (extra / "README.md").write_text("# pixel-gaussian\n")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp_path / "dist"), str(src)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            str(src),
+        ],
+        check=True,
+        capture_output=True,
+    )
     (wheel,) = (tmp_path / "dist").glob("edgead-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for folder in [*method_folders(), extra]:

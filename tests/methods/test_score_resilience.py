@@ -43,8 +43,9 @@ def test_default_filter_size_matches_the_paper_at_256() -> None:
 def test_restoration_error_follows_algorithm_1() -> None:
     torch.manual_seed(0)
     image = torch.rand(2, 3, 16, 16)
-    graph = ScoreResilienceGraph(ScaledInput(0.5), sigma=25.0, k=1e-3, n_draws=3, image_size=16, channels=3,
-                                 filter_size=3)
+    graph = ScoreResilienceGraph(
+        ScaledInput(0.5), sigma=25.0, k=1e-3, n_draws=3, image_size=16, channels=3, filter_size=3
+    )
     sigma_k = spr_sigma(1e-3, 25.0)
     expected = torch.zeros(2, 16, 16)
     for eps in graph.noise:  # Algorithm 1, lines 4-8, one draw at a time
@@ -60,14 +61,16 @@ def test_restoration_error_follows_algorithm_1() -> None:
 
 
 def test_graph_is_deterministic_and_resizes_to_map_size() -> None:
-    graph = ScoreResilienceGraph(ScaledInput(1.0), sigma=25.0, k=1e-3, n_draws=2, image_size=16, channels=3,
-                                 map_size=32, noise_seed=7)
+    graph = ScoreResilienceGraph(
+        ScaledInput(1.0), sigma=25.0, k=1e-3, n_draws=2, image_size=16, channels=3, map_size=32, noise_seed=7
+    )
     image = torch.rand(1, 3, 16, 16)
     first, second = graph(image), graph(image)
     assert first[0].shape == (1, 32, 32) and first[1].shape == (1,)
     assert torch.equal(first[0], second[0])
-    other_seed = ScoreResilienceGraph(ScaledInput(1.0), sigma=25.0, k=1e-3, n_draws=2, image_size=16, channels=3,
-                                      noise_seed=8)
+    other_seed = ScoreResilienceGraph(
+        ScaledInput(1.0), sigma=25.0, k=1e-3, n_draws=2, image_size=16, channels=3, noise_seed=8
+    )
     assert not torch.equal(graph.noise, other_seed.noise)
     with pytest.raises(ValueError, match="odd"):
         ScoreResilienceGraph(ScaledInput(1.0), sigma=25.0, k=1e-3, n_draws=1, image_size=16, channels=3, filter_size=4)
@@ -80,8 +83,14 @@ def test_tiny_model_trains_and_detects_generated_defects(tmp_path: Path) -> None
     data = generate_dataset(tmp_path / "data", category=DEMO_CATEGORY, size=DEMO_IMAGE_SIZE, seed=0)
     cfg: TrainConfig = demo_train_config(steps=600, max_time_s=None, seed=0)
     run_dir, summary = train_run(
-        "score-resilience", data, preset="tiny", image_size=DEMO_IMAGE_SIZE, train_cfg=cfg,
-        runs_root=tmp_path / "runs", device="cpu", progress=False,
+        "score-resilience",
+        data,
+        preset="tiny",
+        image_size=DEMO_IMAGE_SIZE,
+        train_cfg=cfg,
+        runs_root=tmp_path / "runs",
+        device="cpu",
+        progress=False,
     )
     assert summary["train_seconds"] < 180
     assert resolve_latest("score-resilience", tmp_path / "runs") == run_dir.resolve()

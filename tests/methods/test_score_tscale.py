@@ -132,13 +132,24 @@ def literal_algorithm(net, image, sde, times, dt, r, z, step_noise, sampler, nam
 def test_batched_graph_matches_the_algorithm_written_out(sampler: str, kind: str) -> None:
     sde = SDE(kind, sigma_min=0.01, sigma_max=348.0)
     times, dt = [0.375, 0.25, 0.125], 1 / 64  # exact in float32, the graph's buffer type
-    graph = ScoreTScaleGraph(LinearScore(), sde=sde, times=times, dt=dt, r=2, feature_maps=["f1", "f2"],
-                             image_size=8, channels=3, sampler=sampler, noise_seed=5).double()
+    graph = ScoreTScaleGraph(
+        LinearScore(),
+        sde=sde,
+        times=times,
+        dt=dt,
+        r=2,
+        feature_maps=["f1", "f2"],
+        image_size=8,
+        channels=3,
+        sampler=sampler,
+        noise_seed=5,
+    ).double()
     images = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     got = graph.distances(images)
     for b in range(2):
-        want = literal_algorithm(LinearScore(), images[b : b + 1], sde, times, dt, 2, graph.z, graph.step_noise,
-                                 sampler, ["f1", "f2"])
+        want = literal_algorithm(
+            LinearScore(), images[b : b + 1], sde, times, dt, 2, graph.z, graph.step_noise, sampler, ["f1", "f2"]
+        )
         for name in ("f1", "f2"):
             torch.testing.assert_close(got[name][b : b + 1], want[name], rtol=1e-9, atol=1e-12)
     anomaly_map, score = graph(images)
@@ -163,10 +174,30 @@ def test_graph_rejects_bad_settings() -> None:
 
 def test_graph_is_deterministic_and_batch_independent() -> None:
     torch.manual_seed(0)
-    unet = ScoreUNet(UNetConfig(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(),
-                                embed_dim=16, in_channels=3, groups=4, output_scaling="sigma", mid_blocks=0))
-    graph = ScoreTScaleGraph(unet, sde=SDE("vp"), times=[0.125, 0.075, 0.025], dt=1 / 2000, r=1,
-                             feature_maps=["dec0", "mid"], image_size=16, channels=3, smoothing_sigma=1.0).eval()
+    unet = ScoreUNet(
+        UNetConfig(
+            base_channels=8,
+            channel_mult=(1, 2),
+            num_res_blocks=1,
+            attention_levels=(),
+            embed_dim=16,
+            in_channels=3,
+            groups=4,
+            output_scaling="sigma",
+            mid_blocks=0,
+        )
+    )
+    graph = ScoreTScaleGraph(
+        unet,
+        sde=SDE("vp"),
+        times=[0.125, 0.075, 0.025],
+        dt=1 / 2000,
+        r=1,
+        feature_maps=["dec0", "mid"],
+        image_size=16,
+        channels=3,
+        smoothing_sigma=1.0,
+    ).eval()
     images = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         maps, scores = graph(images)
@@ -185,8 +216,9 @@ def test_rank_feature_maps_keeps_the_informative_taps() -> None:
     masks[10:, 2:4, 2:4] = True
     informative = rng.random((20, 8, 8)) + 3.0 * masks
     noise = rng.random((20, 8, 8))
-    selected, record = rank_feature_maps({"noise": noise, "good": informative, "also": informative + 0.1 * noise},
-                                         labels, masks, "product", keep=2)
+    selected, record = rank_feature_maps(
+        {"noise": noise, "good": informative, "also": informative + 0.1 * noise}, labels, masks, "product", keep=2
+    )
     assert "noise" not in selected and selected[0] in ("good", "also")
     assert record["candidates"]["good"]["image_auroc"] == 1.0
     assert record["candidates"]["noise"]["criterion"] < 0.8
@@ -204,11 +236,23 @@ def test_model_config_follows_appendix_b() -> None:
 def test_bad_parameters_are_named(tmp_path: Path) -> None:
     data = generate_dataset(tmp_path / "data", size=32, n_train=6, n_test_good=1, n_test_defect=1)
     cfg = TrainConfig(steps=1, batch_size=2)
-    for params, match in (({"sde": "spr"}, "sde='spr' must be one of"), ({"timesteps": [1]}, "outside"),
-                          ({"feature_maps": []}, "feature_maps")):
+    for params, match in (
+        ({"sde": "spr"}, "sde='spr' must be one of"),
+        ({"timesteps": [1]}, "outside"),
+        ({"feature_maps": []}, "feature_maps"),
+    ):
         with pytest.raises(ValueError, match=match):
-            train_run("score-tscale", data, preset="tiny", image_size=32, train_cfg=cfg, method_params=params,
-                      runs_root=tmp_path / "runs", device="cpu", progress=False)
+            train_run(
+                "score-tscale",
+                data,
+                preset="tiny",
+                image_size=32,
+                train_cfg=cfg,
+                method_params=params,
+                runs_root=tmp_path / "runs",
+                device="cpu",
+                progress=False,
+            )
 
 
 @pytest.mark.slow
@@ -217,8 +261,16 @@ def test_tiny_model_trains_and_detects_generated_defects(tmp_path: Path) -> None
     feature taps chosen automatically on pseudo-anomalies and the choice written into the run."""
     data = generate_dataset(tmp_path / "data", category=DEMO_CATEGORY, size=DEMO_IMAGE_SIZE, seed=0)
     cfg = demo_train_config(steps=600, max_time_s=None, seed=0)
-    run_dir, summary = train_run("score-tscale", data, preset="tiny", image_size=DEMO_IMAGE_SIZE, train_cfg=cfg,
-                                 runs_root=tmp_path / "runs", device="cpu", progress=False)
+    run_dir, summary = train_run(
+        "score-tscale",
+        data,
+        preset="tiny",
+        image_size=DEMO_IMAGE_SIZE,
+        train_cfg=cfg,
+        runs_root=tmp_path / "runs",
+        device="cpu",
+        progress=False,
+    )
     config = json.loads((run_dir / "config.json").read_text())
     selection = config["state"]["feature_selection"]
     assert selection["selected"] == summary["feature_maps"] and selection["n_pseudo"] > 0
@@ -233,6 +285,5 @@ def test_tiny_model_trains_and_detects_generated_defects(tmp_path: Path) -> None
     method.unet.load_state_dict(type(method.unet)(method.unet.config).state_dict())
     samples = list_test(data)
     maps, scores = run_graph(method.build_graph(), load_images(samples, method.preprocess_config))
-    untrained = compute_metrics(np.array([s.label for s in samples]), scores,
-                                load_masks(samples, maps.shape[-1]), maps)
+    untrained = compute_metrics(np.array([s.label for s in samples]), scores, load_masks(samples, maps.shape[-1]), maps)
     assert untrained["image_auroc"] < metrics["image_auroc"] - 0.05, untrained

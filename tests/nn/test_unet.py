@@ -118,9 +118,7 @@ def test_validation_errors() -> None:
     with pytest.raises(ValueError, match="groups"):
         UNetConfig(base_channels=12, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(), embed_dim=16)
     with pytest.raises(ValueError, match="attention_levels"):
-        UNetConfig(
-            base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(2,), embed_dim=16
-        )
+        UNetConfig(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(2,), embed_dim=16)
     with pytest.raises(ValueError, match="time_embedding"):
         UNetConfig.from_dict(UNetConfig.preset("tiny").to_dict() | {"time_embedding": "learned"})
     with pytest.raises(ValueError, match="preset"):

@@ -110,8 +110,9 @@ def test_missing_metadata_and_missing_engine(exported: tuple[Path, Path, Path], 
         Detector.load(out, backend="tensorrt")
 
 
-def test_run_on_a_video_writes_n_log_lines_and_saves_anomalies(exported: tuple[Path, Path, Path],
-                                                               tmp_path: Path) -> None:
+def test_run_on_a_video_writes_n_log_lines_and_saves_anomalies(
+    exported: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
     data, _, out = exported
     video = tmp_path / "line.avi"
     writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10, (32, 32))
@@ -119,9 +120,25 @@ def test_run_on_a_video_writes_n_log_lines_and_saves_anomalies(exported: tuple[P
         writer.write(cv2.imread(str(sample.path)))
     writer.release()
     log = tmp_path / "log.jsonl"
-    result = runner.invoke(app, ["run", "--camera", str(video), "--export", str(out), "--headless",
-                                 "--max-frames", "7", "--log", str(log), "--save-anomalies", str(tmp_path / "anom"),
-                                 "--threshold", "0"])
+    result = runner.invoke(
+        app,
+        [
+            "run",
+            "--camera",
+            str(video),
+            "--export",
+            str(out),
+            "--headless",
+            "--max-frames",
+            "7",
+            "--log",
+            str(log),
+            "--save-anomalies",
+            str(tmp_path / "anom"),
+            "--threshold",
+            "0",
+        ],
+    )
     assert result.exit_code == 0, result.output
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     assert len(lines) == 7 and all(line["is_anomaly"] for line in lines)
@@ -144,8 +161,9 @@ def test_bench_reports_percentiles_and_the_torch_ratio(exported: tuple[Path, Pat
     from edgead.bench.report import run_bench
 
     _, _, out = exported
-    report = run_bench(out, backend="onnxruntime", warmup_s=0.05, duration_s=0.2, min_runs=5,
-                       json_path=tmp_path / "bench.json")
+    report = run_bench(
+        out, backend="onnxruntime", warmup_s=0.05, duration_s=0.2, min_runs=5, json_path=tmp_path / "bench.json"
+    )
     stats = report["backend"]["stages"]["total"]
     assert stats["n"] >= 5 and stats["min"] <= stats["median"] <= stats["p99"] <= stats["max"]
     assert report["speedup_vs_torch_eager_fp32"] > 0 and report["camera_loop"]["frames"] > 0
@@ -168,7 +186,8 @@ def test_runtime_runs_without_torch(exported: tuple[Path, Path, Path]) -> None:
         print("torch-free ok")
     """)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, env=env,
-                          timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, env=env, timeout=120
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "torch-free ok" in done.stdout

@@ -68,12 +68,18 @@ class GaussianParams(MethodParams):
     weights: str = param("imagenet", '"imagenet" (the shipped weights), "random", or a weights file', "ours")
     stages: list[int] = param(list(DEFAULT_STAGES), "backbone stages, indexed from 0 (0 = stem)", "Sec. 3.1")
     projection: str = param("opca", "opca; pca and none for the ablation", "Sec. 3.2, 4.5.1", choices=PROJECTIONS)
-    opca_fraction: float = param(0.05, "variance share of the kept least-variance components", "Sec. 4.1",
-                                 check=open_unit)
-    map_statistics: str = param("positions", "positions: one Gaussian over all spatial vectors; pooled: reuse "
-                                "the image Gaussian for the map", "ours", choices=MAP_STATISTICS)
-    max_map_vectors: int | None = param(200_000, "spatial vectors per stage the map Gaussian is fitted on "
-                                        "(null: all)", "ours", check=at_least(2))
+    opca_fraction: float = param(
+        0.05, "variance share of the kept least-variance components", "Sec. 4.1", check=open_unit
+    )
+    map_statistics: str = param(
+        "positions",
+        "positions: one Gaussian over all spatial vectors; pooled: reuse the image Gaussian for the map",
+        "ours",
+        choices=MAP_STATISTICS,
+    )
+    max_map_vectors: int | None = param(
+        200_000, "spatial vectors per stage the map Gaussian is fitted on (null: all)", "ours", check=at_least(2)
+    )
 
 
 @dataclass
@@ -139,8 +145,12 @@ def collect_features(
     positions: list[list[torch.Tensor]] = []
     sizes: list[tuple[int, int]] = []
     console = Console(stderr=True)
-    columns = (TextColumn("[bold]gaussian statistics"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TimeElapsedColumn())
+    columns = (
+        TextColumn("[bold]gaussian statistics"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, console=console, disable=not progress or not console.is_terminal) as bar:
         task = bar.add_task("features", total=count)
         for start in range(0, count, batch_size):
@@ -201,9 +211,14 @@ class GaussianOPCA(Method):
         adapter, backbone = self.build_adapter(), self.build_backbone()
         pooled_mode = p.map_statistics == "pooled"
         pooled, positions, sizes = collect_features(
-            adapter.to(dist_info.device), backbone.to(dist_info.device), torch.as_tensor(train_images),
-            batch_size=train_cfg.batch_size, device=dist_info.device,
-            max_map_vectors=0 if pooled_mode else p.max_map_vectors, seed=train_cfg.seed, progress=ctx.progress,
+            adapter.to(dist_info.device),
+            backbone.to(dist_info.device),
+            torch.as_tensor(train_images),
+            batch_size=train_cfg.batch_size,
+            device=dist_info.device,
+            max_map_vectors=0 if pooled_mode else p.max_map_vectors,
+            seed=train_cfg.seed,
+            progress=ctx.progress,
         )
         projection, fraction = p.projection, p.opca_fraction
         image_fits = [fit_gaussian(vectors, projection, fraction) for vectors in pooled]
@@ -215,9 +230,13 @@ class GaussianOPCA(Method):
             save_weights(self.graph.state_dict(), self.run_dir)
         stages = [
             {
-                "stage": stage, "channels": int(image.mean.shape[0]), "feature_size": list(size),
-                "image_kept": int(image.kept.size), "image_shrinkage": round(image.shrinkage, 4),
-                "map_kept": int(spatial.kept.size), "map_shrinkage": round(spatial.shrinkage, 4),
+                "stage": stage,
+                "channels": int(image.mean.shape[0]),
+                "feature_size": list(size),
+                "image_kept": int(image.kept.size),
+                "image_shrinkage": round(image.shrinkage, 4),
+                "map_kept": int(spatial.kept.size),
+                "map_shrinkage": round(spatial.shrinkage, 4),
                 "map_vectors": spatial.samples,
             }
             for stage, size, image, spatial in zip(p.stages, sizes, image_fits, map_fits, strict=True)
@@ -245,14 +264,17 @@ class GaussianOPCA(Method):
             for index in range(len(backbone.stages)):
                 key = f"{kind}.{index}.whitening"
                 if key not in shapes:
-                    raise ValueError(f"{self.run_dir}: the saved weights have no {key!r}; not a {self.name} run "
-                                     f"with stages {list(backbone.stages)}")
+                    raise ValueError(
+                        f"{self.run_dir}: the saved weights have no {key!r}; not a {self.name} run "
+                        f"with stages {list(backbone.stages)}"
+                    )
                 channels, kept = shapes[key]
                 modules.append(StageGaussian(torch.zeros(channels), torch.zeros(channels, kept)))
             return modules
 
-        return GaussianGraph(self.build_adapter(), backbone, stage_gaussians("image_gaussians"),
-                             stage_gaussians("map_gaussians"))
+        return GaussianGraph(
+            self.build_adapter(), backbone, stage_gaussians("image_gaussians"), stage_gaussians("map_gaussians")
+        )
 
     @classmethod
     def load(cls, run_dir: Path, config: RunConfig) -> GaussianOPCA:

@@ -62,8 +62,11 @@ class ScoreResilienceGraph(InferenceGraph):
 
     def export_notes(self) -> dict[str, Any]:
         return {
-            "noise": {"mode": "fixed seeded buffer in the graph", "seed": self.noise_seed,
-                      "draws": int(self.noise.shape[0])},
+            "noise": {
+                "mode": "fixed seeded buffer in the graph",
+                "seed": self.noise_seed,
+                "draws": int(self.noise.shape[0]),
+            },
             "fp32_parts": "normalisation, time embedding, noise injection, error reduction, resize, mean filter, max",
         }
 

@@ -22,13 +22,16 @@ class ScoreResilienceParams(MethodParams):
     sigma: float = param(25.0, "sigma of the perturbation scale sigma_k", "Sec. 5.3", check=positive)
     k: float = param(1e-3, "inference perturbation scale k in (0, 1]", "Sec. 5.3, Alg. 1 line 2", check=positive)
     n_draws: int = param(3, "noise draws N averaged per image", "Sec. 5.3, Table 5", check=at_least(1))
-    map_size: int | None = param(None, "anomaly map size (null: the input size; the paper evaluates at 256)",
-                                 "Sec. 5.3", check=at_least(1))
-    filter_size: int | None = param(None, "mean filter size (null: 31 at 256, scaled to map_size)",
-                                    "Alg. 1 line 9", check=_odd)
+    map_size: int | None = param(
+        None, "anomaly map size (null: the input size; the paper evaluates at 256)", "Sec. 5.3", check=at_least(1)
+    )
+    filter_size: int | None = param(
+        None, "mean filter size (null: 31 at 256, scaled to map_size)", "Alg. 1 line 9", check=_odd
+    )
     noise_seed: int = param(0, "seed of the fixed noise buffer in the graph", "ours")
-    train_k_min: float = param(1e-5, "lower end of k ~ U(k_min, k_max] in training", "eq. 4, released code",
-                               check=positive)
+    train_k_min: float = param(
+        1e-5, "lower end of k ~ U(k_min, k_max] in training", "eq. 4, released code", check=positive
+    )
     train_k_max: float = param(1.0, "upper end of k in training", "eq. 4", check=positive)
 
     def check(self) -> str | None:
@@ -67,6 +70,13 @@ class ScoreResilience(ScoreUNetMethod):
     def build_graph(self) -> ScoreResilienceGraph:
         p, pre = self.params, self.preprocess_config
         return ScoreResilienceGraph(
-            self.unet, sigma=p.sigma, k=p.k, n_draws=p.n_draws, image_size=pre.image_size, channels=pre.channels,
-            map_size=p.map_size, filter_size=p.filter_size, noise_seed=p.noise_seed,
+            self.unet,
+            sigma=p.sigma,
+            k=p.k,
+            n_draws=p.n_draws,
+            image_size=pre.image_size,
+            channels=pre.channels,
+            map_size=p.map_size,
+            filter_size=p.filter_size,
+            noise_seed=p.noise_seed,
         ).eval()

@@ -202,8 +202,10 @@ class ScoreTScaleGraph(InferenceGraph):
 
     def export_notes(self) -> dict[str, Any]:
         return {
-            "noise": {"mode": "fixed seeded buffers in the graph (z(t), and n(t_i) for the reverse SDE)",
-                      "seed": self.noise_seed},
+            "noise": {
+                "mode": "fixed seeded buffers in the graph (z(t), and n(t_i) for the reverse SDE)",
+                "seed": self.noise_seed,
+            },
             "fp32_parts": "normalisation, time embedding, SDE steps, feature distances, resize, combination, max",
         }
 

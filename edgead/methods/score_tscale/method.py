@@ -36,25 +36,35 @@ class ScoreTScaleParams(MethodParams):
     sigma_max: float = param(348.0, "VE sigma_max", "App. B (MVTec)", check=positive)
     beta_min: float = param(0.1, "VP / sub-VP beta_min", "App. B", check=positive)
     beta_max: float = param(20.0, "VP / sub-VP beta_max", "App. B", check=positive)
-    sampler: str = param("ode", "ode: Algorithm 1 (flow ODE); sde: Algorithm 2 (reverse SDE)", "Alg. 1-2",
-                         choices=SAMPLERS)
+    sampler: str = param(
+        "ode", "ode: Algorithm 1 (flow ODE); sde: Algorithm 2 (reverse SDE)", "Alg. 1-2", choices=SAMPLERS
+    )
     n_timesteps: int = param(2000, "diffusion time steps, dt = 1 / n_timesteps", "Sec. 5.2", check=at_least(1))
-    timesteps: list[float] = param([250, 200, 150, 100, 50], "the T scales {t} in units of 1 / n_timesteps",
-                                   "Sec. 5.5")
+    timesteps: list[float] = param([250, 200, 150, 100, 50], "the T scales {t} in units of 1 / n_timesteps", "Sec. 5.5")
     r: int = param(1, "whole-score steps per T scale", "Sec. 5.5", check=at_least(1))
-    dt_timesteps: float = param(20, "step t_i - t_(i+1) in units of 1 / n_timesteps (README: FP32 conditioning)",
-                                "ours (Fig. 3 step)", check=positive)
-    feature_maps: Any = param("auto", '"auto" (chosen on pseudo-anomalies) or a list of U-Net taps', "ours",
-                              check=_feature_maps)
-    auto_candidates: list[str] | None = param(None, "taps the automatic selection considers (null: every tap)",
-                                              "ours")
+    dt_timesteps: float = param(
+        20,
+        "step t_i - t_(i+1) in units of 1 / n_timesteps (README: FP32 conditioning)",
+        "ours (Fig. 3 step)",
+        check=positive,
+    )
+    feature_maps: Any = param(
+        "auto", '"auto" (chosen on pseudo-anomalies) or a list of U-Net taps', "ours", check=_feature_maps
+    )
+    auto_candidates: list[str] | None = param(None, "taps the automatic selection considers (null: every tap)", "ours")
     auto_keep: int = param(3, "largest number of taps the automatic selection keeps", "ours", check=at_least(1))
-    auto_pseudo: int = param(32, "held-out normal images (and as many pseudo-anomalies) for the selection",
-                             "ours, LafitE Sec. 3.4", check=at_least(2))
-    combine: str = param("product", "how the T-scale maps combine", "Sec. 4.2 (product); sum is the option",
-                         choices=COMBINES)
-    smoothing_sigma: float = param(0.0, "Gaussian smoothing of the map (the paper smooths nothing)", "ours",
-                                   check=at_least(0.0))
+    auto_pseudo: int = param(
+        32,
+        "held-out normal images (and as many pseudo-anomalies) for the selection",
+        "ours, LafitE Sec. 3.4",
+        check=at_least(2),
+    )
+    combine: str = param(
+        "product", "how the T-scale maps combine", "Sec. 4.2 (product); sum is the option", choices=COMBINES
+    )
+    smoothing_sigma: float = param(
+        0.0, "Gaussian smoothing of the map (the paper smooths nothing)", "ours", check=at_least(0.0)
+    )
     noise_seed: int = param(0, "seed of the fixed noise buffer in the graph (Alg. 2)", "ours")
     train_t_min: float = param(1e-5, "lower end of t ~ U(t_min, t_max) in training", "eq. 3", check=positive)
     train_t_max: float = param(1.0, "upper end of t in training", "eq. 3", check=positive)
@@ -169,8 +179,11 @@ class ScoreTScale(ScoreUNetMethod):
     def network_calls(self) -> dict[str, Any]:
         """How often the network runs per image: ``r`` calls on T samples and one on 2T (section 5.5)."""
         n, r = len(self.params.timesteps), self.params.r
-        return {"batched_calls": r + 1, "sample_evaluations": n * (r + 2),
-                "calls": f"{r} x batch {n} (whole-score steps) + 1 x batch {2 * n} (features of x' and x'')"}
+        return {
+            "batched_calls": r + 1,
+            "sample_evaluations": n * (r + 2),
+            "calls": f"{r} x batch {n} (whole-score steps) + 1 x batch {2 * n} (features of x' and x'')",
+        }
 
     @torch.no_grad()
     def select_feature_maps(self, ctx: FitContext, device: str | torch.device = "cpu") -> dict[str, Any]:
