@@ -39,6 +39,20 @@ def _metrics_table(metrics: dict[str, float], title: str) -> Table:
     return table
 
 
+def _parse_params(items: list[str]) -> dict[str, object]:
+    """``--param KEY=VALUE`` pairs; VALUE is JSON where it parses, else the plain string."""
+    params: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--param {item!r}: expected KEY=VALUE")
+        try:
+            params[key] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key] = value
+    return params
+
+
 @app.command()
 def train(
     data: Path = typer.Option(
@@ -78,15 +92,7 @@ def train(
     from edgead.pipeline import train_run
 
     try:
-        params = {}
-        for item in param:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise ValueError(f"--param {item!r}: expected KEY=VALUE")
-            try:
-                params[key] = json.loads(value)
-            except json.JSONDecodeError:
-                params[key] = value
+        params = _parse_params(param)
         cfg = TrainConfig(
             steps=steps,
             batch_size=batch_size,
@@ -123,6 +129,45 @@ def train(
         else:
             console.print(f"fitted in {summary.get('fit_seconds', '?')} s", soft_wrap=True)
         console.print(f"run saved to [bold]{run_dir}[/bold]", soft_wrap=True)
+
+
+@app.command()
+def tune(
+    data: Path = typer.Option(..., "--data", help="Normal images: an MVTec-layout root or a plain folder."),
+    method: str = typer.Option("gaussian", "--method", help="Detection method to tune."),
+    grid: list[str] = typer.Option(
+        [], "--grid", help="KEY=V1,V2,... candidates of one parameter, repeatable (default: the method's grid)."
+    ),
+    param: list[str] = typer.Option([], "--param", help="Fixed hyperparameter KEY=VALUE (JSON value), repeatable."),
+    preset: str = typer.Option("small", "--preset", help="Network size for methods with a U-Net."),
+    image_size: int = typer.Option(192, "--image-size", help="Square input size in pixels."),
+    channels: int = typer.Option(3, "--channels", help="3 for RGB, 1 for grayscale."),
+    steps: int = typer.Option(20000, "--steps", help="Optimiser steps of each fit (methods that train)."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Images per step."),
+    lr: float = typer.Option(1e-4, "--lr", help="AdamW learning rate."),
+    seed: int = typer.Option(0, "--seed", help="Seed of every fit."),
+    val_fraction: float = typer.Option(0.1, "--val-fraction", help="Normal images held out for pseudo-validation."),
+    device: str | None = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
+    runs_root: Path = typer.Option(Path("runs"), "--runs-root", help="Where the chosen run goes."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+) -> None:
+    """Choose free settings on held-out normals + pseudo-anomalies (no test data); keep the best as the run."""
+    from edgead.config import TrainConfig
+    from edgead.methods import get_method
+    from edgead.tune import parse_grid, tune_run
+
+    try:
+        candidates = parse_grid(grid, get_method(method))
+        cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+        run_dir, record = tune_run(
+            method, data, candidates, preset=preset, image_size=image_size, channels=channels, train_cfg=cfg,
+            method_params=_parse_params(param), runs_root=runs_root, val_fraction=val_fraction, device=device,
+            progress=progress, log=lambda line: console.print(line, soft_wrap=True, markup=False),
+        )  # fmt: skip
+    except USER_ERRORS as err:
+        _fail(err)
+    console.print(f"chosen {json.dumps(record['chosen'])} of {len(record['candidates'])} candidates", soft_wrap=True)
+    console.print(f"run saved to [bold]{run_dir}[/bold] (every candidate's figures: config.json state.tuning)")
 
 
 @app.command("eval")

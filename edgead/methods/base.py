@@ -70,6 +70,11 @@ class Method(abc.ABC):
     #: Settings of a seconds-long fit on 32 px generated data, used by the parametrised tests:
     #: ``{"preset": ..., "steps": ..., "batch_size": ..., "lr": ..., "params": {...}}`` (all optional).
     smoke: ClassVar[dict[str, Any]] = {}
+    #: Parameters that change only the inference graph, not the fit: ``edgead tune`` reuses one fit for them.
+    inference_params: ClassVar[frozenset[str]] = frozenset({"image_score", "topk_fraction", "border_fraction"})
+    #: What ``edgead tune`` searches when no ``--grid`` is given (only settings whose pseudo-validation
+    #: ranking was seen to carry over to real defects; see the method's README).
+    tune_grid: ClassVar[dict[str, list[Any]]] = {}
 
     def __init__(self, config: RunConfig, run_dir: Path | None = None) -> None:
         self.config = config

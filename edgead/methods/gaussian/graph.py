@@ -14,16 +14,23 @@ from edgead.nn.backbones import IMAGENET_MEAN, IMAGENET_STD
 
 
 class InputAdapter(nn.Module):
-    """Turn the shared preprocessing's output into the ImageNet-normalised RGB the backbone expects.
+    """Turn the shared preprocessing's output into the scaled RGB the backbone was trained on.
 
     The runtime preprocesses frames identically for every method (``(x / 255 - mean) / std`` with the
     run's ``PreprocessConfig``, zero mean and unit std for runs made by ``edgead train``), so the
     backbone's own normalisation is a fixed per-channel affine map inside the graph:
-    ``x_imagenet = (x * std_pre + mean_pre - mean_in) / std_in = x * scale + shift``. A grayscale input
+    ``x_in = (x * std_pre + mean_pre - mean_in) / std_in = x * scale + shift``, with ``mean_in, std_in``
+    the backbone's (``edgead.nn.backbones.input_normalisation``; ImageNet's by default). A grayscale input
     is replicated to three channels first.
     """
 
-    def __init__(self, pre_mean: Sequence[float], pre_std: Sequence[float]) -> None:
+    def __init__(
+        self,
+        pre_mean: Sequence[float],
+        pre_std: Sequence[float],
+        in_mean: Sequence[float] = IMAGENET_MEAN,
+        in_std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
         super().__init__()
         channels = len(pre_mean)
         if channels not in (1, 3) or len(pre_std) != channels:
@@ -31,7 +38,7 @@ class InputAdapter(nn.Module):
         self.gray = channels == 1
         pre_m = torch.tensor(pre_mean, dtype=torch.float64).expand(3)
         pre_s = torch.tensor(pre_std, dtype=torch.float64).expand(3)
-        mean, std = torch.tensor(IMAGENET_MEAN, dtype=torch.float64), torch.tensor(IMAGENET_STD, dtype=torch.float64)
+        mean, std = torch.tensor(in_mean, dtype=torch.float64), torch.tensor(in_std, dtype=torch.float64)
         self.register_buffer("scale", (pre_s / std).float().view(1, 3, 1, 1))
         self.register_buffer("shift", ((pre_m - mean) / std).float().view(1, 3, 1, 1))
 
@@ -69,7 +76,7 @@ class GaussianGraph(InferenceGraph):
 
     ``forward(image (B, C, S, S)) -> (anomaly_map (B, S, S), score (B,))``:
 
-    1. ``InputAdapter``: shared preprocessing -> ImageNet-normalised RGB;
+    1. ``InputAdapter``: shared preprocessing -> RGB scaled as the backbone's weights expect;
     2. ``backbone``: the feature maps ``phi_l`` of the chosen stages (section 3.1);
     3. score: per stage, global average pooling, Mahalanobis distance ``M_l`` to the stage's image-level
        Gaussian (eq. 3), summed over stages (eq. 4);
@@ -92,6 +99,7 @@ class GaussianGraph(InferenceGraph):
         backbone: nn.Module,
         image_gaussians: Sequence[StageGaussian],
         map_gaussians: Sequence[StageGaussian],
+        map_score: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if len(image_gaussians) != len(map_gaussians) or not image_gaussians:
@@ -100,6 +108,7 @@ class GaussianGraph(InferenceGraph):
         self.backbone = backbone
         self.image_gaussians = nn.ModuleList(image_gaussians)
         self.map_gaussians = nn.ModuleList(map_gaussians)
+        self.map_score = map_score  # None: eq. 4's pooled score
 
     def stage_features(self, image: torch.Tensor) -> list[torch.Tensor]:
         """The backbone's stage outputs ``(B, C_l, h_l, w_l)`` for a preprocessed batch."""
@@ -125,4 +134,5 @@ class GaussianGraph(InferenceGraph):
             score = score + image_gaussian(feature.mean(dim=(2, 3)))  # eq. 4: sum of the stages' eq. 3
             distances = map_gaussian(feature.permute(0, 2, 3, 1)).unsqueeze(1)  # (B, 1, h_l, w_l)
             anomaly_map = anomaly_map + F.interpolate(distances, size=size, mode="bilinear", align_corners=False)
-        return anomaly_map[:, 0] / len(self.map_gaussians), score
+        anomaly_map = anomaly_map[:, 0] / len(self.map_gaussians)
+        return anomaly_map, score if self.map_score is None else self.map_score(anomaly_map)

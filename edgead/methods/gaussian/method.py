@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections.abc import Sequence
@@ -19,8 +20,15 @@ from torch import nn
 from edgead.config import RunConfig
 from edgead.methods.base import FitContext, Method
 from edgead.methods.gaussian.graph import GaussianGraph, InputAdapter, StageGaussian
-from edgead.methods.params import MethodParams, at_least, open_unit, param
-from edgead.nn.backbones import DEFAULT_BACKBONE, DEFAULT_STAGES, FeatureExtractor
+from edgead.methods.params import at_least, open_unit, param
+from edgead.methods.scoring import AGGREGATIONS, MapScore, MapScoreParams
+from edgead.nn.backbones import (
+    DEFAULT_BACKBONE,
+    DEFAULT_STAGES,
+    INPUT_SCALINGS,
+    FeatureExtractor,
+    input_normalisation,
+)
 from edgead.train.checkpoint import load_weights, save_weights
 
 PROJECTIONS = ("opca", "pca", "none")
@@ -63,10 +71,18 @@ def select_components(eigenvalues: np.ndarray, projection: str, fraction: float)
 
 
 @dataclass(frozen=True)
-class GaussianParams(MethodParams):
+class GaussianParams(MapScoreParams):
     backbone: str = param(DEFAULT_BACKBONE, "timm backbone (the paper: EfficientNet-b4; see the README)", "Sec. 4.1")
     weights: str = param("imagenet", '"imagenet" (the shipped weights), "random", or a weights file', "ours")
     stages: list[int] = param(list(DEFAULT_STAGES), "backbone stages, indexed from 0 (0 = stem)", "Sec. 3.1")
+    input_scaling: str = param(
+        "auto",
+        "input scaling the backbone sees: auto = what its weights were trained on ([-1, 1] for the bundled "
+        "TensorFlow Lite0 weights), imagenet (mean/std) or inception ([-1, 1]); a fitted run records the "
+        "resolved value",
+        "ours (README: measured)",
+        choices=("auto", *INPUT_SCALINGS),
+    )
     projection: str = param("opca", "opca; pca and none for the ablation", "Sec. 3.2, 4.5.1", choices=PROJECTIONS)
     opca_fraction: float = param(
         0.05, "variance share of the kept least-variance components", "Sec. 4.1", check=open_unit
@@ -77,9 +93,24 @@ class GaussianParams(MethodParams):
         "ours",
         choices=MAP_STATISTICS,
     )
+    image_score: str = param(
+        "pooled",
+        "pooled: sum over stages of the Mahalanobis distance of the pooled features (eq. 4); max, topk_mean, "
+        "interior_max: aggregate the anomaly map instead (scoring.py)",
+        "eq. 4 / ours",
+        choices=("pooled", *AGGREGATIONS),
+    )
     max_map_vectors: int | None = param(
         200_000, "spatial vectors per stage the map Gaussian is fitted on (null: all)", "ours", check=at_least(2)
     )
+
+
+#: The last fit's backbone features and their key (one entry: bounded memory).
+_FEATURE_CACHE: dict[str, Any] = {}
+
+
+def _digest(images: torch.Tensor) -> str:
+    return hashlib.blake2b(np.ascontiguousarray(images.numpy()).data, digest_size=16).hexdigest()
 
 
 @dataclass
@@ -188,9 +219,19 @@ class GaussianOPCA(Method):
     params: GaussianParams
     graph: GaussianGraph | None = None  # set by ``fit`` or ``load``
 
+    def map_score(self) -> MapScore | None:
+        """The map aggregation that scores images, or None for eq. 4's pooled score."""
+        size = self.preprocess_config.image_size
+        return None if self.params.image_score == "pooled" else self.params.map_score((size, size))
+
+    def input_scaling(self) -> str:
+        """The concrete input scaling: the parameter, with "auto" resolved from the backbone's weights."""
+        p = self.params
+        return input_normalisation(p.backbone, p.weights) if p.input_scaling == "auto" else p.input_scaling
+
     def build_adapter(self) -> InputAdapter:
         pre = self.preprocess_config
-        return InputAdapter(pre.mean, pre.std)
+        return InputAdapter(pre.mean, pre.std, *INPUT_SCALINGS[self.input_scaling()])
 
     def build_backbone(self, weights: str | Path | None = None) -> FeatureExtractor:
         p = self.params
@@ -207,24 +248,40 @@ class GaussianOPCA(Method):
         if len(train_images) < 2:
             raise ValueError(f"the gaussian method needs at least 2 training images, got {len(train_images)}")
         start = time.perf_counter()
+        # The run records the concrete scaling, so it does not depend on how "auto" resolves later.
+        self.config.method_params["input_scaling"] = self.input_scaling()
+        self.params = self.parse_params(self.config.method_params)
         torch.manual_seed(train_cfg.seed)  # makes weights="random" reproducible
         adapter, backbone = self.build_adapter(), self.build_backbone()
         pooled_mode = p.map_statistics == "pooled"
-        pooled, positions, sizes = collect_features(
-            adapter.to(dist_info.device),
-            backbone.to(dist_info.device),
-            torch.as_tensor(train_images),
-            batch_size=train_cfg.batch_size,
-            device=dist_info.device,
-            max_map_vectors=0 if pooled_mode else p.max_map_vectors,
-            seed=train_cfg.seed,
-            progress=ctx.progress,
-        )
+        images = torch.as_tensor(train_images)
+        max_vectors = 0 if pooled_mode else p.max_map_vectors
+        # Candidates that differ only in their statistics (edgead tune) reuse the features of the last fit.
+        key = (p.backbone, str(p.weights), tuple(p.stages), p.input_scaling, max_vectors, train_cfg.seed,
+               _digest(images))  # fmt: skip
+        if _FEATURE_CACHE.get("key") != key:
+            _FEATURE_CACHE.clear()
+            _FEATURE_CACHE["value"] = collect_features(
+                adapter.to(dist_info.device),
+                backbone.to(dist_info.device),
+                images,
+                batch_size=train_cfg.batch_size,
+                device=dist_info.device,
+                max_map_vectors=max_vectors,
+                seed=train_cfg.seed,
+                progress=ctx.progress,
+            )
+            _FEATURE_CACHE["key"] = key
+        pooled, positions, sizes = _FEATURE_CACHE["value"]
         projection, fraction = p.projection, p.opca_fraction
         image_fits = [fit_gaussian(vectors, projection, fraction) for vectors in pooled]
         map_fits = image_fits if pooled_mode else [fit_gaussian(vectors, projection, fraction) for vectors in positions]
         self.graph = GaussianGraph(
-            adapter.cpu(), backbone.cpu(), [fit.module() for fit in image_fits], [fit.module() for fit in map_fits]
+            adapter.cpu(),
+            backbone.cpu(),
+            [fit.module() for fit in image_fits],
+            [fit.module() for fit in map_fits],
+            map_score=self.map_score(),
         ).eval()
         if self.run_dir is not None:
             save_weights(self.graph.state_dict(), self.run_dir)
@@ -245,6 +302,7 @@ class GaussianOPCA(Method):
             "fit_seconds": round(time.perf_counter() - start, 1),
             "n_images": len(train_images),
             "backbone": p.backbone,
+            "input_scaling": self.params.input_scaling,
             "weights": backbone.weights_info,
             "stages": stages,
         }
@@ -273,7 +331,11 @@ class GaussianOPCA(Method):
             return modules
 
         return GaussianGraph(
-            self.build_adapter(), backbone, stage_gaussians("image_gaussians"), stage_gaussians("map_gaussians")
+            self.build_adapter(),
+            backbone,
+            stage_gaussians("image_gaussians"),
+            stage_gaussians("map_gaussians"),
+            map_score=self.map_score(),
         )
 
     @classmethod

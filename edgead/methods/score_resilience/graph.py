@@ -10,6 +10,7 @@ from torch import nn
 
 from edgead.diffusion.sde import spr_sigma
 from edgead.methods.base import InferenceGraph
+from edgead.methods.scoring import MapScore
 
 
 def default_filter_size(map_size: int) -> int:
@@ -44,6 +45,7 @@ class ScoreResilienceGraph(InferenceGraph):
         map_size: int | None = None,
         filter_size: int | None = None,
         noise_seed: int = 0,
+        map_score: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if n_draws < 1:
@@ -57,6 +59,7 @@ class ScoreResilienceGraph(InferenceGraph):
         if self.filter_size % 2 == 0:
             raise ValueError(f"filter_size must be odd so the map keeps its size, got {self.filter_size}")
         self.noise_seed = noise_seed
+        self.map_score = map_score if map_score is not None else MapScore("max", map_size=(self.map_size,) * 2)
         generator = torch.Generator().manual_seed(noise_seed)
         self.register_buffer("noise", torch.randn(n_draws, channels, image_size, image_size, generator=generator))
 
@@ -87,4 +90,4 @@ class ScoreResilienceGraph(InferenceGraph):
             error = F.interpolate(error, size=(self.map_size, self.map_size), mode="bilinear", align_corners=False)
         smoothed = F.avg_pool2d(error, self.filter_size, stride=1, padding=self.filter_size // 2)  # line 9
         anomaly_map = smoothed[:, 0]
-        return anomaly_map, anomaly_map.amax(dim=(1, 2))
+        return anomaly_map, self.map_score(anomaly_map)  # section 4.4: the max (other aggregations: scoring.py)

@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 from edgead.diffusion.sde import spr_sigma
-from edgead.methods.params import MethodParams, at_least, param, positive
+from edgead.methods.params import at_least, param, positive
 from edgead.methods.score_resilience.graph import ScoreResilienceGraph
 from edgead.methods.score_unet import ScoreUNetMethod
+from edgead.methods.scoring import MapScoreParams
 
 
 def _odd(value: int) -> str | None:
@@ -18,7 +19,7 @@ def _odd(value: int) -> str | None:
 
 
 @dataclass(frozen=True)
-class ScoreResilienceParams(MethodParams):
+class ScoreResilienceParams(MapScoreParams):
     sigma: float = param(25.0, "sigma of the perturbation scale sigma_k", "Sec. 5.3", check=positive)
     k: float = param(1e-3, "inference perturbation scale k in (0, 1]", "Sec. 5.3, Alg. 1 line 2", check=positive)
     n_draws: int = param(3, "noise draws N averaged per image", "Sec. 5.3, Table 5", check=at_least(1))
@@ -62,6 +63,8 @@ class ScoreResilience(ScoreUNetMethod):
     summary = "single-step restoration error of a score U-Net"
     Params = ScoreResilienceParams
     params: ScoreResilienceParams
+    inference_params = ScoreUNetMethod.inference_params | {"k", "n_draws", "map_size", "filter_size", "noise_seed"}
+    tune_grid = {"image_score": ["max", "topk_mean", "interior_max"]}
 
     def loss(self, net: nn.Module, batch: torch.Tensor) -> torch.Tensor:
         p = self.params
@@ -79,4 +82,5 @@ class ScoreResilience(ScoreUNetMethod):
             map_size=p.map_size,
             filter_size=p.filter_size,
             noise_seed=p.noise_seed,
+            map_score=p.map_score((p.map_size or pre.image_size,) * 2),
         ).eval()

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from edgead.diffusion.sde import SDE, broadcast_like, perturb, probability_flow_step, reverse_sde_step
 from edgead.methods.base import InferenceGraph
+from edgead.methods.scoring import MapScore
 
 SAMPLERS = ("ode", "sde")
 COMBINES = ("product", "sum")
@@ -117,6 +118,7 @@ class ScoreTScaleGraph(InferenceGraph):
         combine: str = "product",
         smoothing_sigma: float = 0.0,
         noise_seed: int = 0,
+        map_score: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if sampler not in SAMPLERS:
@@ -143,6 +145,7 @@ class ScoreTScaleGraph(InferenceGraph):
         self.image_size = image_size
         self.register_buffer("times", torch.tensor(times, dtype=torch.float32))
         self.noise_seed = noise_seed
+        self.map_score = map_score if map_score is not None else MapScore("max", map_size=(image_size, image_size))
         generator = torch.Generator().manual_seed(noise_seed)
         n_scales = len(times)
         self.register_buffer("z", torch.randn(n_scales, channels, image_size, image_size, generator=generator))
@@ -212,4 +215,4 @@ class ScoreTScaleGraph(InferenceGraph):
     def forward(self, image: Tensor) -> tuple[Tensor, Tensor]:
         distances = self.distances(image)
         anomaly_map = self.smooth(self.combine_maps(list(distances.values()), image.shape[-1]))[:, 0]
-        return anomaly_map, anomaly_map.amax(dim=(1, 2))
+        return anomaly_map, self.map_score(anomaly_map)  # section 5.2: the max (other aggregations: scoring.py)

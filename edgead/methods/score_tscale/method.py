@@ -14,9 +14,10 @@ from torch import nn
 from edgead.data.pseudo import pseudo_validation_set
 from edgead.diffusion.sde import SDE, broadcast_like, perturb
 from edgead.methods.base import FitContext
-from edgead.methods.params import MethodParams, at_least, param, positive
+from edgead.methods.params import at_least, param, positive
 from edgead.methods.score_tscale.graph import COMBINES, SAMPLERS, ScoreTScaleGraph
 from edgead.methods.score_unet import ScoreUNetMethod
+from edgead.methods.scoring import MapScoreParams
 from edgead.metrics import image_auroc, pixel_auroc
 from edgead.nn.unet import UNetConfig
 
@@ -30,7 +31,7 @@ def _feature_maps(value: Any) -> str | None:
 
 
 @dataclass(frozen=True)
-class ScoreTScaleParams(MethodParams):
+class ScoreTScaleParams(MapScoreParams):
     sde: str = param("ve", "forward SDE", "Table 1 (i): VE with the flow ODE is the paper's best", choices=SDE_KINDS)
     sigma_min: float = param(0.01, "VE sigma_min", "App. B (MVTec)", check=positive)
     sigma_max: float = param(348.0, "VE sigma_max", "App. B (MVTec)", check=positive)
@@ -139,6 +140,8 @@ class ScoreTScale(ScoreUNetMethod):
     summary = "few-step T-scales, whole- vs self-score feature differences; maps chosen on pseudo-anomalies"
     Params = ScoreTScaleParams
     params: ScoreTScaleParams
+    inference_params = ScoreUNetMethod.inference_params | {"combine", "smoothing_sigma", "noise_seed", "sampler"}
+    tune_grid = {"image_score": ["max", "topk_mean", "interior_max"]}
 
     @classmethod
     def unet_config(cls, preset: str, channels: int, params: ScoreTScaleParams) -> UNetConfig:
@@ -223,6 +226,7 @@ class ScoreTScale(ScoreUNetMethod):
             combine=p.combine,
             smoothing_sigma=p.smoothing_sigma,
             noise_seed=p.noise_seed,
+            map_score=p.map_score((pre.image_size, pre.image_size)),
         ).eval()
 
     def build_graph(self) -> ScoreTScaleGraph:
