@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from edgead.bench.machine import machine_record
-from edgead.config import TrainConfig, write_json_atomic
+from edgead.config import RunConfig, TrainConfig, write_json_atomic
 from edgead.pipeline import evaluate_run, train_run
 
 
@@ -21,7 +21,7 @@ def main() -> None:
     parser.add_argument("--method", required=True)
     parser.add_argument("--data", required=True, type=Path, help="MVTec-layout dataset root")
     parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--image-size", type=int, default=None, help="default: the method's")
     parser.add_argument("--channels", type=int, default=3)
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -67,7 +67,8 @@ def main() -> None:
         "method": args.method,
         "dataset": dataset,
         "preset": args.preset,
-        "image_size": args.image_size,
+        "image_size": RunConfig.load(run_dir).preprocess["image_size"],
+        "method_params_resolved": RunConfig.load(run_dir).method_params,
         "channels": args.channels,
         "method_params": params,
         "train": {**summary, "config": cfg.__dict__},

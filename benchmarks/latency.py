@@ -28,7 +28,7 @@ from edgead.pipeline import train_run
 RUNTIME_ONLY = """
 import json, sys
 sys.modules["torch"] = None  # prove the measured process never loads torch
-from edgead.benchmark import run_bench
+from edgead.bench.report import run_bench
 report = run_bench(sys.argv[1], backend="onnxruntime", warmup_s=float(sys.argv[2]), duration_s=float(sys.argv[3]),
                    torch_baseline=False, camera_loop=False)
 total = report["backend"]["stages"]["total"]

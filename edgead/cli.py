@@ -60,7 +60,9 @@ def train(
     ),
     method: str = typer.Option("score-resilience", "--method", help="Detection method to fit."),
     preset: str = typer.Option("small", "--preset", help="Network size: tiny (tests, CPU), small (edge), paper."),
-    image_size: int = typer.Option(192, "--image-size", help="Square input size in pixels (the paper uses 192)."),
+    image_size: int | None = typer.Option(
+        None, "--image-size", help="Square input size in pixels (default: the method's, 192 or 224 for gaussian)."
+    ),
     channels: int = typer.Option(3, "--channels", help="3 for RGB, 1 to train on grayscale."),
     steps: int = typer.Option(20000, "--steps", help="Optimiser steps."),
     batch_size: int = typer.Option(16, "--batch-size", help="Images per step (per process under torchrun)."),
@@ -140,7 +142,7 @@ def tune(
     ),
     param: list[str] = typer.Option([], "--param", help="Fixed hyperparameter KEY=VALUE (JSON value), repeatable."),
     preset: str = typer.Option("small", "--preset", help="Network size for methods with a U-Net."),
-    image_size: int = typer.Option(192, "--image-size", help="Square input size in pixels."),
+    image_size: int | None = typer.Option(None, "--image-size", help="Square input size (default: the method's)."),
     channels: int = typer.Option(3, "--channels", help="3 for RGB, 1 for grayscale."),
     steps: int = typer.Option(20000, "--steps", help="Optimiser steps of each fit (methods that train)."),
     batch_size: int = typer.Option(16, "--batch-size", help="Images per step."),

@@ -53,7 +53,7 @@ def train_run(
     data_root: Path,
     *,
     preset: str = "small",
-    image_size: int = 192,
+    image_size: int | None = None,
     channels: int = 3,
     train_cfg: TrainConfig | None = None,
     method_params: dict[str, Any] | None = None,
@@ -84,7 +84,9 @@ def train_run(
             model = method_cls.model_config(preset, channels, params)
             config = RunConfig(
                 method=method_name,
-                preprocess=PreprocessConfig(image_size=image_size, channels=channels).to_dict(),
+                preprocess=PreprocessConfig(
+                    image_size=image_size or method_cls.default_image_size, channels=channels
+                ).to_dict(),
                 method_params=params.to_dict(),
                 model=model,
                 train=asdict(train_cfg),

@@ -90,7 +90,7 @@ def tune_run(
     grid: dict[str, list[Any]] | None = None,
     *,
     preset: str = "small",
-    image_size: int = 192,
+    image_size: int | None = None,
     channels: int = 3,
     train_cfg: TrainConfig | None = None,
     method_params: dict[str, Any] | None = None,

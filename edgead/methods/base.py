@@ -70,6 +70,8 @@ class Method(abc.ABC):
     #: Settings of a seconds-long fit on 32 px generated data, used by the parametrised tests:
     #: ``{"preset": ..., "steps": ..., "batch_size": ..., "lr": ..., "params": {...}}`` (all optional).
     smoke: ClassVar[dict[str, Any]] = {}
+    #: ``--image-size`` when none is given (the paper's input size, or the backbone's native one).
+    default_image_size: ClassVar[int] = 192
     #: Parameters that change only the inference graph, not the fit: ``edgead tune`` reuses one fit for them.
     inference_params: ClassVar[frozenset[str]] = frozenset({"image_score", "topk_fraction", "border_fraction"})
     #: What ``edgead tune`` searches when no ``--grid`` is given (only settings whose pseudo-validation

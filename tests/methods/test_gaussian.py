@@ -200,3 +200,28 @@ def test_pretrained_features_beat_random_ones_on_magnetic_tile(tmp_path: Path) -
         results[weights] = image_auroc(labels, scores.numpy())
     print(f"magnetic_tile image AUROC (120 train, 120 test, 128 px): {results}")
     assert results["imagenet"] >= results["random"] + 0.1, results
+
+
+def test_input_scaling_follows_the_weights() -> None:
+    from edgead.nn.backbones import input_normalisation
+
+    assert input_normalisation("efficientnet_lite0", "imagenet") == "inception"  # the TF Lite0 release: [-1, 1]
+    assert input_normalisation("efficientnet_lite0", "random") == "imagenet"
+    assert input_normalisation("resnet18", "weights.safetensors") == "imagenet"
+
+
+def test_auto_settings_are_resolved_and_recorded(tmp_path: Path) -> None:
+    from edgead.data.synthetic import generate_dataset
+    from edgead.pipeline import train_run
+
+    data = generate_dataset(tmp_path / "data", size=32, n_train=30, n_test_good=2, n_test_defect=2, seed=3)
+    run_dir, summary = train_run("gaussian", data, image_size=32, runs_root=tmp_path / "runs", device="cpu",
+                                 progress=False)  # fmt: skip
+    config = RunConfig.load(run_dir)
+    selection = config.state["opca_selection"]
+    assert config.method_params["input_scaling"] == "inception" and summary["input_scaling"] == "inception"
+    assert set(selection["pseudo_validation_image_auroc"]) == {"0.01", "0.02", "0.05", "0.1"}
+    best = max(selection["pseudo_validation_image_auroc"].values())
+    assert selection["pseudo_validation_image_auroc"][str(selection["selected"])] == best
+    assert config.method_params["opca_fraction"] == selection["selected"]
+    assert selection["n_normal"] == selection["n_pseudo"] == 3
