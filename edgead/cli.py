@@ -233,7 +233,7 @@ def info(
     """Versions, available backends and accelerators, and the methods table (or one method's parameters)."""
     import importlib.util
 
-    from edgead.methods import discover, planned_methods
+    from edgead.methods import BROKEN, discover, planned_methods
 
     if method is not None:
         try:
@@ -271,6 +271,8 @@ def info(
         methods.add_row(entry.name, entry.paper, "available", entry.summary)
     for name, (paper, summary) in planned_methods().items():
         methods.add_row(name, paper, "planned", summary)
+    for folder, why in BROKEN.items():
+        methods.add_row(folder, "", "broken", why)
     console.print(methods)
 
 

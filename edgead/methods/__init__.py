@@ -27,6 +27,10 @@ PLANNED: dict[str, tuple[str, str]] = {
 }
 
 
+#: Method folders whose ``method.py`` could not be read: folder name -> why (shown by ``edgead info``).
+BROKEN: dict[str, str] = {}
+
+
 @dataclass(frozen=True)
 class MethodEntry:
     """What the registry knows about a method without importing it."""
@@ -55,7 +59,12 @@ def _literal_class_attrs(node: ast.ClassDef) -> dict[str, str]:
 
 def _entries_in(folder: Path) -> list[MethodEntry]:
     source = folder / "method.py"
-    tree = ast.parse(source.read_text(encoding="utf-8"), filename=str(source))
+    try:
+        tree = ast.parse(source.read_text(encoding="utf-8"), filename=str(source))
+    except (SyntaxError, UnicodeDecodeError, OSError) as err:
+        # One broken folder must not take the others (or `edgead info`) down; it is reported, not registered.
+        BROKEN[folder.name] = f"{source}: {err}"
+        return []
     entries = []
     for node in tree.body:
         if not isinstance(node, ast.ClassDef) or not node.bases:
@@ -86,6 +95,7 @@ def method_folders() -> list[Path]:
 def discover() -> dict[str, MethodEntry]:
     """Every method folder's entry, by method name, in folder order (cached; ``discover.cache_clear()``)."""
     found: dict[str, MethodEntry] = {}
+    BROKEN.clear()
     for folder in method_folders():
         for entry in _entries_in(folder):
             if entry.name in found:
@@ -114,7 +124,8 @@ def get_method(name: str) -> type[Method]:
             raise NotImplementedError(
                 f"method {name!r} is planned but not in this release; available: {', '.join(entries)}"
             )
-        raise ValueError(f"unknown method {name!r}; expected one of {', '.join(entries)}")
+        broken = "".join(f"; folder {folder} is broken ({why})" for folder, why in BROKEN.items())
+        raise ValueError(f"unknown method {name!r}; expected one of {', '.join(entries)}{broken}")
     entry = entries[name]
     cls = getattr(importlib.import_module(entry.module), entry.class_name)
     from edgead.methods.base import Method

@@ -228,3 +228,22 @@ def test_param_errors_name_the_method_the_key_and_what_is_allowed() -> None:
         method = get_method(name)
         assert method.parse_params(method.default_params()) == method.Params()
         assert all(row["doc"] and row["ref"] for row in method.Params.describe())
+
+
+def test_a_broken_method_folder_is_reported_not_fatal(tmp_path: Path) -> None:
+    extra = tmp_path / "extra_methods"
+    (extra / "half_written").mkdir(parents=True)
+    (extra / "half_written" / "method.py").write_text("class Half(Method):\n    name = 'half'\n    def fit(self\n")
+    registry.__path__.append(str(extra))
+    discover.cache_clear()
+    try:
+        assert "score-resilience" in implemented_methods() and "half" not in implemented_methods()
+        assert "half_written" in registry.BROKEN
+        with pytest.raises(ValueError, match="half_written is broken"):
+            get_method("half")
+        output = CliRunner().invoke(app, ["info"], env={"COLUMNS": "200"}).output
+        assert "broken" in output and "score-resilience" in output
+    finally:
+        registry.__path__.remove(str(extra))
+        discover.cache_clear()
+        discover()
