@@ -134,6 +134,8 @@ def main() -> None:
     parser.add_argument("--sizes", default="224,256", help="image sizes to try")
     parser.add_argument("--norm", default="imagenet", choices=list(NORMALISATIONS), help="the default's input scaling")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--pseudo-kinds", default="paste", help="pseudo-anomaly kinds, comma-separated (KINDS)")
+    parser.add_argument("--factors", default=None, help="vary only these factors (default: all)")
     parser.add_argument("--analyse", type=Path, default=None, help="only add the ranking report to this record")
     args = parser.parse_args()
     if args.analyse:
@@ -165,7 +167,8 @@ def main() -> None:
                 name: [resize_image(read_image(s.path), size, "area") for s in samples]
                 for name, samples in (("train", train_samples), ("val", val_samples), ("test", test_samples))
             }
-            val_images, val_labels, val_masks = pseudo_validation_set(rgb["val"], pre, seed=0)
+            kinds = tuple(args.pseudo_kinds.split(","))
+            val_images, val_labels, val_masks = pseudo_validation_set(rgb["val"], pre, seed=0, kinds=kinds)
             images = {
                 "train": np.stack([preprocess(x, pre) for x in rgb["train"]]),
                 "val": val_images,
@@ -181,7 +184,10 @@ def main() -> None:
         return cache[(norm, size)]
 
     settings = [dict(default)]
+    factors = args.factors.split(",") if args.factors else list(grid)
     for key, values in grid.items():
+        if key not in factors:
+            continue
         for value in values:
             if value != default[key]:
                 settings.append({**default, key: value})
@@ -203,6 +209,7 @@ def main() -> None:
     record = {
         "benchmark": "gaussian_factors",
         "dataset": dataset,
+        "pseudo_kinds": args.pseudo_kinds.split(","),
         "default": default,
         "grid": grid,
         "rows": rows,

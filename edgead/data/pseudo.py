@@ -16,7 +16,7 @@ import numpy as np
 
 from edgead.data.preprocess import PreprocessConfig, preprocess
 
-__all__ = ["SHAPES", "PseudoAnomaly", "make_pseudo_anomaly_set", "pseudo_validation_set"]
+__all__ = ["KINDS", "SHAPES", "InspectionDefect", "PseudoAnomaly", "make_pseudo_anomaly_set", "pseudo_validation_set"]
 
 SHAPES: tuple[str, ...] = ("ellipse", "rectangle", "polygon")
 _SUBPIXEL_BITS = 4
@@ -154,8 +154,70 @@ class PseudoAnomaly:
         return result, mask
 
 
+class InspectionDefect:
+    """Defects real inspection sees that pasted fragments do not imitate (our addition to LafitE Sec. 3.4).
+
+    Kinds: ``blemish`` (a soft, low-contrast blob: the image brightened or darkened by 6-20 grey levels
+    under a blurred ellipse), ``scratch`` (a thin 1-2 px polyline, 25-60 % of the image side long, lighter or
+    darker by 25-70 levels) and ``texture`` (a region whose texture is smoothed away or roughened with
+    noise). The mask is where the image changed by at least 2 grey levels (for ``texture``: the region).
+    """
+
+    def __init__(self, seed: int = 0) -> None:
+        self._rng = np.random.default_rng(seed)
+
+    def __call__(self, image: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
+        rng = self._rng
+        pixels = np.asarray(image).astype(np.float32)
+        height, width = pixels.shape[:2]
+        side = min(height, width)
+        weight = np.zeros((height, width), np.float32)
+        centre = (
+            int(rng.integers(width // 6, width - width // 6 + 1)),
+            int(rng.integers(height // 6, height - height // 6 + 1)),
+        )
+        if kind == "blemish":
+            axes = (max(2, int(side * rng.uniform(0.05, 0.15))), max(2, int(side * rng.uniform(0.04, 0.12))))
+            cv2.ellipse(weight, centre, axes, rng.uniform(0, 180), 0, 360, 1.0, -1)
+            weight = cv2.GaussianBlur(weight, (0, 0), max(axes) / 2)
+            weight /= max(float(weight.max()), 1e-6)
+            changed = pixels + (rng.choice([-1, 1]) * rng.uniform(6, 20)) * weight[..., None]
+        elif kind == "scratch":
+            length = side * rng.uniform(0.25, 0.6)
+            angle = rng.uniform(0, np.pi)
+            steps = np.linspace(-0.5, 0.5, 6)[:, None]
+            bend = rng.normal(0, length * 0.04, (6, 1))
+            direction = np.array([[np.cos(angle), np.sin(angle)]])
+            normal = np.array([[-np.sin(angle), np.cos(angle)]])
+            points = np.array(centre)[None] + steps * length * direction + bend * normal
+            cv2.polylines(weight, [np.rint(points).astype(np.int32)], False, 1.0, int(rng.integers(1, 3)), cv2.LINE_AA)
+            changed = pixels + (rng.choice([-1, 1]) * rng.uniform(25, 70)) * weight[..., None]
+        elif kind == "texture":
+            axes = (max(2, int(side * rng.uniform(0.06, 0.16))), max(2, int(side * rng.uniform(0.06, 0.16))))
+            cv2.ellipse(weight, centre, axes, rng.uniform(0, 180), 0, 360, 1.0, -1)
+            if rng.random() < 0.5:
+                altered = cv2.GaussianBlur(pixels, (0, 0), max(1.0, side / 64))
+            else:
+                altered = pixels + rng.normal(0, 12, pixels.shape).astype(np.float32)
+            changed = pixels * (1 - weight[..., None]) + altered * weight[..., None]
+        else:
+            raise ValueError(f"kind must be one of {KINDS[1:]}, got {kind!r}")
+        result = np.clip(np.rint(changed), 0, 255).astype(np.uint8)
+        diff = np.abs(result.astype(np.int16) - np.asarray(image).astype(np.int16))
+        mask = (diff.max(axis=-1) if diff.ndim == 3 else diff) >= 2
+        if kind == "texture":  # the whole region has another texture, not only the pixels that moved
+            mask = weight >= 0.5
+        if not mask.any():  # a flat change that rounded away: mark where the weight is strongest
+            mask = weight >= weight.max() * 0.5
+        return result, mask
+
+
+#: "paste": LafitE Sec. 3.4 fragments; the rest: :class:`InspectionDefect`.
+KINDS = ("paste", "blemish", "scratch", "texture")
+
+
 def make_pseudo_anomaly_set(
-    images: Sequence[np.ndarray], n: int, seed: int
+    images: Sequence[np.ndarray], n: int, seed: int, kinds: Sequence[str] = ("paste",)
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Builds a deterministic pseudo-anomalous validation set from normal images.
 
@@ -165,7 +227,9 @@ def make_pseudo_anomaly_set(
     Args:
         images: At least two normal uint8 images, all of the same shape.
         n: Number of pseudo-anomalous images.
-        seed: Random seed; the same images, n and seed give identical output.
+        seed: Random seed; the same images, n, seed and kinds give identical output.
+        kinds: Which of ``KINDS`` to make, in turn (item ``i`` is ``kinds[i % len(kinds)]``); the default is
+            the paper's pasted fragments alone.
 
     Returns:
         (images, bool masks), each a list of length n.
@@ -177,22 +241,30 @@ def make_pseudo_anomaly_set(
         raise ValueError(f"all images must have the same shape, got {sorted(shapes)}")
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
+    unknown = [kind for kind in kinds if kind not in KINDS]
+    if unknown or not kinds:
+        raise ValueError(f"kinds must be a non-empty subset of {KINDS}, got {tuple(kinds)}")
     pairing_rng = np.random.default_rng([seed, 0])
     synthesiser = PseudoAnomaly(seed=int(np.random.default_rng([seed, 1]).integers(2**63)))
+    inspection = InspectionDefect(seed=int(np.random.default_rng([seed, 2]).integers(2**63)))
     anomalous: list[np.ndarray] = []
     masks: list[np.ndarray] = []
-    for _ in range(n):
+    for i in range(n):
         target_index = int(pairing_rng.integers(len(images)))
         source_index = int(pairing_rng.integers(len(images) - 1))
         source_index += source_index >= target_index  # skip the target itself
-        image, mask = synthesiser(images[target_index], images[source_index])
+        kind = kinds[i % len(kinds)]
+        if kind == "paste":
+            image, mask = synthesiser(images[target_index], images[source_index])
+        else:
+            image, mask = inspection(images[target_index], kind)
         anomalous.append(image)
         masks.append(mask)
     return anomalous, masks
 
 
 def pseudo_validation_set(
-    normal_rgb: Sequence[np.ndarray], pre: PreprocessConfig, seed: int = 0
+    normal_rgb: Sequence[np.ndarray], pre: PreprocessConfig, seed: int = 0, kinds: Sequence[str] = ("paste",)
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A validation set with labels from normal images alone: the images themselves (label 0) plus as many
     pseudo-anomalies made from them (label 1, with masks), all preprocessed.
@@ -208,7 +280,7 @@ def pseudo_validation_set(
     if len(normal_rgb) < 2:
         raise ValueError(f"a pseudo-anomaly validation set needs at least two normal images, got {len(normal_rgb)}")
     size = pre.image_size
-    pseudo_rgb, pseudo_masks = make_pseudo_anomaly_set(list(normal_rgb), n=len(normal_rgb), seed=seed)
+    pseudo_rgb, pseudo_masks = make_pseudo_anomaly_set(list(normal_rgb), n=len(normal_rgb), seed=seed, kinds=kinds)
     normal = np.stack([preprocess(img, pre) for img in normal_rgb])
     pseudo = np.stack([preprocess(img, pre) for img in pseudo_rgb])
     images = np.concatenate([normal, pseudo]).astype(np.float32)

@@ -73,3 +73,22 @@ def test_rejects_bad_input() -> None:
         make_pseudo_anomaly_set(_images(1), 2, seed=0)
     with pytest.raises(ValueError, match="n_shapes"):
         PseudoAnomaly(n_shapes=(0, 2))
+
+
+def test_inspection_kinds_are_deterministic_local_and_labelled() -> None:
+    from edgead.data.pseudo import KINDS, make_pseudo_anomaly_set
+
+    rng = np.random.default_rng(0)
+    images = [np.clip(rng.normal(120, 10, (64, 64, 3)), 0, 255).astype(np.uint8) for _ in range(4)]
+    first = make_pseudo_anomaly_set(images, 8, seed=1, kinds=KINDS)
+    second = make_pseudo_anomaly_set(images, 8, seed=1, kinds=KINDS)
+    for (a, ma), (b, mb) in zip(zip(*first, strict=True), zip(*second, strict=True), strict=True):
+        assert np.array_equal(a, b) and np.array_equal(ma, mb)
+    for mask in first[1]:
+        assert 0 < mask.sum() < 0.5 * mask.size
+    # The paper's default is unchanged by the new kinds: pasted fragments only.
+    default = make_pseudo_anomaly_set(images, 4, seed=1)
+    again = make_pseudo_anomaly_set(images, 4, seed=1, kinds=("paste",))
+    assert all(np.array_equal(a, b) for a, b in zip(default[0], again[0], strict=True))
+    with pytest.raises(ValueError, match="kinds must be"):
+        make_pseudo_anomaly_set(images, 2, seed=0, kinds=("crack",))
