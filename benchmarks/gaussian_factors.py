@@ -119,6 +119,8 @@ def ranking_report(rows: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in default:
         varied = [r for r in rows if all(r["setting"][k] == default[k] for k in default if k != key)]
+        if len(varied) < 2:  # not varied in this study
+            continue
         cands = [(json.dumps(r["setting"][key]), r["pseudo_val"]["pooled"], r["test"]["pooled"]) for r in varied]
         out[f"{key} (pooled score)"] = report(cands)
     scores = [k for k in rows[0]["test"] if k != "pixel"]
