@@ -21,7 +21,7 @@ import torch
 
 from edgead.bench.machine import machine_record
 from edgead.config import write_json_atomic
-from edgead.data.io import read_image
+from edgead.data.io import read_image, read_mask
 from edgead.data.mvtec import list_test, list_train, load_masks, split_validation
 from edgead.data.preprocess import PreprocessConfig, preprocess, resize_image
 from edgead.data.pseudo import pseudo_validation_set
@@ -46,6 +46,19 @@ def features(extractor: FeatureExtractor, images: np.ndarray, norm: str) -> list
         for stage, f in enumerate(feats):
             out[stage].append(f.float().numpy())
     return [np.concatenate(parts) for parts in out]
+
+
+def letterbox(image: np.ndarray, size: int, nearest: bool = False) -> np.ndarray:
+    """Resize keeping the aspect ratio, then pad to a square (edge pixels repeated; masks padded with 0)."""
+    import cv2
+
+    h, w = image.shape[:2]
+    scale = size / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    resized = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_NEAREST if nearest else cv2.INTER_AREA)
+    top, left = (size - nh) // 2, (size - nw) // 2
+    border = cv2.BORDER_CONSTANT if nearest else cv2.BORDER_REPLICATE
+    return cv2.copyMakeBorder(resized, top, size - nh - top, left, size - nw - left, border, value=0)
 
 
 def topk_mean(maps: np.ndarray, fraction: float) -> np.ndarray:
@@ -136,6 +149,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="224,256", help="image sizes to try")
     parser.add_argument("--norm", default="imagenet", choices=list(NORMALISATIONS), help="the default's input scaling")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--aspect", default="squash", choices=["squash", "letterbox"], help="how images become square")
     parser.add_argument("--pseudo-kinds", default="paste", help="pseudo-anomaly kinds, comma-separated (KINDS)")
     parser.add_argument("--factors", default=None, help="vary only these factors (default: all)")
     parser.add_argument("--analyse", type=Path, default=None, help="only add the ranking report to this record")
@@ -166,7 +180,12 @@ def main() -> None:
         if (norm, size) not in cache:
             pre = PreprocessConfig(image_size=size, channels=3)
             rgb = {
-                name: [resize_image(read_image(s.path), size, "area") for s in samples]
+                name: [
+                    letterbox(read_image(s.path), size)
+                    if args.aspect == "letterbox"
+                    else resize_image(read_image(s.path), size, "area")
+                    for s in samples
+                ]
                 for name, samples in (("train", train_samples), ("val", val_samples), ("test", test_samples))
             }
             kinds = tuple(args.pseudo_kinds.split(","))
@@ -181,7 +200,16 @@ def main() -> None:
                 "feats": feats,
                 "val_labels": val_labels,
                 "val_masks": val_masks,
-                "test_masks": load_masks(test_samples, size),
+                "test_masks": load_masks(test_samples, size)
+                if args.aspect == "squash"
+                else np.stack(
+                    [
+                        letterbox(read_mask(s.mask_path).astype(np.uint8), size, nearest=True).astype(bool)
+                        if s.mask_path
+                        else np.zeros((size, size), bool)
+                        for s in test_samples
+                    ]
+                ),
             }
         return cache[(norm, size)]
 
@@ -212,6 +240,7 @@ def main() -> None:
         "benchmark": "gaussian_factors",
         "dataset": dataset,
         "pseudo_kinds": args.pseudo_kinds.split(","),
+        "aspect": args.aspect,
         "default": default,
         "grid": grid,
         "rows": rows,
