@@ -30,7 +30,7 @@ from edgead.data.holdout import load_holdout
 from edgead.data.io import read_image
 from edgead.data.mvtec import list_test, list_train
 from edgead.data.preprocess import PreprocessConfig, preprocess, resize_image
-from edgead.data.pseudo import make_pseudo_anomaly_set
+from edgead.data.pseudo import pseudo_validation_set
 from edgead.export.calibration import DEFAULT_FALSE_ALARM_RATE, pseudo_anomaly_check, threshold_from_normal_scores
 from edgead.export.fp16 import mixed_precision_graph
 from edgead.export.onnx import ExportError, export_onnx
@@ -165,11 +165,12 @@ def build_validation_sets(job: ExportJob) -> None:
     a subsample of its test split (FP32/FP16 AUROC): every set goes through the parity checks."""
     pre = job.pre
     normal_rgb, job.normal_source = _held_out_normals(job)
-    job.sets["normal"] = np.stack([preprocess(img, pre) for img in normal_rgb])
-    if len(normal_rgb) >= 2:
-        resized = [resize_image(img, pre.image_size, pre.interpolation) for img in normal_rgb]
-        pseudo_rgb, _ = make_pseudo_anomaly_set(resized, n=len(normal_rgb), seed=0)
-        job.sets["pseudo"] = np.stack([preprocess(img, pre) for img in pseudo_rgb])
+    resized = [resize_image(img, pre.image_size, pre.interpolation) for img in normal_rgb]
+    if len(resized) >= 2:
+        images, labels, _ = pseudo_validation_set(resized, pre, seed=0)
+        job.sets["normal"], job.sets["pseudo"] = images[labels == 0], images[labels == 1]
+    else:
+        job.sets["normal"] = np.stack([preprocess(img, pre) for img in resized])
     data = job.options.data
     if data is not None and (Path(data) / "test").is_dir():
         samples = list_test(data)
