@@ -88,9 +88,9 @@ def evaluate(
         total = np.zeros((len(feats[split][0]), size, size), np.float32)
         for i, pf, mf in zip(index, pooled_fits, map_fits, strict=True):
             f = feats[split][i]
-            pooled += np.sqrt((((f.mean(axis=(2, 3)) - pf.mean) @ pf.whitening) ** 2).sum(axis=1))
+            pooled += pf.distances(f.mean(axis=(2, 3)))
             v = f.transpose(0, 2, 3, 1)
-            d = np.sqrt((((v - mf.mean) @ mf.whitening) ** 2).sum(axis=-1)).astype(np.float32)
+            d = mf.distances(v).astype(np.float32)
             up = torch.nn.functional.interpolate(torch.from_numpy(d)[:, None], size=(size, size), mode="bilinear")
             total += up[:, 0].numpy()
         total /= len(index)

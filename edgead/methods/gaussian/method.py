@@ -142,6 +142,10 @@ class FittedGaussian:
     shrinkage: float
     samples: int
 
+    def distances(self, features: np.ndarray) -> np.ndarray:
+        """``(..., C) -> (...)`` Mahalanobis distances in the kept subspace (eq. 3; what ``StageGaussian`` computes)."""
+        return np.sqrt((((features - self.mean) @ self.whitening) ** 2).sum(axis=-1))
+
     def module(self) -> StageGaussian:
         # Copies, so two modules built from one fit never share storage (safetensors refuses shared tensors).
         mean, whitening = (torch.tensor(a, dtype=torch.float32) for a in (self.mean, self.whitening))
@@ -356,7 +360,7 @@ class GaussianOPCA(Method):
             scores = np.zeros(len(images))
             for train, val in zip(pooled_train, pooled_val, strict=True):
                 fit = fit_gaussian(train, p.projection, fraction)
-                scores += np.sqrt((((val - fit.mean) @ fit.whitening) ** 2).sum(axis=1))
+                scores += fit.distances(val)
             figures[str(fraction)] = round(float(image_auroc(labels, scores)), 4)
         best = max(p.opca_candidates, key=lambda f: figures[str(f)])
         return {"selected": best, "pseudo_validation_image_auroc": figures, "validation": source,
