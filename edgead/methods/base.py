@@ -9,7 +9,7 @@ the registry, packaging, ``edgead info`` and every parametrised test find it.
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -20,6 +20,7 @@ from torch import nn
 from edgead.config import RunConfig, TrainConfig
 from edgead.data.preprocess import PreprocessConfig
 from edgead.methods.params import MethodParams
+from edgead.methods.scoring import MapScoreParams
 from edgead.train.distributed import DistInfo
 
 
@@ -73,7 +74,7 @@ class Method(abc.ABC):
     #: ``--image-size`` when none is given (the paper's input size, or the backbone's native one).
     default_image_size: ClassVar[int] = 192
     #: Parameters that change only the inference graph, not the fit: ``edgead tune`` reuses one fit for them.
-    inference_params: ClassVar[frozenset[str]] = frozenset({"image_score", "topk_fraction", "border_fraction"})
+    inference_params: ClassVar[frozenset[str]] = frozenset(f.name for f in fields(MapScoreParams))
     #: What ``edgead tune`` searches when no ``--grid`` is given (only settings whose pseudo-validation
     #: ranking was seen to carry over to real defects; see the method's README).
     tune_grid: ClassVar[dict[str, list[Any]]] = {}

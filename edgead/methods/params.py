@@ -158,9 +158,6 @@ class MethodParams:
         """JSON-friendly values of every field (what ``config.json`` stores as ``method_params``)."""
         return dataclasses.asdict(self)
 
-    def replace(self: P, **changes: Any) -> P:
-        return dataclasses.replace(self, **changes)
-
     @classmethod
     def describe(cls) -> list[dict[str, Any]]:
         """One row per field: name, default, meaning, paper reference, allowed values."""

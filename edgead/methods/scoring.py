@@ -66,13 +66,6 @@ class MapScore(nn.Module):
             anomaly_map = anomaly_map[:, bh : anomaly_map.shape[1] - bh, bw : anomaly_map.shape[2] - bw]
         return anomaly_map.amax(dim=(1, 2))
 
-    def describe(self) -> dict[str, object]:
-        return {
-            "image_score": self.how,
-            "k": self.k if self.how == "topk_mean" else None,
-            "border": list(self.border) if self.how == "interior_max" else None,
-        }
-
 
 def _border(value: float) -> str | None:
     return None if 0.0 <= value < 0.5 else "a value in [0, 0.5)"
