@@ -6,6 +6,7 @@ from pathlib import Path
 
 from edgead.config import TrainConfig
 from edgead.data.synthetic import generate_dataset
+from edgead.demo import DEMO_CATEGORY, DEMO_IMAGE_SIZE, demo_train_config
 from edgead.pipeline import train_run
 
 
@@ -25,3 +26,15 @@ def make_tiny_run(root: Path, image_size: int = 32, steps: int = 5) -> tuple[Pat
         method_params={"n_draws": 2},
     )
     return data, run_dir
+
+
+def train_on_demo_data(method: str, root: Path, steps: int = 600) -> tuple[Path, Path, dict]:
+    """The acceptance tests' run: ``method`` (tiny preset) trained on the demo's generated defects with the
+    demo's short-run settings; returns ``(data_root, run_dir, summary)``."""
+    data = generate_dataset(root / "data", category=DEMO_CATEGORY, size=DEMO_IMAGE_SIZE, seed=0)
+    cfg = demo_train_config(steps=steps, max_time_s=None, seed=0)
+    run_dir, summary = train_run(
+        method, data, preset="tiny", image_size=DEMO_IMAGE_SIZE, train_cfg=cfg, runs_root=root / "runs",
+        device="cpu", progress=False,
+    )  # fmt: skip
+    return data, run_dir, summary

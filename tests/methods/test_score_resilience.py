@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,16 +11,17 @@ import pytest
 import torch
 from torch import nn
 
-from edgead.config import TrainConfig, resolve_latest
+from edgead.config import resolve_latest
 from edgead.data.mvtec import list_test, load_images, load_masks
-from edgead.data.synthetic import generate_dataset
-from edgead.demo import DEMO_CATEGORY, DEMO_IMAGE_SIZE, demo_train_config
 from edgead.diffusion.sde import spr_sigma
 from edgead.methods import load_method
 from edgead.methods.base import run_graph
 from edgead.methods.score_resilience.graph import ScoreResilienceGraph, default_filter_size
 from edgead.metrics import compute_metrics
-from edgead.pipeline import evaluate_run, train_run
+from edgead.pipeline import evaluate_run
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from integration_helpers import train_on_demo_data  # noqa: E402
 
 
 class ScaledInput(nn.Module):
@@ -80,18 +82,7 @@ def test_graph_is_deterministic_and_resizes_to_map_size() -> None:
 def test_tiny_model_trains_and_detects_generated_defects(tmp_path: Path) -> None:
     """The issue's acceptance test: tiny preset, CPU, under 3 minutes, image and pixel AUROC >= 0.9,
     and an untrained network of the same shape scores lower on both."""
-    data = generate_dataset(tmp_path / "data", category=DEMO_CATEGORY, size=DEMO_IMAGE_SIZE, seed=0)
-    cfg: TrainConfig = demo_train_config(steps=600, max_time_s=None, seed=0)
-    run_dir, summary = train_run(
-        "score-resilience",
-        data,
-        preset="tiny",
-        image_size=DEMO_IMAGE_SIZE,
-        train_cfg=cfg,
-        runs_root=tmp_path / "runs",
-        device="cpu",
-        progress=False,
-    )
+    data, run_dir, summary = train_on_demo_data("score-resilience", tmp_path)
     assert summary["train_seconds"] < 180
     assert resolve_latest("score-resilience", tmp_path / "runs") == run_dir.resolve()
     config = json.loads((run_dir / "config.json").read_text())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,6 @@ import torch
 from edgead.config import TrainConfig
 from edgead.data.mvtec import list_test, load_images, load_masks
 from edgead.data.synthetic import generate_dataset
-from edgead.demo import DEMO_CATEGORY, DEMO_IMAGE_SIZE, demo_train_config
 from edgead.diffusion.sde import SDE
 from edgead.methods import load_method
 from edgead.methods.base import run_graph
@@ -21,6 +21,9 @@ from edgead.methods.score_tscale.method import ScoreTScale, rank_feature_maps
 from edgead.metrics import compute_metrics
 from edgead.nn.unet import ScoreUNet, UNetConfig
 from edgead.pipeline import evaluate_run, train_run
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from integration_helpers import train_on_demo_data  # noqa: E402
 
 # Fig. 3 / appendix B: 1/5 N((-5,-5), I) + 4/5 N((5,5), I), VE SDE with sigma_min 0.1, sigma_max 20, 100 steps.
 MIX_WEIGHTS = torch.tensor([0.2, 0.8], dtype=torch.float64)
@@ -259,18 +262,7 @@ def test_bad_parameters_are_named(tmp_path: Path) -> None:
 def test_tiny_model_trains_and_detects_generated_defects(tmp_path: Path) -> None:
     """The issue's acceptance test: tiny preset on generated defects, CPU, image AUROC >= 0.9, with the
     feature taps chosen automatically on pseudo-anomalies and the choice written into the run."""
-    data = generate_dataset(tmp_path / "data", category=DEMO_CATEGORY, size=DEMO_IMAGE_SIZE, seed=0)
-    cfg = demo_train_config(steps=600, max_time_s=None, seed=0)
-    run_dir, summary = train_run(
-        "score-tscale",
-        data,
-        preset="tiny",
-        image_size=DEMO_IMAGE_SIZE,
-        train_cfg=cfg,
-        runs_root=tmp_path / "runs",
-        device="cpu",
-        progress=False,
-    )
+    data, run_dir, summary = train_on_demo_data("score-tscale", tmp_path)
     config = json.loads((run_dir / "config.json").read_text())
     selection = config["state"]["feature_selection"]
     assert selection["selected"] == summary["feature_maps"] and selection["n_pseudo"] > 0
