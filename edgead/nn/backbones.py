@@ -254,3 +254,38 @@ class FeatureExtractor(nn.Module):
         if hasattr(self, "conv_head"):
             outputs.append(self.bn2(self.conv_head(x)))
         return outputs
+
+
+class InputAdapter(nn.Module):
+    """Turn the shared preprocessing's output into the scaled RGB the backbone was trained on.
+
+    The runtime preprocesses frames identically for every method (``(x / 255 - mean) / std`` with the
+    run's ``PreprocessConfig``, zero mean and unit std for runs made by ``edgead train``), so the
+    backbone's own normalisation is a fixed per-channel affine map inside the graph:
+    ``x_in = (x * std_pre + mean_pre - mean_in) / std_in = x * scale + shift``, with ``mean_in, std_in``
+    the backbone's (``edgead.nn.backbones.input_normalisation``; ImageNet's by default). A grayscale input
+    is replicated to three channels first.
+    """
+
+    def __init__(
+        self,
+        pre_mean: Sequence[float],
+        pre_std: Sequence[float],
+        in_mean: Sequence[float] = IMAGENET_MEAN,
+        in_std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
+        super().__init__()
+        channels = len(pre_mean)
+        if channels not in (1, 3) or len(pre_std) != channels:
+            raise ValueError(f"expected 1 or 3 preprocessing channels, got mean={pre_mean}, std={pre_std}")
+        self.gray = channels == 1
+        pre_m = torch.tensor(pre_mean, dtype=torch.float64).expand(3)
+        pre_s = torch.tensor(pre_std, dtype=torch.float64).expand(3)
+        mean, std = torch.tensor(in_mean, dtype=torch.float64), torch.tensor(in_std, dtype=torch.float64)
+        self.register_buffer("scale", (pre_s / std).float().view(1, 3, 1, 1))
+        self.register_buffer("shift", ((pre_m - mean) / std).float().view(1, 3, 1, 1))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        if self.gray:  # decided at construction, so the traced graph has no data-dependent branch
+            image = image.expand(-1, 3, -1, -1)
+        return image * self.scale + self.shift

@@ -9,7 +9,7 @@ flow and never writes into its inputs; the time embedding is computed inside the
 
 Layout for ``L = len(channel_mult)`` levels, widths ``c_l = base_channels * channel_mult[l]``:
 
-- ``conv_in`` (3x3, ``in_channels -> c_0``);
+- ``conv_in`` (3x3, or 1x1 with ``io_kernel = 1``, ``in_channels -> c_0``);
 - encoder level ``l``: ``num_res_blocks`` residual blocks (+ self-attention after each one when
   ``l in attention_levels``), tapped as ``enc{l}``, then a stride-2 3x3 conv unless ``l = L - 1``;
 - middle, at the lowest resolution: ``mid_blocks`` residual blocks (attention after the first one when
@@ -99,6 +99,9 @@ class UNetConfig:
         mid_blocks: Residual blocks in the middle (lowest resolution); 0 leaves ``mid = enc{L-1}``.
         decoder_mult: Width multiplier of the decoder levels ``0 .. L-2``; ``None`` means
             ``channel_mult[:-1]``.
+        io_kernel: Kernel size of ``conv_in`` and ``conv_out`` (3, or 1 for many-channel inputs such as
+            LafitE's feature tensors, where 3x3 convolutions in and out of ~200 channels would dominate
+            the cost).
     """
 
     base_channels: int
@@ -115,6 +118,7 @@ class UNetConfig:
     fourier_seed: int = 0
     mid_blocks: int = 2
     decoder_mult: tuple[int, ...] | None = None
+    io_kernel: int = 3
 
     def __post_init__(self) -> None:
         self.channel_mult = tuple(int(m) for m in self.channel_mult)
@@ -130,6 +134,8 @@ class UNetConfig:
             raise ValueError(f"attention_levels {self.attention_levels} outside levels 0..{levels - 1}")
         if len(self.decoder_widths) != levels - 1:
             raise ValueError(f"decoder_mult needs {levels - 1} entries (levels 0..{levels - 2})")
+        if self.io_kernel not in (1, 3):
+            raise ValueError(f"io_kernel must be 1 or 3, got {self.io_kernel}")
         if self.time_embedding not in _TIME_EMBEDDINGS:
             raise ValueError(f"time_embedding must be one of {_TIME_EMBEDDINGS}, got {self.time_embedding!r}")
         if self.output_scaling not in _OUTPUT_SCALINGS:
@@ -312,7 +318,7 @@ class ScoreUNet(nn.Module):
         self.time_embed = nn.Sequential(
             embed, nn.Linear(cfg.embed_dim, cfg.embed_dim), nn.SiLU(), nn.Linear(cfg.embed_dim, cfg.embed_dim)
         )
-        self.conv_in = nn.Conv2d(cfg.in_channels, widths[0], 3, padding=1)
+        self.conv_in = nn.Conv2d(cfg.in_channels, widths[0], cfg.io_kernel, padding=cfg.io_kernel // 2)
         self.encoder = nn.ModuleList()
         self.down = nn.ModuleList()
         for level, width in enumerate(widths):
@@ -334,7 +340,7 @@ class ScoreUNet(nn.Module):
             self.decoder.append(_Level(in_ch + widths[level], dec_widths[level], cfg.num_res_blocks, attention, cfg))
             in_ch = dec_widths[level]
         self.norm_out = nn.GroupNorm(cfg.groups, in_ch)
-        self.conv_out = nn.Conv2d(in_ch, cfg.out_channels or cfg.in_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(in_ch, cfg.out_channels or cfg.in_channels, cfg.io_kernel, padding=cfg.io_kernel // 2)
 
     @property
     def downsampling_factor(self) -> int:

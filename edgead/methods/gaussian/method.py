@@ -20,7 +20,7 @@ from torch import nn
 from edgead.config import RunConfig
 from edgead.data.pseudo import pseudo_validation_set
 from edgead.methods.base import FitContext, Method
-from edgead.methods.gaussian.graph import GaussianGraph, InputAdapter, StageGaussian
+from edgead.methods.gaussian.graph import GaussianGraph, StageGaussian
 from edgead.methods.params import at_least, param
 from edgead.methods.scoring import AGGREGATIONS, MapScore, MapScoreParams
 from edgead.metrics import image_auroc
@@ -29,6 +29,7 @@ from edgead.nn.backbones import (
     DEFAULT_STAGES,
     INPUT_SCALINGS,
     FeatureExtractor,
+    InputAdapter,
     input_normalisation,
 )
 from edgead.train.checkpoint import load_weights, save_weights

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from edgead.diffusion.sde import SDE, broadcast_like, perturb, probability_flow_step, reverse_sde_step
 from edgead.methods.base import InferenceGraph
 from edgead.methods.scoring import MapScore
+from edgead.nn.filters import GaussianBlur
 
 SAMPLERS = ("ode", "sde")
 COMBINES = ("product", "sum")
@@ -154,13 +155,7 @@ class ScoreTScaleGraph(InferenceGraph):
             "step_noise", torch.randn(steps, n_scales, channels, image_size, image_size, generator=generator)
         )
         self.smoothing_sigma = float(smoothing_sigma)
-        if self.smoothing_sigma > 0:
-            radius = max(1, round(3 * self.smoothing_sigma))
-            x = torch.arange(-radius, radius + 1, dtype=torch.float64)
-            kernel = torch.exp(-0.5 * (x / self.smoothing_sigma) ** 2)
-            self.register_buffer("kernel", (kernel / kernel.sum()).float())
-        else:
-            self.register_buffer("kernel", torch.ones(1))
+        self.blur = GaussianBlur(self.smoothing_sigma, truncate=3.0)
 
     def _score(self, x: Tensor, t: Tensor, std: Tensor) -> Tensor:
         return self.unet(x, t, sigma=std)
@@ -194,14 +189,8 @@ class ScoreTScaleGraph(InferenceGraph):
         return result
 
     def smooth(self, anomaly_map: Tensor) -> Tensor:
-        """Separable Gaussian filter (``smoothing_sigma`` pixels, reflect padding); identity when 0."""
-        if self.smoothing_sigma <= 0:
-            return anomaly_map
-        k = self.kernel.to(anomaly_map.dtype)
-        pad = k.shape[0] // 2
-        x = F.pad(anomaly_map, (pad, pad, pad, pad), mode="reflect")
-        x = F.conv2d(x, k.view(1, 1, 1, -1))
-        return F.conv2d(x, k.view(1, 1, -1, 1))
+        """Separable Gaussian filter (``smoothing_sigma`` pixels, radius 3 sigma, reflect padding); identity when 0."""
+        return self.blur(anomaly_map)
 
     def export_notes(self) -> dict[str, Any]:
         return {
