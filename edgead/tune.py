@@ -71,6 +71,11 @@ def pseudo_validate(method: Method, run_dir: Path, device: str = "cpu") -> dict[
         raise ValueError(f"{run_dir}: tuning needs at least two held-out normal images; train with --val-fraction > 0")
     images, labels, masks = pseudo_validation_set(rgb, method.preprocess_config, seed=0)
     maps, scores = run_graph(method.build_graph(), images, batch_size=8, device=device)
+    return pseudo_figures(labels, masks, maps, scores)
+
+
+def pseudo_figures(labels: np.ndarray, masks: np.ndarray, maps: np.ndarray, scores: np.ndarray) -> dict[str, Any]:
+    """Image AUROC over all images and pixel AUROC over the pseudo-anomalies (maps resized to the masks)."""
     if maps.shape[-2:] != masks.shape[-2:]:  # a map at another size (e.g. score-resilience map_size)
         import cv2
 

@@ -22,7 +22,6 @@ if TYPE_CHECKING:
 #: The roadmap: methods of the product that have no folder yet, shown by ``edgead info``. A folder of the
 #: same name, once it exists, takes precedence (nothing here is a registry entry).
 PLANNED: dict[str, tuple[str, str]] = {
-    "lafite": ("Yin et al., 2023", "latent diffusion on pretrained features with memory-bank editing"),
     "mdps": ("Wu et al., 2024", "masked diffusion posterior sampling"),
 }
 

@@ -1,0 +1,383 @@
+"""lafite: latent DDIM on pretrained features with memory-bank feature editing (Yin et al., 2023)."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from edgead.config import RunConfig
+from edgead.diffusion.schedules import ddpm_q_sample, make_alpha_bar
+from edgead.methods.base import FitContext
+from edgead.methods.lafite.graph import FeatureStandardiser, LafitEGraph, aggregate, pool_for, scaled_size
+from edgead.methods.lafite.memory import EDIT_WEIGHTINGS, FeatureEditor, greedy_coreset
+from edgead.methods.params import at_least, open_unit, param, positive
+from edgead.methods.score_unet import ScoreUNetMethod
+from edgead.methods.scoring import MapScoreParams
+from edgead.nn.backbones import DEFAULT_BACKBONE, INPUT_SCALINGS, FeatureExtractor, InputAdapter, input_normalisation
+from edgead.nn.unet import UNetConfig
+from edgead.train.checkpoint import load_tensors, save_tensors_atomic
+
+#: The file of the fitted feature side: backbone, standardisation statistics and the coreset.
+FEATURES_FILE = "lafite_features.safetensors"
+#: timm's feature levels 1-4 (strides 2, 4, 8, 16), UniAD's and LafitE's "stages 1 to 4", in our numbering of
+#: EfficientNet stages (edgead.nn.backbones: 1..7 = blocks.0..6): blocks 0, 1, 2 and 4.
+DEFAULT_STAGES = [1, 2, 3, 5]
+
+#: The epsilon U-Net per preset. ``tiny``: tests; ``small``: this project's CPU / edge size; ``paper``: Sec. 4.1
+#: (base 256, multipliers (1, 2, 3, 4)); residual blocks, attention and embedding width are the DDPM
+#: convention (the paper does not state them).
+UNET_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "base_channels": 16,
+        "channel_mult": (1, 2),
+        "num_res_blocks": 1,
+        "attention_levels": (),
+        "embed_dim": 32,
+        "mid_blocks": 1,
+        "groups": 8,
+        "io_kernel": 1,
+    },
+    "small": {
+        "base_channels": 32,
+        "channel_mult": (1, 2, 2),
+        "num_res_blocks": 1,
+        "attention_levels": (2,),
+        "embed_dim": 64,
+        "mid_blocks": 1,
+        "groups": 8,
+        "io_kernel": 1,
+    },
+    "paper": {
+        "base_channels": 256,
+        "channel_mult": (1, 2, 3, 4),
+        "num_res_blocks": 2,
+        "attention_levels": (1, 2),
+        "embed_dim": 1024,
+        "mid_blocks": 2,
+        "groups": 32,
+        "io_kernel": 3,
+    },
+}
+
+
+def _auto_or_int(low: int) -> Any:
+    def check(value: Any) -> str | None:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= low):
+            return None
+        return f'"auto" or an integer >= {low}'
+
+    return check
+
+
+def _int_list(low: int) -> Any:
+    def check(value: Any) -> str | None:
+        ok = isinstance(value, list) and value and all(isinstance(v, int) and v >= low for v in value)
+        return None if ok else f"a non-empty list of integers >= {low}"
+
+    return check
+
+
+@dataclass(frozen=True)
+class LafitEParams(MapScoreParams):
+    backbone: str = param(
+        DEFAULT_BACKBONE, "timm EfficientNet (the paper: EfficientNet-b4; see the README)", "Sec. 4.1"
+    )
+    weights: str = param("imagenet", '"imagenet" (the shipped Lite0 weights), "random", or a weights file', "ours")
+    stages: list[int] = param(
+        list(DEFAULT_STAGES), "backbone stages (0 = stem, 1..7 = MBConv stages)", "Sec. 4.1: stages 1-4 (README)"
+    )
+    input_scaling: str = param(
+        "auto",
+        "input scaling the backbone sees: auto = what its weights were trained on; the run records the value",
+        "ours",
+        choices=("auto", *INPUT_SCALINGS),
+    )
+    grid: int = param(32, "side of the aggregated feature tensor", "Sec. 4.1: 32 x 32", check=at_least(2))
+    schedule: str = param("cosine", "noise schedule", "Sec. 4.1: cosine [27]", choices=("cosine", "linear"))
+    diffusion_steps: int = param(1000, "diffusion steps T", "Sec. 4.1", check=at_least(2))
+    tau: Any = param(
+        "auto",
+        'corruption step tau (eq. 8, 11); "auto": chosen on pseudo-validation without editing',
+        "Sec. 3.3, 4.5",
+        check=_auto_or_int(1),
+    )
+    tau_candidates: list[int] = param([50, 100, 200, 300, 400], 'what tau="auto" chooses from', "Sec. 4.5 / ours",
+                                      check=_int_list(1))  # fmt: skip
+    k: Any = param(
+        "auto",
+        'neighbours K of feature editing (eq. 10); "auto": chosen on pseudo-validation with editing',
+        "Sec. 3.3, 4.5",
+        check=_auto_or_int(1),
+    )
+    k_candidates: list[int] = param([2, 3, 4], 'what k="auto" chooses from', "Sec. 4.5 / ours (README: K = 1)",
+                                    check=_int_list(1))  # fmt: skip
+    edit: bool = param(True, "feature editing (false: the paper's 'LafitE w/o F.E.' ablation)", "Table 4")
+    edit_weighting: str = param(
+        "paper", "paper: eq. 10 exactly (weights sum to K - 1); normalised: divided by K - 1", "eq. 10 / ours",
+        choices=EDIT_WEIGHTINGS,
+    )  # fmt: skip
+    ddim_steps: int = param(
+        5, "DDIM updates from tau to 0, unrolled in the graph (tau: one per diffusion step)", "eq. 7 / ours",
+        check=at_least(1),
+    )  # fmt: skip
+    coreset_keep: float = param(0.1, "coreset keep rate of the memory bank", "Sec. 4.1", check=open_unit)
+    coreset_max: int = param(2048, "cap on the coreset size (graph size and latency)", "ours", check=at_least(1))
+    bank_max: int = param(
+        100_000, "feature slices sampled (evenly per image) before the coreset selection", "ours", check=at_least(1)
+    )
+    projection_dim: int = param(128, "random projection for the coreset distances", "PatchCore", check=at_least(1))
+    smoothing_sigma: float = param(4.0, "Gaussian smoothing sigma at 224 px (scaled)", "eq. 12", check=positive)
+    pool_size: int = param(
+        16, "average pooling before the max, at 224 px (scaled)", "Sec. 3.3 / UniAD", check=at_least(1)
+    )
+    noise_seed: int = param(0, "seed of the fixed noise buffer in the graph", "ours")
+
+    def check(self) -> str | None:
+        if self.tau != "auto" and self.tau > self.diffusion_steps:
+            return f"tau ({self.tau}) must be <= diffusion_steps ({self.diffusion_steps})"
+        if max(self.tau_candidates) > self.diffusion_steps:
+            return f"tau_candidates must be <= diffusion_steps ({self.diffusion_steps})"
+        return None
+
+
+class LafitE(ScoreUNetMethod):
+    """Yin, Jiao, Wu, Karlsson, Huang, Lin: "LafitE: Latent Diffusion Model with Feature Editing for
+    Unsupervised Multi-class Anomaly Detection", arXiv 2307.08059, 2023."""
+
+    name = "lafite"
+    paper = "Yin et al., 2023"
+    summary = "latent DDIM on pretrained features with memory-bank feature editing"
+    Params = LafitEParams
+    params: LafitEParams
+    default_image_size = 224  # Sec. 4.1
+    inference_params = ScoreUNetMethod.inference_params | {
+        "tau", "k", "edit", "edit_weighting", "ddim_steps", "smoothing_sigma", "pool_size", "noise_seed",
+    }  # fmt: skip
+    tune_grid: ClassVar[dict[str, list[Any]]] = {"ddim_steps": [1, 3, 5, 10]}
+    smoke: ClassVar[dict[str, Any]] = {
+        "preset": "tiny",
+        "steps": 20,
+        "batch_size": 8,
+        "lr": 2e-3,
+        "params": {"grid": 8, "tau_candidates": [100, 300], "k_candidates": [2], "coreset_max": 64, "ddim_steps": 2},
+    }
+
+    adapter: InputAdapter
+    backbone: FeatureExtractor
+    standardiser: FeatureStandardiser
+    coreset: torch.Tensor
+
+    # -- configuration -------------------------------------------------------------------------------------
+
+    @classmethod
+    def feature_channels(cls, params: LafitEParams) -> int:
+        with torch.random.fork_rng(devices=[]):  # timm's random init must not disturb the caller's RNG
+            return sum(FeatureExtractor(params.backbone, params.stages, weights="random").channels)
+
+    @classmethod
+    def unet_config(cls, preset: str, channels: int, params: Any) -> UNetConfig:
+        """The epsilon U-Net on the feature tensor (Sec. 3.2, 4.1): ``UNET_PRESETS[preset]``, as many input
+        and output channels as the aggregated features, the DDPM sinusoidal time embedding."""
+        if preset not in UNET_PRESETS:
+            raise ValueError(f"unknown lafite preset {preset!r}; choose from {', '.join(UNET_PRESETS)}")
+        config = UNetConfig(
+            in_channels=cls.feature_channels(params), time_embedding="sinusoidal", **UNET_PRESETS[preset]
+        )
+        factor = 2 ** (len(config.channel_mult) - 1)
+        if params.grid % factor:
+            raise ValueError(f"--param grid={params.grid}: the {preset} U-Net needs a multiple of {factor}")
+        return config
+
+    def alpha_bar(self) -> torch.Tensor:
+        return make_alpha_bar(self.params.schedule, self.params.diffusion_steps)
+
+    def input_scaling(self) -> str:
+        p = self.params
+        return input_normalisation(p.backbone, p.weights) if p.input_scaling == "auto" else p.input_scaling
+
+    def build_feature_side(self, weights: str | Path | None = None) -> None:
+        p, pre = self.params, self.preprocess_config
+        self.adapter = InputAdapter(pre.mean, pre.std, *INPUT_SCALINGS[self.input_scaling()])
+        self.backbone = FeatureExtractor(p.backbone, p.stages, p.weights if weights is None else weights)
+
+    # -- fit -----------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def raw_features(self, images: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
+        """Eq. 1 over ``images``: the aggregated (unstandardised) feature tensors ``(N, C, grid, grid)``."""
+        adapter, backbone = self.adapter.to(device), self.backbone.to(device)
+        out = []
+        for start in range(0, len(images), batch_size):
+            batch = torch.as_tensor(images[start : start + batch_size]).to(device, torch.float32)
+            out.append(aggregate(backbone(adapter(batch)), self.params.grid).cpu())
+        adapter.cpu(), backbone.cpu()
+        return torch.cat(out)
+
+    def memory_bank(self, x0: torch.Tensor, seed: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Eq. 9's bank of every training feature slice, reduced to the coreset ``M_C`` by greedy k-center
+        selection (keep rate ``coreset_keep`` of the whole bank, capped at ``coreset_max``); at most
+        ``bank_max`` slices, taken evenly from every image, enter the selection."""
+        p = self.params
+        n, c, h, w = x0.shape
+        slices = x0.permute(0, 2, 3, 1).reshape(n, h * w, c)
+        total = n * h * w
+        generator = torch.Generator().manual_seed(seed)
+        per_image = max(1, min(h * w, p.bank_max // n))
+        if per_image < h * w:
+            picks = torch.stack([torch.randperm(h * w, generator=generator)[:per_image] for _ in range(n)])
+            bank = torch.gather(slices, 1, picks[..., None].expand(-1, -1, c)).reshape(-1, c)
+        else:
+            bank = slices.reshape(-1, c)
+        count = min(max(1, math.ceil(p.coreset_keep * total)), p.coreset_max, len(bank))
+        start = time.perf_counter()
+        index = greedy_coreset(bank, count, p.projection_dim, seed)
+        info = {"bank_slices": total, "selection_pool": len(bank), "coreset": count,
+                "keep_rate": round(count / total, 5), "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
+        return bank[index].clone(), info
+
+    def fit(self, ctx: FitContext) -> dict[str, Any]:
+        """Features (eq. 1) and their statistics, the coreset (eq. 9), then the U-Net (eq. 6, shared loop),
+        then tau and K on the pseudo-validation set (``after_training``)."""
+        if len(ctx.images) < 2:
+            raise ValueError(f"lafite needs at least 2 training images, got {len(ctx.images)}")
+        start = time.perf_counter()
+        self.config.method_params["input_scaling"] = self.input_scaling()
+        self.params = self.parse_params(self.config.method_params)
+        torch.manual_seed(ctx.train.seed)  # makes weights="random" reproducible
+        self.build_feature_side()
+        raw = self.raw_features(ctx.images, ctx.train.batch_size, ctx.dist.device)
+        mean = raw.mean(dim=(0, 2, 3))
+        std = raw.std(dim=(0, 2, 3)).clamp(min=1e-6)
+        self.standardiser = FeatureStandardiser(mean, std)
+        x0 = self.standardiser(raw)
+        del raw
+        self.coreset, bank_info = self.memory_bank(x0, ctx.train.seed)
+        if self.run_dir is not None and ctx.dist.is_main:
+            save_tensors_atomic(self.feature_state(), Path(self.run_dir) / FEATURES_FILE)
+        self.config.state["memory_bank"] = bank_info
+        feature_seconds = round(time.perf_counter() - start, 1)
+        self._pixel_ctx = ctx
+        summary = super().fit(replace(ctx, images=x0))
+        return {"feature_seconds": feature_seconds, "memory_bank": bank_info, **summary}
+
+    def loss(self, net: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        """Eq. 6: ``||eps - eps_theta(sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, t)||^2``, ``t`` uniform
+        in 1..T, averaged over elements."""
+        alpha_bar = self.alpha_bar().to(batch.device, torch.float32)
+        index = torch.randint(0, len(alpha_bar), (batch.shape[0],), device=batch.device)
+        eps = torch.randn_like(batch)
+        x_t = ddpm_q_sample(batch, alpha_bar[index], eps)
+        prediction = net(x_t, (index + 1).float() / len(alpha_bar))
+        return (prediction.float() - eps).square().mean()
+
+    def after_training(self, ctx: FitContext) -> dict[str, Any]:
+        """Sec. 4.5: tau first (without editing), then K (with editing), each the candidate with the best
+        pseudo-validation image AUROC (pixel AUROC breaks ties; earlier candidates win exact ties)."""
+        p = self.params
+        if p.tau != "auto" and (p.k != "auto" or not p.edit):
+            return {}
+        from edgead.data.pseudo import pseudo_validation_set
+        from edgead.tune import pseudo_figures
+
+        rgb, source = self.held_out_normals(self._pixel_ctx, limit=200)
+        record: dict[str, Any] = {"validation": source}
+        if len(rgb) < 2:
+            chosen = {"tau": p.tau_candidates[len(p.tau_candidates) // 2], "k": p.k_candidates[0]}
+            record["reason"] = "fewer than two normal images: the middle tau and the first K candidate"
+        else:
+            images, labels, masks = pseudo_validation_set(rgb, self.preprocess_config, seed=0)
+            record.update({"n_normal": int((labels == 0).sum()), "n_pseudo": int(labels.sum())})
+            self.unet.eval()
+            x0 = self.standardiser(self.raw_features(images, 16, torch.device("cpu")))
+
+            def evaluate(tau: int, k: int | None) -> dict[str, float]:
+                graph = self.graph_for(tau=tau, k=k, edit=k is not None)
+                with torch.no_grad():
+                    outputs = [graph.score_features(x0[i : i + 16]) for i in range(0, len(x0), 16)]
+                maps = torch.cat([m for m, _ in outputs]).numpy()
+                return pseudo_figures(labels, masks, maps, torch.cat([s for _, s in outputs]).numpy())
+
+            def best(rows: dict[int, dict[str, float]]) -> int:
+                return max(rows, key=lambda v: (rows[v]["image_auroc"], rows[v]["pixel_auroc"]))
+
+            chosen = {}
+            if p.tau == "auto":
+                rows = {tau: evaluate(tau, None) for tau in p.tau_candidates}
+                record["tau"] = {str(t): r for t, r in rows.items()}
+                chosen["tau"] = best(rows)
+            tau = chosen.get("tau", p.tau)
+            if p.k == "auto" and p.edit:
+                rows = {k: evaluate(tau, k) for k in p.k_candidates if k <= len(self.coreset)}
+                record["k"] = {str(k): r for k, r in rows.items()}
+                chosen["k"] = best(rows)
+        if p.k == "auto" and not p.edit:
+            chosen["k"] = p.k_candidates[0]  # unused without editing; keeps the run concrete
+        chosen = {key: value for key, value in chosen.items() if getattr(p, key) == "auto"}
+        record["chosen"] = chosen
+        self.config.state["selection"] = record
+        self.config.method_params.update(chosen)
+        self.params = self.parse_params(self.config.method_params)
+        return {"selection": record}
+
+    # -- graph ---------------------------------------------------------------------------------------------
+
+    def feature_state(self) -> dict[str, torch.Tensor]:
+        state = {f"adapter.{k}": v for k, v in self.adapter.state_dict().items()}
+        state.update({f"backbone.{k}": v for k, v in self.backbone.state_dict().items()})
+        state.update({f"standardiser.{k}": v for k, v in self.standardiser.state_dict().items()})
+        state["coreset"] = self.coreset
+        return state
+
+    def graph_for(self, *, tau: int, k: int | None, edit: bool) -> LafitEGraph:
+        p, size = self.params, self.preprocess_config.image_size
+        editor = FeatureEditor(self.coreset, k, p.edit_weighting) if edit else None
+        pool = pool_for(size, p.pool_size)
+        pooled = size - pool + 1 if pool > 1 else size
+        return LafitEGraph(
+            adapter=self.adapter,
+            backbone=self.backbone,
+            standardiser=self.standardiser,
+            unet=self.unet,
+            editor=editor,
+            grid=p.grid,
+            alpha_bar=self.alpha_bar(),
+            tau=tau,
+            ddim_steps=p.ddim_steps,
+            image_size=size,
+            smoothing_sigma=scaled_size(p.smoothing_sigma, size),
+            pool_size=pool,
+            noise_seed=p.noise_seed,
+            map_score=p.map_score((pooled, pooled)),
+        ).eval()
+
+    def build_graph(self) -> LafitEGraph:
+        p = self.params
+        if p.tau == "auto" or (p.edit and p.k == "auto"):
+            raise ValueError(
+                f"{self.run_dir}: tau / K are still 'auto' (the run's selection did not finish); "
+                "pass --param tau=N --param k=N or retrain"
+            )
+        return self.graph_for(tau=int(p.tau), k=int(p.k) if p.edit else None, edit=p.edit)
+
+    @classmethod
+    def load(cls, run_dir: Path, config: RunConfig) -> LafitE:
+        method = super().load(run_dir, config)
+        assert isinstance(method, LafitE)
+        state = load_tensors(Path(run_dir) / FEATURES_FILE)
+        with torch.random.fork_rng(devices=[]):
+            method.build_feature_side(weights="random")
+        channels = state["standardiser.mean"].shape[1]
+        method.standardiser = FeatureStandardiser(torch.zeros(channels), torch.ones(channels))
+        for prefix in ("adapter", "backbone", "standardiser"):
+            module = getattr(method, prefix)
+            part = {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
+            module.load_state_dict(part, strict=True)
+        method.coreset = state["coreset"]
+        method.backbone.eval()
+        return method
