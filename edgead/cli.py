@@ -55,8 +55,11 @@ def _parse_params(items: list[str]) -> dict[str, object]:
 
 @app.command()
 def train(
-    data: Path = typer.Option(
-        ..., "--data", help="Normal images: an MVTec-layout root (<data>/train/good) or a plain folder."
+    data: list[Path] = typer.Option(
+        ...,
+        "--data",
+        help="Normal images: an MVTec-layout root (<data>/train/good) or a plain folder; repeat it to train "
+        "one unified model on several data sets.",
     ),
     method: str = typer.Option("score-resilience", "--method", help="Detection method to fit."),
     preset: str = typer.Option("small", "--preset", help="Network size: tiny (tests, CPU), small (edge), paper."),
@@ -67,6 +70,7 @@ def train(
     steps: int = typer.Option(20000, "--steps", help="Optimiser steps."),
     batch_size: int = typer.Option(16, "--batch-size", help="Images per step (per process under torchrun)."),
     lr: float = typer.Option(1e-4, "--lr", help="AdamW learning rate."),
+    weight_decay: float = typer.Option(1e-3, "--weight-decay", help="AdamW weight decay."),
     lr_schedule: str = typer.Option(
         "multistep", "--lr-schedule", help="multistep (x0.1 at 1/3, 2/3), cosine or constant."
     ),
@@ -99,6 +103,7 @@ def train(
             steps=steps,
             batch_size=batch_size,
             lr=lr,
+            weight_decay=weight_decay,
             lr_schedule=lr_schedule,
             warmup_steps=warmup_steps,
             ema_decay=ema_decay,
@@ -174,7 +179,12 @@ def tune(
 
 @app.command("eval")
 def evaluate(
-    data: Path = typer.Option(..., "--data", help="MVTec-layout root with test/<good|defect>/ and ground_truth/."),
+    data: list[Path] = typer.Option(
+        ...,
+        "--data",
+        help="MVTec-layout root with test/<good|defect>/ and ground_truth/; repeat it to report each data set "
+        "and the mean.",
+    ),
     method: str = typer.Option(
         "score-resilience", "--method", help="Method whose latest run is used when --run is absent."
     ),
@@ -187,14 +197,27 @@ def evaluate(
 ) -> None:
     """Evaluate a run on a test split: metrics table, metrics.json, ROC curve and heatmap overlays."""
     from edgead.config import resolve_latest
-    from edgead.pipeline import evaluate_run
+    from edgead.pipeline import evaluate_run, evaluate_runs
 
     try:
         run_dir = run or resolve_latest(method, runs_root)
-        metrics, report = evaluate_run(run_dir, data, out, batch_size=batch_size, device=device, top_k=top_k)
+        if len(data) == 1:
+            metrics, report = evaluate_run(run_dir, data[0], out, batch_size=batch_size, device=device, top_k=top_k)
+        else:
+            results, report = evaluate_runs(run_dir, data, out, batch_size=batch_size, device=device, top_k=top_k)
     except USER_ERRORS as err:
         _fail(err)
-    console.print(_metrics_table(metrics, f"{run_dir}"))
+    if len(data) == 1:
+        console.print(_metrics_table(metrics, f"{run_dir}"))
+    else:
+        table = Table(title=f"{run_dir}")
+        keys = list(results["mean"])
+        table.add_column("data set")
+        for key in keys:
+            table.add_column(key, justify="right")
+        for name, values in results.items():
+            table.add_row(name, *(f"{values[k]:.4f}" for k in keys))
+        console.print(table)
     console.print(f"report: [bold]{report.parent}[/bold]")
 
 

@@ -50,7 +50,7 @@ def training_samples(data_root: Path) -> list[Sample]:
 
 def train_run(
     method_name: str,
-    data_root: Path,
+    data_root: Path | list[Path],
     *,
     preset: str = "small",
     image_size: int | None = None,
@@ -66,6 +66,9 @@ def train_run(
 ) -> tuple[Path | None, dict[str, Any]]:
     """Fit ``method_name`` on the normal images of ``data_root`` and save the run.
 
+    Several roots train one unified model on all of them (LafitE's multi-class setting); each root gives
+    its own share of held-out images.
+
     Returns ``(run_dir, summary)``; ``run_dir`` is None on non-zero DDP ranks, which do not write.
     """
     method_cls = get_method(method_name)
@@ -76,7 +79,7 @@ def train_run(
             if config.method != method_name:
                 raise ValueError(f"{resume} is a {config.method} run, not {method_name}")
             train_cfg = TrainConfig.from_dict(config.train)
-            data_root = Path(config.data["root"])
+            data_root = [Path(r) for r in config.data.get("roots", [config.data["root"]])]
             run_dir = Path(resume)
         else:
             train_cfg = train_cfg or TrainConfig()
@@ -92,16 +95,25 @@ def train_run(
                 train=asdict(train_cfg),
             )
         train_cfg.validate()
-        samples = training_samples(data_root)
-        train_samples, val_samples = split_validation(samples, val_fraction, train_cfg.seed)
-        if not train_samples:
-            raise DatasetLayoutError(f"{data_root}: no training images left after holding out {val_fraction:.0%}")
+        roots = [Path(r) for r in data_root] if isinstance(data_root, list | tuple) else [Path(data_root)]
+        if not roots:
+            raise ValueError("no data root given")
+        if len({r.resolve() for r in roots}) < len(roots):
+            raise ValueError(f"the same data root is given twice: {', '.join(map(str, roots))}")
+        train_samples, val_samples = [], []
+        for root in roots:
+            kept, held = split_validation(training_samples(root), val_fraction, train_cfg.seed)
+            if not kept:
+                raise DatasetLayoutError(f"{root}: no training images left after holding out {val_fraction:.0%}")
+            train_samples += kept
+            val_samples += held
         pre = PreprocessConfig.from_dict(config.preprocess)
         if dist_info.is_main and resume is None:
             run_dir = Path(run_dir) if run_dir is not None else new_run_dir(method_name, runs_root)
             run_dir.mkdir(parents=True, exist_ok=True)
             config.data = {
-                "root": str(Path(data_root).resolve()),
+                "root": str(roots[0].resolve()),
+                **({"roots": [str(r.resolve()) for r in roots]} if len(roots) > 1 else {}),
                 "n_train": len(train_samples),
                 "validation_paths": [str(Path(s.path).resolve()) for s in val_samples],
                 # The held-out images themselves, so export works after the dataset moved.
@@ -166,3 +178,36 @@ def evaluate_run(
         out_dir, metrics, labels, scores, [str(s.path) for s in samples], rgb, maps, masks, top_k=top_k, extra=extra
     )
     return metrics, report
+
+
+def evaluate_runs(
+    run_dir: Path,
+    data_roots: list[Path],
+    out_dir: Path | None = None,
+    *,
+    batch_size: int = 8,
+    device: str = "cpu",
+    top_k: int = 8,
+) -> tuple[dict[str, dict[str, float]], Path]:
+    """:func:`evaluate_run` on each data set (a report each, in ``<out>/<data set name>``) and the mean of
+    every metric over the data sets (LafitE's multi-class protocol), written to ``<out>/summary.json``.
+
+    Returns ``({data set name: metrics, ..., "mean": metrics}, path of summary.json)``.
+    """
+    from edgead.config import write_json_atomic
+
+    out_dir = Path(out_dir) if out_dir is not None else Path(run_dir) / "eval"
+    names = [Path(root).resolve().name for root in data_roots]
+    names = [name if names.count(name) == 1 else f"{name}-{i}" for i, name in enumerate(names)]
+    results: dict[str, dict[str, float]] = {}
+    for name, root in zip(names, data_roots, strict=True):
+        results[name], _ = evaluate_run(
+            run_dir, root, out_dir / name, batch_size=batch_size, device=device, top_k=top_k
+        )
+    keys = [k for k in results[names[0]] if all(k in r for r in results.values())]
+    results["mean"] = {k: float(np.mean([results[n][k] for n in names])) for k in keys if not k.endswith("threshold")}
+    for name in names:
+        results[name] = {k: results[name][k] for k in results["mean"]}
+    summary = out_dir / "summary.json"
+    write_json_atomic(summary, {"run_dir": str(run_dir), "data": [str(r) for r in data_roots], "metrics": results})
+    return results, summary
