@@ -220,7 +220,6 @@ def test_engine_cache_hit_skips_the_builder(rtx: Flavour, onnx_models: Path, tmp
     second = build_engine(onnx_models / "model.onnx", tmp_path / "b.engine", settings, flavour=offline, cache_dir=cache)
     assert second.cache_hit is True and second.key == first.key
     assert second.sha256 == first.sha256 and second.layers == first.layers
-    assert second.build_seconds < first.build_seconds
 
     with pytest.raises(AssertionError, match="builder was used"):  # another precision is another engine
         build_engine(onnx_models / "model.onnx", tmp_path / "c.engine", BuildSettings("fp32", SHAPE), offline, cache)
