@@ -9,6 +9,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from edgead import __version__
@@ -26,12 +27,12 @@ USER_ERRORS = (FileNotFoundError, ValueError, NotImplementedError, FloatingPoint
 
 
 def _fail(err: Exception) -> None:
-    err_console.print(f"[bold red]error:[/bold red] {err}")
+    err_console.print(f"[bold red]error:[/bold red] {escape(str(err))}")
     raise typer.Exit(code=2)
 
 
 def _metrics_table(metrics: dict[str, float], title: str) -> Table:
-    table = Table(title=title)
+    table = Table(title=escape(title))
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in metrics.items():
@@ -135,7 +136,7 @@ def train(
             console.print(f"trained {summary['steps']} steps in {summary['train_seconds']} s", soft_wrap=True)
         else:
             console.print(f"fitted in {summary.get('fit_seconds', '?')} s", soft_wrap=True)
-        console.print(f"run saved to [bold]{run_dir}[/bold]", soft_wrap=True)
+        console.print(f"run saved to [bold]{escape(str(run_dir))}[/bold]", soft_wrap=True)
 
 
 @app.command()
@@ -173,8 +174,12 @@ def tune(
         )  # fmt: skip
     except USER_ERRORS as err:
         _fail(err)
-    console.print(f"chosen {json.dumps(record['chosen'])} of {len(record['candidates'])} candidates", soft_wrap=True)
-    console.print(f"run saved to [bold]{run_dir}[/bold] (every candidate's figures: config.json state.tuning)")
+    console.print(
+        f"chosen {escape(json.dumps(record['chosen']))} of {len(record['candidates'])} candidates", soft_wrap=True
+    )
+    console.print(
+        f"run saved to [bold]{escape(str(run_dir))}[/bold] (every candidate's figures: config.json state.tuning)"
+    )
 
 
 @app.command("eval")
@@ -210,7 +215,7 @@ def evaluate(
     if len(data) == 1:
         console.print(_metrics_table(metrics, f"{run_dir}"))
     else:
-        table = Table(title=f"{run_dir}")
+        table = Table(title=escape(str(run_dir)))
         keys = list(results["mean"])
         table.add_column("data set")
         for key in keys:
@@ -218,7 +223,7 @@ def evaluate(
         for name, values in results.items():
             table.add_row(name, *(f"{values[k]:.4f}" for k in keys))
         console.print(table)
-    console.print(f"report: [bold]{report.parent}[/bold]")
+    console.print(f"report: [bold]{escape(str(report.parent))}[/bold]")
 
 
 @app.command()
@@ -239,7 +244,7 @@ def demo(
     except USER_ERRORS as err:
         _fail(err)
     console.print(_metrics_table(metrics, "demo: score-resilience (tiny) on synthetic 'print' defects"))
-    console.print(f"report: [bold]{report.parent}[/bold]")
+    console.print(f"report: [bold]{escape(str(report.parent))}[/bold]")
     if metrics["image_auroc"] < 0.7:
         err_console.print(f"[bold red]demo failed:[/bold red] image AUROC {metrics['image_auroc']:.3f} < 0.7")
         raise typer.Exit(code=1)
@@ -385,12 +390,15 @@ def export(
             engine_cache=engine_cache,
         )
         target = out or exports_root / method
-        meta = export_run(run_dir, target, options, log=lambda line: console.print(line, soft_wrap=True))
+        meta = export_run(run_dir, target, options, log=lambda line: console.print(line, soft_wrap=True, markup=False))
     except (*USER_ERRORS, ExportError, TensorRTUnavailable) as err:
         _fail(err)
     files = ", ".join(a["file"] for a in meta["artifacts"].values() if isinstance(a, dict))
     engines = ", ".join(e["file"] for e in meta["artifacts"].get("engines", []))
-    console.print(f"[bold]{target}[/bold]: {files}{', ' + engines if engines else ''}, edgead.json", soft_wrap=True)
+    console.print(
+        f"[bold]{escape(str(target))}[/bold]: {escape(files)}{', ' + escape(engines) if engines else ''}, edgead.json",
+        soft_wrap=True,
+    )
 
 
 @app.command("run")
@@ -421,7 +429,7 @@ def run_camera(
     from edgead.runtime.detector import Detector
     from edgead.runtime.live import LiveOptions, run_live
 
-    say = lambda line: err_console.print(line)  # noqa: E731
+    say = lambda line: err_console.print(line, markup=False)  # noqa: E731
     try:
         detector = Detector.load(
             export_dir or _latest_export(exports_root),

@@ -42,6 +42,14 @@ def test_train_on_missing_data_names_the_folder(tmp_path: Path) -> None:
     assert "nowhere" in result.output
 
 
+def test_square_brackets_in_paths_print_literally(tmp_path: Path) -> None:
+    """User text is never read as console markup: ``[...]`` stays, ``[/x]`` does not crash the printer."""
+    for name in ("line[3]", "odd[/x]", "edgead[trt]"):
+        result = runner.invoke(app, ["train", "--data", str(tmp_path / name), "--runs-root", str(tmp_path)])
+        assert result.exit_code == 2, result.output
+        assert name in result.output.replace("\n", "")
+
+
 def test_train_on_empty_train_folder_fails_before_training(tmp_path: Path) -> None:
     (tmp_path / "data" / "train" / "good").mkdir(parents=True)
     result = runner.invoke(app, ["train", "--data", str(tmp_path / "data"), "--runs-root", str(tmp_path / "runs")])

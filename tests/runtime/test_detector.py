@@ -59,6 +59,9 @@ def test_predictions_match_the_torch_graph(exported: tuple[Path, Path, Path]) ->
     got = np.array([r.score for r in results])
     np.testing.assert_allclose(got, scores.detach().numpy(), rtol=1e-4)
     np.testing.assert_allclose(results[0].anomaly_map, maps[0].detach().numpy(), rtol=1e-4, atol=1e-5)
+    height, width = frames[0].shape[:2]
+    expected = cv2.resize(results[0].anomaly_map, (width, height), interpolation=cv2.INTER_LINEAR)
+    np.testing.assert_array_equal(results[0].map_at(height, width), expected)
     assert all(r.is_anomaly == (r.score >= detector.threshold) for r in results)
     assert set(results[0].timings) == {"preprocess", "infer", "postprocess"}
 
@@ -179,9 +182,10 @@ def test_runtime_runs_without_torch(exported: tuple[Path, Path, Path]) -> None:
         import numpy as np
         import edgead.bench.timing, edgead.runtime.capture, edgead.runtime.live, edgead.runtime.overlay
         import edgead.runtime.backends.onnxruntime, edgead.runtime.backends.tensorrt
-        from edgead.runtime.detector import Detector
+        from edgead.runtime import Detector  # the README's import
         result = Detector.load({str(out)!r}, backend="auto").predict(np.zeros((48, 64, 3), np.uint8))
         assert np.isfinite(result.score)
+        assert result.map_at(48, 64).shape == (48, 64)
         assert sys.modules["torch"] is None and "sklearn" not in sys.modules
         print("torch-free ok")
     """)
