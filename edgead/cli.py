@@ -13,6 +13,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from edgead import __version__
+from edgead.methods import implemented_methods
+
+#: ``--method`` help suffix: the methods this install has (read from the method folders, no torch import).
+METHODS = ", ".join(implemented_methods())
 
 app = typer.Typer(
     help="Edge deployment toolkit for unsupervised visual anomaly detection.",
@@ -29,6 +33,15 @@ USER_ERRORS = (FileNotFoundError, ValueError, NotImplementedError, FloatingPoint
 def _fail(err: Exception) -> None:
     err_console.print(f"[bold red]error:[/bold red] {escape(str(err))}")
     raise typer.Exit(code=2)
+
+
+def _known_method(name: str) -> str:
+    """``name`` if this install has the method, else the registry's error listing the methods."""
+    if name not in implemented_methods():
+        from edgead.methods import get_method
+
+        get_method(name)  # raises, naming the available (and planned) methods
+    return name
 
 
 def _metrics_table(metrics: dict[str, float], title: str) -> Table:
@@ -62,8 +75,10 @@ def train(
         help="Normal images: an MVTec-layout root (<data>/train/good) or a plain folder; repeat it to train "
         "one unified model on several data sets.",
     ),
-    method: str = typer.Option("score-resilience", "--method", help="Detection method to fit."),
-    preset: str = typer.Option("small", "--preset", help="Network size: tiny (tests, CPU), small (edge), paper."),
+    method: str = typer.Option("score-resilience", "--method", help=f"Detection method to fit: {METHODS}."),
+    preset: str | None = typer.Option(
+        None, "--preset", help="Network size of methods with a U-Net: tiny (tests), small (default; edge, CPU), paper."
+    ),
     image_size: int | None = typer.Option(
         None, "--image-size", help="Square input size in pixels (default: the method's, 192 or 224 for gaussian)."
     ),
@@ -142,12 +157,12 @@ def train(
 @app.command()
 def tune(
     data: Path = typer.Option(..., "--data", help="Normal images: an MVTec-layout root or a plain folder."),
-    method: str = typer.Option("gaussian", "--method", help="Detection method to tune."),
+    method: str = typer.Option("gaussian", "--method", help=f"Detection method to tune: {METHODS}."),
     grid: list[str] = typer.Option(
         [], "--grid", help="KEY=V1,V2,... candidates of one parameter, repeatable (default: the method's grid)."
     ),
     param: list[str] = typer.Option([], "--param", help="Fixed hyperparameter KEY=VALUE (JSON value), repeatable."),
-    preset: str = typer.Option("small", "--preset", help="Network size for methods with a U-Net."),
+    preset: str | None = typer.Option(None, "--preset", help="Network size of methods with a U-Net (default small)."),
     image_size: int | None = typer.Option(None, "--image-size", help="Square input size (default: the method's)."),
     channels: int = typer.Option(3, "--channels", help="3 for RGB, 1 for grayscale."),
     steps: int = typer.Option(20000, "--steps", help="Optimiser steps of each fit (methods that train)."),
@@ -191,7 +206,7 @@ def evaluate(
         "and the mean.",
     ),
     method: str = typer.Option(
-        "score-resilience", "--method", help="Method whose latest run is used when --run is absent."
+        "score-resilience", "--method", help=f"Method whose latest run is used when --run is absent: {METHODS}."
     ),
     run: Path | None = typer.Option(None, "--run", help="Run directory (default: the method's latest run)."),
     out: Path | None = typer.Option(None, "--out", help="Report directory (default <run>/eval)."),
@@ -205,7 +220,7 @@ def evaluate(
     from edgead.pipeline import evaluate_run, evaluate_runs
 
     try:
-        run_dir = run or resolve_latest(method, runs_root)
+        run_dir = run or resolve_latest(_known_method(method), runs_root)
         if len(data) == 1:
             metrics, report = evaluate_run(run_dir, data[0], out, batch_size=batch_size, device=device, top_k=top_k)
         else:
@@ -333,7 +348,7 @@ def _latest_export(exports_root: Path) -> Path:
 
 @app.command()
 def export(
-    method: str = typer.Option("score-resilience", "--method", help="Method whose latest run is exported."),
+    method: str = typer.Option("score-resilience", "--method", help=f"Method whose latest run is exported: {METHODS}."),
     run: Path | None = typer.Option(None, "--run", help="Run directory (default: the method's latest run)."),
     out: Path | None = typer.Option(None, "--out", help="Export directory (default exports/<method>)."),
     precision: str = typer.Option(
@@ -376,7 +391,7 @@ def export(
     from edgead.export.tensorrt import TensorRTUnavailable
 
     try:
-        run_dir = run or resolve_latest(method, runs_root)
+        run_dir = run or resolve_latest(_known_method(method), runs_root)
         options = ExportOptions(
             precision=precision,
             format=fmt,

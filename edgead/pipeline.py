@@ -52,7 +52,7 @@ def train_run(
     method_name: str,
     data_root: Path | list[Path],
     *,
-    preset: str = "small",
+    preset: str | None = None,
     image_size: int | None = None,
     channels: int = 3,
     train_cfg: TrainConfig | None = None,
@@ -72,6 +72,9 @@ def train_run(
     Returns ``(run_dir, summary)``; ``run_dir`` is None on non-zero DDP ranks, which do not write.
     """
     method_cls = get_method(method_name)
+    if preset is not None and not method_cls.uses_preset:
+        raise ValueError(f"--preset {preset}: the {method_name} method trains no network to size; leave --preset out")
+    preset = preset or "small"
     dist_info = init_distributed(device)
     try:
         if resume is not None:

@@ -94,7 +94,7 @@ def tune_run(
     data_root: Path,
     grid: dict[str, list[Any]] | None = None,
     *,
-    preset: str = "small",
+    preset: str | None = None,
     image_size: int | None = None,
     channels: int = 3,
     train_cfg: TrainConfig | None = None,

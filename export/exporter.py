@@ -39,11 +39,10 @@ from edgead.methods import get_method
 from edgead.methods.base import run_graph
 from edgead.runtime.backends.base import INPUT_NAME, OUTPUT_NAMES
 from edgead.runtime.backends.onnxruntime import OnnxRuntimeBackend
-from edgead.runtime.metadata import METADATA_NAME, ExportMetadata, artifact_record
+from edgead.runtime.metadata import METADATA_NAME, PRECISIONS, ExportMetadata, artifact_record
 
 #: name -> (file suffix, needs TensorRT)
 FORMATS: dict[str, tuple[str, bool]] = {"onnx": (".onnx", False), "tensorrt": (".engine", True)}
-PRECISIONS = ("fp32", "fp16")
 FP32_NAME, FP16_NAME = "model.onnx", "model.fp16.onnx"
 #: Images (those where PyTorch and ONNX Runtime disagree most) evaluated in float64 when FP32 parity trips.
 FP64_CHECK_IMAGES = 16

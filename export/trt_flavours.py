@@ -23,12 +23,12 @@ from types import ModuleType
 from typing import Any
 
 from edgead.runtime.backends.tensorrt import import_tensorrt
+from edgead.runtime.metadata import PRECISIONS
 
 _UNAVAILABLE = (
     "no TensorRT flavour installed: install `edgead[trt]` (TensorRT 10/11 + pycuda + polygraphy) on the target "
     "device, or `tensorrt-rtx-cu13` for RTX GPUs; ONNX export works without it"
 )
-PRECISIONS = ("fp32", "fp16")
 Log = Callable[[str], None]
 
 

@@ -11,7 +11,7 @@ import numpy as np
 from edgead.data.preprocess import PreprocessConfig, bgr_to_rgb, preprocess
 from edgead.runtime.backends.base import Backend, BackendError
 from edgead.runtime.decision import decision_threshold, is_anomalous
-from edgead.runtime.metadata import ExportMetadata, find_engine, load_metadata, verified_artifact
+from edgead.runtime.metadata import PRECISIONS, ExportMetadata, find_engine, load_metadata, verified_artifact
 from edgead.runtime.result import Result
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime")
@@ -78,6 +78,8 @@ class Detector:
         """
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        if precision not in (None, *PRECISIONS):
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         export_dir = Path(export_dir)
         meta = load_metadata(export_dir)
         engine = find_engine(meta, precision)

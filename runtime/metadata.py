@@ -21,6 +21,8 @@ from edgead.data.io import file_sha256, write_bytes_atomic
 METADATA_NAME = "edgead.json"
 #: Version 2: ``notes`` (declared by the method's graph) and ``steps`` (export step timings) added.
 FORMAT_VERSION = 2
+#: The precisions an export can hold (one ONNX each) and a backend can run.
+PRECISIONS = ("fp32", "fp16")
 
 
 class MetadataError(ValueError):

@@ -88,6 +88,20 @@ def test_unknown_method_and_param_are_rejected(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "unknown method" in result.output
     result = runner.invoke(app, ["train", "--data", str(data), "--param", "n_drawz=2", "--runs-root", str(tmp_path)])
     assert result.exit_code == 2 and "n_drawz" in result.output
+    for command in ("eval", "export"):  # no "train one" advice for a typo: the methods are listed
+        args = [command, "--method", "lafitte", "--runs-root", str(tmp_path)]
+        result = runner.invoke(app, args + (["--data", str(data)] if command == "eval" else []))
+        assert result.exit_code == 2 and "unknown method 'lafitte'" in result.output, result.output
+        assert "lafite" in result.output and "edgead train" not in result.output
+
+
+def test_values_that_do_not_apply_are_refused(tmp_path: Path) -> None:
+    data = generate_dataset(tmp_path / "data", size=32, n_train=6, n_test_good=2, n_test_defect=2, seed=1)
+    args = ["train", "--data", str(data), "--method", "gaussian", "--preset", "tiny", "--runs-root", str(tmp_path)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "no network" in result.output
+    result = runner.invoke(app, ["run", "--export", str(tmp_path), "--precision", "fp8", "--camera", "0"])
+    assert result.exit_code == 2 and "fp8" in result.output, result.output
 
 
 def test_eval_without_a_run_says_how_to_get_one(tmp_path: Path) -> None:
