@@ -161,15 +161,36 @@ def _safe_stem(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._#-]+", "_", stem)[:80] or "frame"
 
 
-def _save_anomaly(folder: Path, frame: Frame, hud_bgr: np.ndarray, anomaly_map: np.ndarray) -> None:
-    """Writes ``<frame>_<stem>.png`` (the frame), ``..._map.png`` (the HUD) and ``..._map.npy`` (raw map)."""
-    base = folder / f"{frame.index:06d}_{_safe_stem(frame.name)}"
+def evidence_base(folder: Path, frame: Frame) -> Path:
+    """A name no other alarm has, sortable by time: ``<UTC time, microseconds>_<pid>_<source>_<frame>``.
+
+    The time and process id keep two runs on one stream, two sources with one file name and two processes
+    sharing the folder apart; a counter suffix covers anything that still collides. Nothing is overwritten.
+    """
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    stem = f"{stamp}_{os.getpid()}_{_safe_stem(frame.name)}_{frame.index:06d}"
+    base, counter = folder / stem, 0
+    while any(base.with_name(base.name + suffix).exists() for suffix in EVIDENCE_SUFFIXES):
+        counter += 1
+        base = folder / f"{stem}-{counter}"
+    return base
+
+
+#: The files of one saved alarm: the frame, the HUD overlay and the raw map.
+EVIDENCE_SUFFIXES = (".png", "_map.png", "_map.npy")
+
+
+def _save_anomaly(folder: Path, frame: Frame, hud_bgr: np.ndarray, anomaly_map: np.ndarray) -> list[str]:
+    """Writes ``<base>.png`` (the frame), ``<base>_map.png`` (the HUD) and ``<base>_map.npy`` (raw map), with
+    ``<base>`` from :func:`evidence_base`; returns the three file names (the alarm's log line lists them)."""
+    base = evidence_base(folder, frame)
     # write_image_atomic takes RGB (it converts to BGR for the encoder); our frames are BGR.
     write_image_atomic(base.with_name(base.name + ".png"), cv2.cvtColor(frame.image, cv2.COLOR_BGR2RGB))
     write_image_atomic(base.with_name(base.name + "_map.png"), cv2.cvtColor(hud_bgr, cv2.COLOR_BGR2RGB))
     with atomic_output(base.with_name(base.name + "_map.npy")) as tmp, open(tmp, "wb") as handle:
         # Saving through a handle: np.save(path) would append ".npy" to the temporary name.
         np.save(handle, np.asarray(anomaly_map, dtype=np.float32))
+    return [base.name + suffix for suffix in EVIDENCE_SUFFIXES]
 
 
 def _resolve_show(show: bool | None) -> bool:
@@ -251,15 +272,19 @@ def run_live(
             summary.frames += 1
             summary.anomalies += int(result.is_anomaly)
 
-            if log is not None and (options.log_every_frame or result.is_anomaly):
-                log.write(_log_record(frame, result, latency_ms, reader.dropped))
             hud: np.ndarray | None = None
             if show or (result.is_anomaly and options.save_anomalies is not None):
                 # Only render the HUD when someone looks at it: headless devices save the cost.
                 vmin, vmax = options.map_range or (0.0, 2.0 * float(result.threshold))
                 hud = draw_hud(frame.image, result, fps, latency_ms, vmin, vmax)
+            saved: list[str] = []
             if result.is_anomaly and options.save_anomalies is not None and hud is not None:
-                _save_anomaly(options.save_anomalies, frame, hud, result.anomaly_map)
+                saved = _save_anomaly(options.save_anomalies, frame, hud, result.anomaly_map)
+            if log is not None and (options.log_every_frame or result.is_anomaly):
+                record = _log_record(frame, result, latency_ms, reader.dropped)
+                if saved:
+                    record["saved"] = saved
+                log.write(record)
             if show and hud is not None:
                 if not window_open:
                     cv2.namedWindow(options.window_name, cv2.WINDOW_NORMAL)

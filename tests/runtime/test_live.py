@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 
 import cv2
@@ -85,25 +87,37 @@ def test_folder_run_logs_every_frame_and_saves_anomalies(tmp_path: Path) -> None
 
     records = _log_lines(tmp_path / "log" / "run.jsonl")
     assert len(records) == len(LEVELS)
-    assert all(set(record) == LOG_FIELDS for record in records)
+    assert all(set(record) == LOG_FIELDS | ({"saved"} if record["is_anomaly"] else set()) for record in records)
     assert [record["frame"] for record in records] == list(range(len(LEVELS)))
     assert [record["is_anomaly"] for record in records] == [level >= 100 for level in LEVELS]
     assert records[0]["name"] == "part_00.png" and records[0]["infer_ms"] == 1.5
     assert records[0]["time"].endswith("+00:00")
 
+    # Each alarm's log line names its three files: <UTC time>_<pid>_<source>_<frame>{.png,_map.png,_map.npy}.
     saved = sorted(path.name for path in (tmp_path / "anom").iterdir())
-    assert saved == sorted(
-        f"{index:06d}_part_{index:02d}{suffix}" for index in (2, 4, 7) for suffix in (".png", "_map.png", "_map.npy")
-    )
+    assert saved == sorted(name for record in records if record["is_anomaly"] for name in record["saved"])
+    alarm = next(record for record in records if record["frame"] == 4)
+    frame_file, hud_file, map_file = alarm["saved"]
+    assert re.fullmatch(rf"\d{{8}}T\d{{6}}\.\d{{6}}Z_{os.getpid()}_part_04_000004\.png", frame_file), frame_file
     # The saved frame is the original pixels (RGB on disk equals the source file).
-    np.testing.assert_array_equal(
-        read_image(tmp_path / "anom" / "000004_part_04.png"), read_image(source / "part_04.png")
-    )
-    assert read_image(tmp_path / "anom" / "000004_part_04_map.png").shape == (32, 48, 3)
-    raw_map = np.load(tmp_path / "anom" / "000004_part_04_map.npy")
+    np.testing.assert_array_equal(read_image(tmp_path / "anom" / frame_file), read_image(source / "part_04.png"))
+    assert read_image(tmp_path / "anom" / hud_file).shape == (32, 48, 3)
+    raw_map = np.load(tmp_path / "anom" / map_file)
     assert raw_map.dtype == np.float32 and raw_map.shape == (8, 12)
     assert not [path for path in (tmp_path / "anom").iterdir() if path.name.startswith(".")]  # no temp leftovers
     assert "end of source" in events[-1]
+
+
+def test_saved_alarms_are_never_overwritten(tmp_path: Path) -> None:
+    """Two runs on one source into one folder (frame indices restart at 0): every alarm of both survives."""
+    source = _brightness_folder(tmp_path / "imgs", LEVELS)
+    options = LiveOptions(show=False, save_anomalies=tmp_path / "anom", log_path=tmp_path / "run.jsonl")
+    for _ in range(2):
+        run_live(BrightnessPredictor(threshold=100.0), str(source), options, on_event=lambda _: None)
+    records = _log_lines(tmp_path / "run.jsonl")
+    named = [name for record in records if record["is_anomaly"] for name in record["saved"]]
+    assert len(named) == len(set(named)) == 2 * 3 * 3
+    assert sorted(named) == sorted(path.name for path in (tmp_path / "anom").iterdir())
 
 
 def test_max_frames_threshold_and_anomaly_only_log(tmp_path: Path) -> None:
@@ -139,7 +153,7 @@ def test_video_run_stops_at_max_frames(tmp_path: Path) -> None:
     assert summary.frames == 7 and len(records) == 7
     assert [record["frame"] for record in records] == list(range(7))
     assert summary.anomalies == sum(record["is_anomaly"] for record in records) == 3  # levels 100, 125, 150
-    assert (tmp_path / "anom" / "000004_line.png").is_file()
+    assert len(list((tmp_path / "anom").glob(f"*_{os.getpid()}_line_000004.png"))) == 1
 
 
 def test_keyboard_interrupt_ends_cleanly(tmp_path: Path) -> None:
