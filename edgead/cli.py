@@ -252,7 +252,7 @@ def demo(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
 ) -> None:
     """Generate a synthetic defect dataset, train a tiny score-resilience model on the CPU, evaluate it."""
-    from edgead.demo import run_demo
+    from edgead.demo import next_commands, run_demo
 
     try:
         metrics, report = run_demo(out, steps=steps, max_time_s=max_time, seed=seed, progress=progress)
@@ -260,6 +260,9 @@ def demo(
         _fail(err)
     console.print(_metrics_table(metrics, "demo: score-resilience (tiny) on synthetic 'print' defects"))
     console.print(f"report: [bold]{escape(str(report.parent))}[/bold]")
+    console.print(f"run: [bold]{escape(str(out / 'run'))}[/bold]; next, from this folder:")
+    for command in next_commands(out):
+        console.print(f"  {command}", soft_wrap=True, markup=False, highlight=False)
     if metrics["image_auroc"] < 0.7:
         err_console.print(f"[bold red]demo failed:[/bold red] image AUROC {metrics['image_auroc']:.3f} < 0.7")
         raise typer.Exit(code=1)

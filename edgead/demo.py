@@ -49,3 +49,21 @@ def run_demo(
         progress=progress,
     )
     return evaluate_run(run_dir, data, out / "report", device="cpu")
+
+
+def next_commands(out: Path) -> list[str]:
+    """What to type after the demo, runnable as printed from the current folder: export its run, run the
+    detector on its own defective test images (a folder source, headless, logged), benchmark the export."""
+    import shlex
+
+    out = Path(out)
+    kinds = sorted(p.name for p in (out / "data" / "test").iterdir() if p.is_dir() and p.name != "good")
+    q = lambda path: shlex.quote(str(path))  # noqa: E731
+    export = out / "export"
+    return [
+        f"edgead export --run {q(out / 'run')} --out {q(export)}",
+        f"edgead run --export {q(export)} --camera {q(out / 'data' / 'test' / kinds[0])} --headless "
+        f"--log {q(out / 'run.jsonl')} --save-anomalies {q(out / 'anomalies')}",
+        f"edgead bench --export {q(export)} --duration 5",
+    ]
+
