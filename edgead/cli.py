@@ -341,7 +341,9 @@ def _method_info(name: str) -> None:
 
 
 def _latest_export(exports_root: Path) -> Path:
-    candidates = sorted(exports_root.glob("*/edgead.json"), key=lambda p: p.stat().st_mtime)
+    # Hidden folders are export versions and unfinished ones (edgead.export.publish), never a choice.
+    found = [p for p in exports_root.glob("*/edgead.json") if not p.parent.name.startswith(".")]
+    candidates = sorted(found, key=lambda p: p.stat().st_mtime)
     if not candidates:
         raise FileNotFoundError(
             f"no export under {exports_root}; run `edgead export --method NAME` first or pass --export DIR"

@@ -4,17 +4,15 @@ Export knows no particular method or network: it loads the run's method through 
 its inference graph, and reads what the graph declares (``fp16_modules``, ``export_notes``). The work is a
 sequence of named steps (as in the ultralytics exporter's ``try_export``), each logged with its time and the
 size of what it wrote, and recorded in ``edgead.json``. Everything is written into a staging folder first
-and moved into place only when every check passed, ``edgead.json`` last, so a failed export never damages
-the previous one.
+and switched in as a whole only when every check passed (``edgead.export.publish``: versioned folders, one
+atomic link switch, a lock), so a failed or killed export never damages the previous one.
 """
 
 from __future__ import annotations
 
 import copy
 import importlib.util
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,11 +33,12 @@ from edgead.export.calibration import DEFAULT_FALSE_ALARM_RATE, pseudo_anomaly_c
 from edgead.export.fp16 import mixed_precision_graph
 from edgead.export.onnx import ExportError, export_onnx
 from edgead.export.parity import FP32_SCORE_RTOL, compare, fp32_envelope
+from edgead.export.publish import PublishError, check_target, export_lock, publish, start_version
 from edgead.methods import get_method
 from edgead.methods.base import run_graph
 from edgead.runtime.backends.base import INPUT_NAME, OUTPUT_NAMES
 from edgead.runtime.backends.onnxruntime import OnnxRuntimeBackend
-from edgead.runtime.metadata import METADATA_NAME, PRECISIONS, ExportMetadata, artifact_record
+from edgead.runtime.metadata import PRECISIONS, ExportMetadata, artifact_record
 
 #: name -> (file suffix, needs TensorRT)
 FORMATS: dict[str, tuple[str, bool]] = {"onnx": (".onnx", False), "tensorrt": (".engine", True)}
@@ -377,13 +376,6 @@ def build_metadata(job: ExportJob) -> ExportMetadata:
     )
 
 
-def _move_into_place(staging: Path, out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    names = sorted(p.name for p in staging.iterdir())
-    for name in [n for n in names if n != METADATA_NAME] + [METADATA_NAME]:
-        os.replace(staging / name, out_dir / name)
-
-
 def export_run(
     run_dir: Path, out_dir: Path, options: ExportOptions, log: Callable[[str], None] = print
 ) -> ExportMetadata:
@@ -392,25 +384,29 @@ def export_run(
     job = ExportJob(run_dir=Path(run_dir), out_dir=Path(out_dir), options=options, log=log)
     run_step(job, "load run", load_graph)
     run_step(job, "validation sets", build_validation_sets)
-    job.out_dir.parent.mkdir(parents=True, exist_ok=True)
-    job.staging = Path(tempfile.mkdtemp(prefix=f".{job.out_dir.name}.staging-", dir=job.out_dir.parent))
     try:
-        log(f"tracing {job.config.method} graph {job.input_shape} to ONNX ...")
-        run_step(job, "ONNX FP32", export_fp32_onnx)
-        run_step(job, "PyTorch reference", reference_outputs)
-        run_step(job, "threshold", calibrate_threshold)
-        run_step(job, "parity FP32", check_fp32_parity)
-        if options.precision == "fp16":
-            run_step(job, "ONNX FP16", export_fp16_onnx)
-        if FORMATS[options.format][1]:
-            run_step(job, "TensorRT engine", build_tensorrt_engine)
-        meta = build_metadata(job)
-        meta.save(job.staging)
-        _move_into_place(job.staging, job.out_dir)
-        log(f"export written to {job.out_dir}")
-        return meta
-    finally:
-        shutil.rmtree(job.staging, ignore_errors=True)
+        check_target(job.out_dir)
+        with export_lock(job.out_dir):
+            job.staging = start_version(job.out_dir)
+            try:
+                log(f"tracing {job.config.method} graph {job.input_shape} to ONNX ...")
+                run_step(job, "ONNX FP32", export_fp32_onnx)
+                run_step(job, "PyTorch reference", reference_outputs)
+                run_step(job, "threshold", calibrate_threshold)
+                run_step(job, "parity FP32", check_fp32_parity)
+                if options.precision == "fp16":
+                    run_step(job, "ONNX FP16", export_fp16_onnx)
+                if FORMATS[options.format][1]:
+                    run_step(job, "TensorRT engine", build_tensorrt_engine)
+                meta = build_metadata(job)
+                meta.save(job.staging)  # the version is complete only with its edgead.json
+                version = publish(job.staging, job.out_dir)
+            finally:
+                shutil.rmtree(job.staging, ignore_errors=True)  # left only when the export failed
+    except PublishError as err:
+        raise ExportError(str(err)) from err
+    log(f"export written to {job.out_dir} (version {version.name}; a failed export never changes it)")
+    return meta
 
 
 __all__ = ["FORMATS", "ExportError", "ExportOptions", "export_run"]

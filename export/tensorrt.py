@@ -276,7 +276,7 @@ def build_engine(
         sidecar = cached.with_suffix(".json")
         layers = int(json.loads(sidecar.read_text()).get("layers", -1)) if sidecar.is_file() else -1
         cache_hit = True
-        log(f"engine cache hit {cached.name} -> {engine_path}")
+        log(f"engine cache hit {cached.name} -> {engine_path.name}")
     else:
         targets = f" for compute capabilities {capability}" if flavour.can_build_without_gpu else f" for {gpu_name}"
         log(f"building {settings.precision} engine with {flavour.name} {flavour.version}{targets} from {onnx.name}")
@@ -301,6 +301,8 @@ def build_engine(
     )
     if cached is not None and not cache_hit:
         _copy_atomic(engine_path, cached)
-        write_bytes_atomic(cached.with_suffix(".json"), json.dumps(info.to_dict(), indent=2).encode("utf-8"))
-    log(f"engine {engine_path} ({info.size_bytes / 1e6:.2f} MB, {layers} layers) in {seconds:.2f} s")
+        # File names only: the build ran in an export's staging folder, whose path means nothing later.
+        record = {**info.to_dict(), "engine_path": engine_path.name, "onnx_path": onnx.name}
+        write_bytes_atomic(cached.with_suffix(".json"), json.dumps(record, indent=2).encode("utf-8"))
+    log(f"engine {engine_path.name} ({info.size_bytes / 1e6:.2f} MB, {layers} layers) in {seconds:.2f} s")
     return info

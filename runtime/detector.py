@@ -80,7 +80,9 @@ class Detector:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         if precision not in (None, *PRECISIONS):
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-        export_dir = Path(export_dir)
+        # Resolved once: an export folder is a link that a new export switches atomically, so every file must
+        # come from the version the link named at this instant (edgead.export.publish).
+        export_dir = Path(export_dir).resolve()
         meta = load_metadata(export_dir)
         engine = find_engine(meta, precision)
         if backend == "tensorrt" or (backend == "auto" and engine is not None and _tensorrt_usable()):

@@ -17,6 +17,7 @@ from edgead.export.calibration import threshold_from_normal_scores
 from edgead.export.exporter import ExportOptions, export_run
 from edgead.export.fp16 import FP32Island, mixed_precision_graph
 from edgead.export.onnx import ExportError
+from edgead.export.publish import versions_dir
 from edgead.export.tensorrt import TensorRTUnavailable
 from edgead.methods import load_method
 from edgead.runtime.metadata import load_metadata
@@ -49,7 +50,7 @@ def test_fp32_export_agrees_with_torch_and_records_everything(tiny: tuple[Path, 
     assert model.opset_import[0].version >= 18
     assert [i.name for i in model.graph.input] == ["image"]
     assert [o.name for o in model.graph.output] == ["anomaly_map", "score"]
-    assert not any(p.name.startswith(".") for p in out.parent.iterdir()), "staging folder left behind"
+    assert out.is_symlink() and not list(versions_dir(out).glob("*.partial")), "staging folder left behind"
 
 
 def test_threshold_is_just_above_the_normal_quantile() -> None:
@@ -125,6 +126,18 @@ def test_missing_tensorrt_is_a_clear_error(
             log=lambda _: None,
         )
     assert not (tmp_path / "x" / "edgead.json").exists()
+
+
+def test_reexport_leaves_no_stale_files(tiny: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    data, run_dir, _ = tiny
+    out = tmp_path / "exports" / "again"
+    export_run(run_dir, out, ExportOptions(precision="fp16", data=data), log=lambda _: None)
+    assert (out / "model.fp16.onnx").is_file()
+    lines: list[str] = []
+    export_run(run_dir, out, ExportOptions(precision="fp32", data=data), log=lines.append)
+    assert sorted(p.name for p in out.iterdir()) == ["edgead.json", "model.onnx"]  # the fp16 model is gone
+    assert not any(".partial" in line for line in lines), "the log names the staging folder"
+    assert len([v for v in versions_dir(out).iterdir()]) == 2  # this version and the previous one
 
 
 def test_failed_parity_leaves_the_previous_export_intact(
