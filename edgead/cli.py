@@ -70,12 +70,14 @@ def _parse_params(items: list[str]) -> dict[str, object]:
 @app.command()
 def train(
     data: list[Path] = typer.Option(
-        ...,
+        [],
         "--data",
         help="Normal images: an MVTec-layout root (<data>/train/good) or a plain folder; repeat it to train "
-        "one unified model on several data sets.",
+        "one unified model on several data sets. Not needed with --resume (the run records its data).",
     ),
-    method: str = typer.Option("score-resilience", "--method", help=f"Detection method to fit: {METHODS}."),
+    method: str | None = typer.Option(
+        None, "--method", help=f"Detection method to fit: {METHODS} (default score-resilience; --resume: the run's)."
+    ),
     preset: str | None = typer.Option(
         None, "--preset", help="Network size of methods with a U-Net: tiny (tests), small (default; edge, CPU), paper."
     ),
@@ -106,7 +108,9 @@ def train(
     ),
     out: Path | None = typer.Option(None, "--out", help="Run directory (default runs/<method>/<timestamp>)."),
     runs_root: Path = typer.Option(Path("runs"), "--runs-root", help="Where default run directories go."),
-    resume: Path | None = typer.Option(None, "--resume", help="Continue an interrupted run directory."),
+    resume: Path | None = typer.Option(
+        None, "--resume", help="Continue an interrupted run directory with the settings and data it recorded."
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
 ) -> None:
     """Fit a method on defect-free images; save weights, config and the held-out normal images (for export)."""
@@ -114,6 +118,15 @@ def train(
     from edgead.pipeline import train_run
 
     try:
+        if not data and resume is None:
+            raise ValueError("--data is required: the folder of normal training images (or --resume RUN)")
+        if data and resume is not None:
+            raise ValueError("--resume continues on the data the run recorded; leave --data out")
+        if resume is not None:
+            from edgead.config import RunConfig
+
+            method = method or RunConfig.load(resume).method
+        method = method or "score-resilience"
         params = _parse_params(param)
         cfg = TrainConfig(
             steps=steps,

@@ -152,3 +152,18 @@ def test_run_and_bench_without_an_export_say_how_to_get_one(tmp_path: Path) -> N
         result = runner.invoke(app, [*command, "--exports-root", str(tmp_path)])
         assert result.exit_code == 2
         assert "edgead export" in result.output
+
+
+def test_resume_needs_no_data_and_takes_the_runs_method(tmp_path: Path) -> None:
+    data = generate_dataset(tmp_path / "data", size=32, n_train=8, n_test_good=2, n_test_defect=2, seed=1)
+    run = tmp_path / "run"
+    args = ["train", "--method", "score-resilience", "--data", str(data), "--preset", "tiny", "--image-size", "32"]
+    result = runner.invoke(app, [*args, "--steps", "4", "--batch-size", "4", "--out", str(run), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["train", "--resume", str(run), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "trained" in result.output
+    result = runner.invoke(app, ["train", "--resume", str(run), "--data", str(data)])
+    assert result.exit_code == 2 and "leave --data out" in result.output
+    result = runner.invoke(app, ["train"])
+    assert result.exit_code == 2 and "--data is required" in result.output
