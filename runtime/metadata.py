@@ -135,8 +135,17 @@ def artifact_record(export_dir: str | Path, file_name: str, **fields: Any) -> di
 
 
 def verified_artifact(export_dir: str | Path, record: dict[str, Any]) -> Path:
-    """Return the artifact's path after checking that its SHA-256 matches the metadata."""
-    path = Path(export_dir) / record["file"]
+    """Return the artifact's path after checking that it is a plain file name inside the export (never
+    ``../`` or an absolute path: another export's model must not run with this export's threshold) and that
+    its SHA-256 matches the metadata."""
+    name = record.get("file")
+    if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+        raise MetadataError(
+            f"{Path(export_dir) / METADATA_NAME}: artifact file {name!r} must be a file name inside the export folder"
+        )
+    if not isinstance(record.get("sha256"), str):
+        raise MetadataError(f"{Path(export_dir) / METADATA_NAME}: artifact {name!r} has no sha256")
+    path = Path(export_dir) / name
     if not path.is_file():
         raise MetadataError(f"{path}: listed in {METADATA_NAME} but missing; re-run `edgead export`")
     actual = file_sha256(path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -195,3 +196,15 @@ def test_runtime_runs_without_torch(exported: tuple[Path, Path, Path]) -> None:
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "torch-free ok" in done.stdout
+
+
+@pytest.mark.parametrize("name", ["../other/model.onnx", "/tmp/model.onnx", "sub/model.onnx", "..", "", 7])
+def test_artifact_paths_are_confined_to_the_export(exported: tuple[Path, Path, Path], tmp_path: Path, name) -> None:
+    _, _, out = exported
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    meta = json.loads((copy / "edgead.json").read_text())
+    meta["artifacts"]["onnx"]["file"] = name
+    (copy / "edgead.json").write_text(json.dumps(meta))
+    with pytest.raises((MetadataError, ValueError), match="file name inside the export|artifact"):
+        Detector.load(copy, backend="onnxruntime")
