@@ -159,9 +159,25 @@ def train(
         )
     except USER_ERRORS as err:
         _fail(err)
+    except KeyboardInterrupt as err:
+        where = getattr(err, "run_dir", None)
+        if where is not None:
+            err_console.print(
+                f"{err}; checkpoint saved. Continue with: edgead train --resume {where}", markup=False, soft_wrap=True
+            )
+        else:
+            err_console.print("interrupted; resume from the last checkpoint with `edgead train --resume RUN`")
+        raise typer.Exit(code=130) from None
     if run_dir is not None:
         if "steps" in summary:
             console.print(f"trained {summary['steps']} steps in {summary['train_seconds']} s", soft_wrap=True)
+            if not summary.get("reached_target_steps", True):
+                console.print(
+                    f"note: the time limit (--max-time {cfg.max_time_s:g} s) stopped training after "
+                    f"{summary['steps']} of {cfg.steps} steps",
+                    soft_wrap=True,
+                    markup=False,
+                )
         else:
             console.print(f"fitted in {summary.get('fit_seconds', '?')} s", soft_wrap=True)
         console.print(f"run saved to [bold]{escape(str(run_dir))}[/bold]", soft_wrap=True)

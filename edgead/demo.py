@@ -66,4 +66,3 @@ def next_commands(out: Path) -> list[str]:
         f"--log {q(out / 'run.jsonl')} --save-anomalies {q(out / 'anomalies')}",
         f"edgead bench --export {q(export)} --duration 5",
     ]
-

@@ -7,9 +7,12 @@ clipping, mixed precision on CUDA, seeding, checkpoints, resume, progress and DD
 
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,37 @@ from edgead.train.distributed import DistInfo, any_rank_true, barrier
 from edgead.train.ema import EMA
 
 LossFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+#: Without a terminal, a plain progress line at least this often (and every 5 % of the steps).
+LOG_INTERVAL_S = 30.0
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped training at a step boundary after saving a resumable checkpoint."""
+
+    def __init__(self, step: int, total: int, run_dir: Path | None) -> None:
+        super().__init__(f"interrupted at step {step} of {total}")
+        self.step, self.total, self.run_dir = step, total, run_dir
+
+
+@contextlib.contextmanager
+def _graceful_interrupt(flag: dict[str, bool], say: Callable[[str], None]) -> Iterator[None]:
+    """The first Ctrl-C asks the loop to stop after the current step (which then checkpoints); a second one
+    interrupts at once. Only the main thread can install signal handlers; elsewhere Ctrl-C is untouched."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if flag["stop"]:
+            raise KeyboardInterrupt
+        flag["stop"] = True
+        say("stopping after this step and saving a checkpoint (Ctrl-C again to stop at once) ...")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @dataclass
@@ -173,7 +207,12 @@ def train_network(
         TextColumn("ETA"),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=console, disable=not show or bool(log_every), transient=False) as bar:
+    stop = {"stop": False}
+    last_log = 0.0
+    with (
+        _graceful_interrupt(stop, lambda line: console.print(line, markup=False)),
+        Progress(*columns, console=console, disable=not show or bool(log_every), transient=False) as bar,
+    ):
         task = bar.add_task(description, total=cfg.steps, completed=step, loss=float("nan"), rate=0.0)
         net.train()
         while step < cfg.steps:
@@ -204,18 +243,29 @@ def train_network(
             elapsed = time.perf_counter() - start
             if step % 10 == 0 or step == cfg.steps:
                 result.losses.append(float(np.mean(window)))
-                bar.update(task, completed=step, loss=result.losses[-1], rate=(step - result.step) / max(elapsed, 1e-9))
                 window = []
-            if log_every and (step % log_every == 0 or step == cfg.steps):
+            shown = result.losses[-1] if result.losses else loss_value
+            # Every step, so a slow run shows its true count and rich can estimate the remaining time.
+            bar.update(task, completed=step, loss=shown, rate=(step - result.step) / max(elapsed, 1e-9))
+            if log_every and (step % log_every == 0 or step == cfg.steps or elapsed - last_log >= LOG_INTERVAL_S):
+                last_log = elapsed
                 rate = (step - result.step) / max(elapsed, 1e-9)
                 eta = (cfg.steps - step) / max(rate, 1e-9)
-                shown = result.losses[-1] if result.losses else loss_value
                 console.print(
                     f"{description}: step {step}/{cfg.steps} loss {shown:.4g} {rate:.1f} steps/s ETA {eta:.0f} s",
                     soft_wrap=True,
                 )
             out_of_time = cfg.max_time_s is not None and elapsed >= cfg.max_time_s
-            if cfg.max_time_s is not None and any_rank_true(out_of_time, dist_info):
+            if any_rank_true(out_of_time or stop["stop"], dist_info):
+                if stop["stop"]:
+                    checkpoint(step, False)
+                    raise TrainingInterrupted(step, cfg.steps, run_dir)
+                if show:
+                    console.print(
+                        f"{description}: stopped by the time limit ({cfg.max_time_s:g} s) after {step} of "
+                        f"{cfg.steps} steps",
+                        markup=False,
+                    )
                 break
             if step % cfg.checkpoint_every == 0 and step < cfg.steps:
                 checkpoint(step, False)

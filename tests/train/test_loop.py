@@ -110,3 +110,32 @@ def test_corrupt_safetensors_names_the_file(tmp_path: Path) -> None:
 def test_bad_train_config_is_rejected() -> None:
     with pytest.raises(ValueError, match="lr_schedule"):
         TrainConfig(lr_schedule="linear").validate()
+
+
+def test_ctrl_c_stops_at_a_step_boundary_with_a_resumable_checkpoint(tmp_path: Path) -> None:
+    """The first SIGINT stops training after the current step and checkpoints it; resume finishes bit-exactly
+    like an uninterrupted run."""
+    import os
+    import signal
+
+    from edgead.train.loop import TrainingInterrupted
+
+    cfg = TrainConfig(steps=12, batch_size=4, lr=1e-2, checkpoint_every=100, seed=3)
+    calls = {"n": 0}
+
+    def interrupting_loss(net: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        if calls["n"] == 5:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of step 5
+        return _loss(net, batch)
+
+    with pytest.raises(TrainingInterrupted) as caught:
+        train_network(_model(), interrupting_loss, _images(), cfg, SINGLE, run_dir=tmp_path / "a", progress=False)
+    assert caught.value.step == 5 and caught.value.run_dir == tmp_path / "a"
+    resumed = _model(seed=123)
+    result = train_network(resumed, _loss, _images(), cfg, SINGLE, run_dir=tmp_path / "a", resume=True, progress=False)
+    assert result.step == 12 and result.finished
+    straight = _model()
+    train_network(straight, _loss, _images(), cfg, SINGLE, run_dir=tmp_path / "b", progress=False)
+    for name, tensor in straight.state_dict().items():
+        assert torch.equal(tensor, resumed.state_dict()[name]), name
