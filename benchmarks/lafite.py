@@ -91,8 +91,35 @@ def agreement(pseudo: dict[str, dict], test: dict[str, dict]) -> dict[str, Any]:
     }
 
 
+def seconds_per_step(preset: str, batch_size: int, grid: int = 32, channels: int = 192) -> float:
+    """Median wall time of one optimiser step of the lafite U-Net on a feature batch (after 3 warm-up steps)."""
+    import time
+
+    from edgead.methods.lafite.method import UNET_PRESETS
+    from edgead.nn.unet import ScoreUNet, UNetConfig
+
+    net = ScoreUNet(UNetConfig(in_channels=channels, time_embedding="sinusoidal", **UNET_PRESETS[preset]))
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    x = torch.randn(batch_size, channels, grid, grid)
+    times = []
+    for i in range(13):
+        start = time.perf_counter()
+        loss = (net(x, torch.rand(batch_size)) - x).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if i >= 3:
+            times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
 def accuracy(args: argparse.Namespace) -> None:
     if args.run is None:
+        if args.budget is not None:  # as many steps as fit the budget, so the cosine schedule completes
+            per_step = seconds_per_step(args.preset, args.batch_size)
+            args.steps = max(50, int(args.budget / (per_step * 1.1)))
+            args.max_time = args.budget * 1.2
+            print(f"{per_step:.3f} s per step: {args.steps} steps in the {args.budget:g} s budget", flush=True)
         cfg = TrainConfig(
             steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
             lr_schedule="cosine", warmup_steps=min(100, args.steps // 10), ema_decay=args.ema_decay,
@@ -155,7 +182,6 @@ def _bench(run_dir: Path, work: Path, args: argparse.Namespace) -> dict[str, Any
     export_run(run_dir, export_dir, ExportOptions(precision="fp32"), log=lambda _: None)
     report = run_bench(export_dir, backend="onnxruntime", precision="fp32", warmup_s=args.warmup,
                        duration_s=args.duration, camera_loop=False)  # fmt: skip
-    shutil.rmtree(export_dir)
     eager = report["torch_eager"][0]["stats"]["median"]
     return {
         "onnxruntime_infer_median_ms": round(report["backend"]["stages"]["infer"]["median"], 2),
@@ -217,6 +243,7 @@ def main() -> None:
     acc.add_argument("--weight-decay", type=float, default=1e-4)
     acc.add_argument("--ema-decay", type=float, default=0.999)
     acc.add_argument("--max-time", type=float, default=None)
+    acc.add_argument("--budget", type=float, default=None, help="training seconds; sets --steps from a probe")
     acc.add_argument("--param", action="append", default=[], help="method hyperparameter KEY=JSON")
     acc.add_argument("--ddim-steps", type=lambda s: [int(v) for v in s.split(",")], default=[1, 3, 5, 10])
     acc.add_argument("--work", type=Path, default=Path("runs/benchmarks"))
