@@ -450,6 +450,51 @@ def export(
     )
 
 
+@app.command()
+def predict(
+    source: str = typer.Argument(..., help="An image, a folder of images or a video file."),
+    export_dir: Path | None = typer.Option(None, "--export", help="Export directory (default: newest under exports/)."),
+    out: Path | None = typer.Option(
+        None,
+        "--out",
+        help="New folder for predictions.csv, predictions.json and overlays (default predictions/<time>).",
+    ),
+    save: str = typer.Option("anomalies", "--save", help="Overlays to write: all, anomalies or none."),
+    backend: str = typer.Option("auto", "--backend", help="auto, tensorrt or onnxruntime."),
+    precision: str | None = typer.Option(None, "--precision", help="fp32 or fp16 (default: what the export has)."),
+    threshold: float | None = typer.Option(None, "--threshold", help="Override the calibrated threshold."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images instead of stopping."),
+    exports_root: Path = typer.Option(Path("exports"), "--exports-root", help="Where to look for the newest export."),
+) -> None:
+    """Score every image of a folder, an image or a video: per-image CSV and JSON, overlays, a summary line."""
+    import time
+
+    from edgead.runtime.backends.base import BackendError
+    from edgead.runtime.detector import Detector
+    from edgead.runtime.predict import predict_source
+    from edgead.runtime.sources import SourceError
+
+    say = lambda line: err_console.print(line, markup=False)  # noqa: E731
+    target = out or Path("predictions") / time.strftime("%Y%m%d-%H%M%S")
+    try:
+        detector = Detector.load(
+            export_dir or _latest_export(exports_root), backend=backend, precision=precision, threshold=threshold,
+            on_event=say,
+        )  # fmt: skip
+        used = detector.describe()
+        say(f"predicting with {used['method']} from {used['export']} on {used['backend']} ({used['precision']})")
+        summary = predict_source(detector, source, target, save=save, skip_bad=skip_bad, on_event=say)
+    except (*USER_ERRORS, SourceError, BackendError) as err:
+        _fail(err)
+    skipped = f", {summary.skipped} skipped" if summary.skipped else ""
+    console.print(
+        f"{summary.images} images, {summary.anomalies} anomalous (threshold {detector.threshold:.6g}){skipped}, "
+        f"{summary.seconds / summary.images * 1000:.1f} ms per image; results in {target}",
+        soft_wrap=True,
+        markup=False,
+    )
+
+
 @app.command("run")
 def run_camera(
     camera: str = typer.Option(
@@ -487,6 +532,8 @@ def run_camera(
             threshold=threshold,
             on_event=say,
         )
+        used = detector.describe()
+        say(f"running {used['method']} from {used['export']} on {used['backend']} ({used['precision']})")
         options = LiveOptions(
             show=show,
             save_anomalies=save_anomalies,

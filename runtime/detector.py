@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -33,12 +34,31 @@ class Detector:
         >>> result.score, result.is_anomaly, result.timings["infer"]
     """
 
-    def __init__(self, backend: Backend, metadata: ExportMetadata, threshold: float | None = None) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        metadata: ExportMetadata,
+        threshold: float | None = None,
+        *,
+        export_dir: Path | None = None,
+        precision: str = "fp32",
+    ) -> None:
         self.backend = backend
         self.metadata = metadata
+        self.export_dir = export_dir
+        self.precision = precision
         self.preprocess_config = PreprocessConfig.from_dict(metadata.preprocess)
         self.threshold = threshold  # type: ignore[assignment]  # the setter applies the override rule
         self.batch_size = int(backend.input_shape[0])
+
+    def describe(self) -> dict[str, Any]:
+        """Which export, method, backend and precision this detector runs (for logs, reports and banners)."""
+        return {
+            "export": str(self.export_dir) if self.export_dir is not None else None,
+            "method": self.metadata.method,
+            "backend": getattr(self.backend, "name", type(self.backend).__name__),
+            "precision": self.precision,
+        }
 
     @property
     def threshold(self) -> float:
@@ -82,7 +102,8 @@ class Detector:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         # Resolved once: an export folder is a link that a new export switches atomically, so every file must
         # come from the version the link named at this instant (edgead.export.publish).
-        export_dir = Path(export_dir).resolve()
+        requested = Path(export_dir)
+        export_dir = requested.resolve()
         meta = load_metadata(export_dir)
         engine = find_engine(meta, precision)
         if backend == "tensorrt" or (backend == "auto" and engine is not None and _tensorrt_usable()):
@@ -95,7 +116,8 @@ class Detector:
 
             path = verified_artifact(export_dir, engine)
             try:
-                return cls(TensorRTBackend(path, flavour=engine["flavour"]), meta, threshold)
+                backend_ = TensorRTBackend(path, flavour=engine["flavour"])
+                return cls(backend_, meta, threshold, export_dir=requested, precision=engine["precision"])
             except BackendError as err:
                 if backend == "tensorrt":
                     raise
@@ -107,7 +129,13 @@ class Detector:
         from edgead.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
         path = verified_artifact(export_dir, meta.artifacts[key])
-        return cls(OnnxRuntimeBackend(path, providers=providers), meta, threshold)
+        return cls(
+            OnnxRuntimeBackend(path, providers=providers),
+            meta,
+            threshold,
+            export_dir=requested,
+            precision="fp16" if key == "onnx_fp16" else "fp32",
+        )
 
     def preprocess(self, frame_bgr: np.ndarray) -> np.ndarray:
         """The training-time preprocessing (``edgead.data.preprocess.preprocess``) of a BGR frame."""

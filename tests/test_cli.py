@@ -13,7 +13,7 @@ from edgead.data.synthetic import generate_dataset
 runner = CliRunner()
 
 
-@pytest.mark.parametrize("command", ["train", "tune", "eval", "demo", "info", "export", "run", "bench"])
+@pytest.mark.parametrize("command", ["train", "tune", "eval", "demo", "info", "export", "predict", "run", "bench"])
 def test_every_command_has_help(command: str) -> None:
     result = runner.invoke(app, [command, "--help"])
     assert result.exit_code == 0, result.output

@@ -3,6 +3,7 @@ the camera loop and bench work, and the runtime never imports torch."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -208,3 +209,36 @@ def test_artifact_paths_are_confined_to_the_export(exported: tuple[Path, Path, P
     (copy / "edgead.json").write_text(json.dumps(meta))
     with pytest.raises((MetadataError, ValueError), match="file name inside the export|artifact"):
         Detector.load(copy, backend="onnxruntime")
+
+
+def test_predict_writes_csv_json_and_overlays_and_never_overwrites(
+    exported: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    data, _, out = exported
+    folder = data / "test" / "good"
+    n_images = len(list(folder.glob("*.png")))
+    target = tmp_path / "pred"
+    args = ["predict", str(folder), "--export", str(out), "--out", str(target), "--save", "all", "--threshold", "0"]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    assert f"{n_images} images, {n_images} anomalous" in result.output  # threshold 0: every image is flagged
+    rows = list(csv.DictReader((target / "predictions.csv").open()))
+    assert [r["file"] for r in rows] == sorted(p.name for p in folder.glob("*.png"))
+    assert all(r["is_anomaly"] == "True" and float(r["threshold"]) == 0.0 for r in rows)
+    record = json.loads((target / "predictions.json").read_text())
+    assert record["export"]["method"] == "score-resilience" and record["export"]["backend"] == "onnxruntime"
+    assert record["summary"]["images"] == n_images
+    assert len(list((target / "overlays").iterdir())) == n_images
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 2 and "never overwrite" in again.output
+
+    video = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 5.0, (32, 32))
+    for index in range(4):
+        writer.write(np.full((32, 32, 3), 40 * index, dtype=np.uint8))
+    writer.release()
+    args = ["predict", str(video), "--export", str(out), "--out", str(tmp_path / "v"), "--save", "none"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert len(list(csv.DictReader((tmp_path / "v" / "predictions.csv").open()))) == 4
+    assert not (tmp_path / "v" / "overlays").exists()
