@@ -236,6 +236,8 @@ def run_live(
 
     summary = LiveSummary()
     log = _JsonLinesLog(options.log_path) if options.log_path is not None else None
+    # Every log line says what produced it (export, method, backend, precision) when the predictor tells.
+    running: dict[str, Any] = predictor.describe() if hasattr(predictor, "describe") else {}
     latencies: deque[float] = deque(maxlen=_LATENCY_WINDOW)
     latency_total = 0.0
     mean_interval: float | None = None
@@ -281,7 +283,7 @@ def run_live(
             if result.is_anomaly and options.save_anomalies is not None and hud is not None:
                 saved = _save_anomaly(options.save_anomalies, frame, hud, result.anomaly_map)
             if log is not None and (options.log_every_frame or result.is_anomaly):
-                record = _log_record(frame, result, latency_ms, reader.dropped)
+                record = {**_log_record(frame, result, latency_ms, reader.dropped), **running}
                 if saved:
                     record["saved"] = saved
                 log.write(record)

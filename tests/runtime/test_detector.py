@@ -242,3 +242,20 @@ def test_predict_writes_csv_json_and_overlays_and_never_overwrites(
     assert result.exit_code == 0, result.output
     assert len(list(csv.DictReader((tmp_path / "v" / "predictions.csv").open()))) == 4
     assert not (tmp_path / "v" / "overlays").exists()
+
+
+def test_run_log_lines_name_the_export_method_backend_and_precision(
+    exported: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    data, _, out = exported
+    log = tmp_path / "run.jsonl"
+    args = ["run", "--export", str(out), "--camera", str(data / "test" / "good"), "--headless", "--log", str(log)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "running score-resilience from" in result.output
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert lines and all(
+        line["method"] == "score-resilience" and line["backend"] == "onnxruntime" and line["precision"] == "fp32"
+        and line["export"] == str(out)
+        for line in lines
+    )  # fmt: skip
