@@ -35,6 +35,13 @@ def _fail(err: Exception) -> None:
     raise typer.Exit(code=2)
 
 
+def _check_folders(paths: list[Path], what: str) -> None:
+    """Fail fast (before torch is imported) when a folder a command needs does not exist."""
+    for path in paths:
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"{path}: {what} not found")
+
+
 def _known_method(name: str) -> str:
     """``name`` if this install has the method, else the registry's error listing the methods."""
     if name not in implemented_methods():
@@ -115,9 +122,9 @@ def train(
 ) -> None:
     """Fit a method on defect-free images; save weights, config and the held-out normal images (for export)."""
     from edgead.config import TrainConfig
-    from edgead.pipeline import train_run
 
     try:
+        # Everything a user can get wrong is checked before torch is imported (that takes seconds).
         if not data and resume is None:
             raise ValueError("--data is required: the folder of normal training images (or --resume RUN)")
         if data and resume is not None:
@@ -126,7 +133,8 @@ def train(
             from edgead.config import RunConfig
 
             method = method or RunConfig.load(resume).method
-        method = method or "score-resilience"
+        method = _known_method(method or "score-resilience")
+        _check_folders(data, "data directory")
         params = _parse_params(param)
         cfg = TrainConfig(
             steps=steps,
@@ -142,6 +150,9 @@ def train(
             checkpoint_every=checkpoint_every,
             amp=not no_amp,
         )
+        cfg.validate()
+        from edgead.pipeline import train_run
+
         run_dir, summary = train_run(
             method,
             data,
@@ -246,10 +257,12 @@ def evaluate(
 ) -> None:
     """Evaluate a run on a test split: metrics table, metrics.json, ROC curve and heatmap overlays."""
     from edgead.config import resolve_latest
-    from edgead.pipeline import evaluate_run, evaluate_runs
 
     try:
         run_dir = run or resolve_latest(_known_method(method), runs_root)
+        _check_folders(data, "test data directory")
+        from edgead.pipeline import evaluate_run, evaluate_runs
+
         if len(data) == 1:
             metrics, report = evaluate_run(run_dir, data[0], out, batch_size=batch_size, device=device, top_k=top_k)
         else:
@@ -419,13 +432,21 @@ def export(
     exports_root: Path = typer.Option(Path("exports"), "--exports-root", help="Parent of default export folders."),
 ) -> None:
     """Trace a trained method's whole inference to ONNX (and a TensorRT engine), check parity, calibrate."""
-    from edgead.config import resolve_latest
+    from edgead.config import CONFIG_NAME, resolve_latest
+
+    try:  # what a user can get wrong, before torch is imported
+        run_dir = run or resolve_latest(_known_method(method), runs_root)
+        if not (Path(run_dir) / CONFIG_NAME).is_file():
+            raise FileNotFoundError(f"--run {run_dir}: no {CONFIG_NAME} here; expected a run made by `edgead train`")
+        if data is not None:
+            _check_folders([data], "--data directory")
+    except USER_ERRORS as err:
+        _fail(err)
     from edgead.export.exporter import ExportOptions, export_run
     from edgead.export.onnx import ExportError
     from edgead.export.tensorrt import TensorRTUnavailable
 
     try:
-        run_dir = run or resolve_latest(_known_method(method), runs_root)
         options = ExportOptions(
             precision=precision,
             format=fmt,

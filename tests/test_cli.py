@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -167,3 +169,20 @@ def test_resume_needs_no_data_and_takes_the_runs_method(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "leave --data out" in result.output
     result = runner.invoke(app, ["train"])
     assert result.exit_code == 2 and "--data is required" in result.output
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["train", "--data", "nowhere"], "nowhere: data directory not found"),
+        (["train", "--data", "x", "--method", "nope"], "unknown method 'nope'"),
+        (["eval", "--data", "nowhere", "--run", "."], "nowhere: test data directory not found"),
+        (["export", "--run", "not-a-run"], "no config.json here"),
+    ],
+)
+def test_argument_mistakes_are_reported_without_importing_torch(args: list[str], expected: str) -> None:
+    """A typo must answer in a blink: the error comes before torch (seconds to import) is ever loaded."""
+    code = f"import sys; sys.modules['torch'] = None\nfrom edgead.cli import app\napp({args!r}, prog_name='edgead')\n"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert expected in " ".join(done.stderr.split()), done.stderr[-2000:]
