@@ -536,6 +536,7 @@ def run_camera(
     log: Path | None = typer.Option(None, "--log", help="JSON-lines log, one line per frame (appended)."),
     log_anomalies_only: bool = typer.Option(False, "--log-anomalies-only", help="Log only anomalous frames."),
     max_frames: int | None = typer.Option(None, "--max-frames", help="Stop after N frames."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Folder sources: skip unreadable images, do not stop."),
     exports_root: Path = typer.Option(Path("exports"), "--exports-root", help="Where to look for the newest export."),
 ) -> None:
     """Run an exported detector live: capture thread, heatmap overlay, alarms, log, saved anomalies."""
@@ -561,6 +562,7 @@ def run_camera(
             log_path=log,
             max_frames=max_frames,
             log_every_frame=not log_anomalies_only,
+            skip_bad=skip_bad,
         )
         summary = run_live(detector, camera, options, on_event=say)
     except (*USER_ERRORS, SourceError, BackendError, RuntimeError) as err:

@@ -139,7 +139,9 @@ class Detector:
 
     def preprocess(self, frame_bgr: np.ndarray) -> np.ndarray:
         """The training-time preprocessing (``edgead.data.preprocess.preprocess``) of a BGR frame."""
-        if frame_bgr.ndim != 3 or frame_bgr.shape[2] != 3 or frame_bgr.dtype != np.uint8:
+        if not isinstance(frame_bgr, np.ndarray):
+            raise ValueError(f"expected an (H, W, 3) uint8 BGR frame (numpy array), got {type(frame_bgr).__name__}")
+        if frame_bgr.ndim != 3 or frame_bgr.shape[2] != 3 or frame_bgr.dtype != np.uint8 or frame_bgr.size == 0:
             raise ValueError(f"expected an (H, W, 3) uint8 BGR frame, got {frame_bgr.shape} {frame_bgr.dtype}")
         return preprocess(bgr_to_rgb(frame_bgr), self.preprocess_config)
 

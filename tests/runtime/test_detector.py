@@ -259,3 +259,25 @@ def test_run_log_lines_name_the_export_method_backend_and_precision(
         and line["export"] == str(out)
         for line in lines
     )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [None, "frame.png", np.zeros((0, 0, 3), np.uint8), np.zeros((8, 8), np.uint8), np.zeros((8, 8, 3), np.float32)],
+)
+def test_bad_frames_are_a_clear_error(exported: tuple[Path, Path, Path], frame: object) -> None:
+    detector = Detector.load(exported[2], backend="onnxruntime")
+    with pytest.raises(ValueError, match=r"expected an \(H, W, 3\) uint8 BGR frame"):
+        detector.predict(frame)  # type: ignore[arg-type]
+
+
+def test_run_skip_bad_goes_past_an_unreadable_image(exported: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    data, _, out = exported
+    folder = tmp_path / "frames"
+    shutil.copytree(data / "test" / "good", folder)
+    (folder / "000_broken.png").write_bytes(b"not a png")
+    args = ["run", "--export", str(out), "--camera", str(folder), "--headless"]
+    stopped = CliRunner().invoke(app, args)
+    assert stopped.exit_code == 2 and "000_broken.png" in stopped.output
+    skipped = CliRunner().invoke(app, [*args, "--skip-bad"])
+    assert skipped.exit_code == 0 and "skipping" in skipped.output, skipped.output
