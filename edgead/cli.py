@@ -253,6 +253,12 @@ def evaluate(
     batch_size: int = typer.Option(8, "--batch-size", help="Images per inference batch."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     top_k: int = typer.Option(8, "--top-k", help="Heatmap overlays of the highest-scoring test images."),
+    threshold: float | None = typer.Option(
+        None, "--threshold", help="Also report false alarms, misses and per-image decisions at this threshold."
+    ),
+    export_dir: Path | None = typer.Option(
+        None, "--export", help="Report at the threshold this export deploys (its edgead.json)."
+    ),
     runs_root: Path = typer.Option(Path("runs"), "--runs-root", help="Where to look for the latest run."),
 ) -> None:
     """Evaluate a run on a test split: metrics table, metrics.json, ROC curve and heatmap overlays."""
@@ -261,12 +267,22 @@ def evaluate(
     try:
         run_dir = run or resolve_latest(_known_method(method), runs_root)
         _check_folders(data, "test data directory")
+        if export_dir is not None:
+            if threshold is not None:
+                raise ValueError("give --threshold or --export, not both")
+            from edgead.runtime.metadata import load_metadata
+
+            threshold = load_metadata(export_dir).threshold_value
         from edgead.pipeline import evaluate_run, evaluate_runs
 
         if len(data) == 1:
-            metrics, report = evaluate_run(run_dir, data[0], out, batch_size=batch_size, device=device, top_k=top_k)
+            metrics, report = evaluate_run(
+                run_dir, data[0], out, batch_size=batch_size, device=device, top_k=top_k, threshold=threshold
+            )
         else:
-            results, report = evaluate_runs(run_dir, data, out, batch_size=batch_size, device=device, top_k=top_k)
+            results, report = evaluate_runs(
+                run_dir, data, out, batch_size=batch_size, device=device, top_k=top_k, threshold=threshold
+            )
     except USER_ERRORS as err:
         _fail(err)
     if len(data) == 1:

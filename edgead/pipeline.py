@@ -147,8 +147,12 @@ def evaluate_run(
     batch_size: int = 8,
     device: str = "cpu",
     top_k: int = 8,
+    threshold: float | None = None,
 ) -> tuple[dict[str, float], Path]:
     """Score the test split of ``data_root`` with the run's inference graph and write the report.
+
+    With ``threshold`` (e.g. the deployed export's), the report also says what that threshold does on the
+    test set: false alarms, misses and the decision of every image (``decisions.csv``).
 
     Returns ``(metrics, path of metrics.json)``.
     """
@@ -169,6 +173,11 @@ def evaluate_run(
     metrics = compute_metrics(labels, scores, masks if masks.any() else None, maps if masks.any() else None)
     rgb = np.stack([resize_image(read_image(s.path), map_size, pre.interpolation) for s in samples])
     out_dir = Path(out_dir) if out_dir is not None else Path(run_dir) / "eval"
+    at_threshold = None
+    if threshold is not None:
+        at_threshold = decisions_at_threshold(labels, scores, threshold)
+        write_decisions(out_dir / "decisions.csv", samples, labels, scores, threshold)
+        metrics = {**metrics, **{f"at_threshold_{k}": v for k, v in at_threshold.items()}}
     extra = {
         "method": method.name,
         "run_dir": str(run_dir),
@@ -191,6 +200,7 @@ def evaluate_runs(
     batch_size: int = 8,
     device: str = "cpu",
     top_k: int = 8,
+    threshold: float | None = None,
 ) -> tuple[dict[str, dict[str, float]], Path]:
     """:func:`evaluate_run` on each data set (a report each, in ``<out>/<data set name>``) and the mean of
     every metric over the data sets (LafitE's multi-class protocol), written to ``<out>/summary.json``.
@@ -205,7 +215,7 @@ def evaluate_runs(
     results: dict[str, dict[str, float]] = {}
     for name, root in zip(names, data_roots, strict=True):
         results[name], _ = evaluate_run(
-            run_dir, root, out_dir / name, batch_size=batch_size, device=device, top_k=top_k
+            run_dir, root, out_dir / name, batch_size=batch_size, device=device, top_k=top_k, threshold=threshold
         )
     keys = [k for k in results[names[0]] if all(k in r for r in results.values())]
     results["mean"] = {k: float(np.mean([results[n][k] for n in names])) for k in keys if not k.endswith("threshold")}
@@ -214,3 +224,47 @@ def evaluate_runs(
     summary = out_dir / "summary.json"
     write_json_atomic(summary, {"run_dir": str(run_dir), "data": [str(r) for r in data_roots], "metrics": results})
     return results, summary
+
+
+def decisions_at_threshold(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, float]:
+    """What a deployed threshold does on a labelled test set (``score >= threshold`` is anomalous)."""
+    from edgead.runtime.decision import decision_threshold, is_anomalous
+
+    threshold = decision_threshold(threshold)
+    flagged = is_anomalous(scores, threshold)
+    normal, defect = labels == 0, labels == 1
+    false_alarms, misses = int((flagged & normal).sum()), int((~flagged & defect).sum())
+    hits = int((flagged & defect).sum())
+    precision = hits / max(int(flagged.sum()), 1)
+    recall = hits / max(int(defect.sum()), 1)
+    return {
+        "threshold": float(threshold),
+        "false_alarms": false_alarms,
+        "false_alarm_rate": false_alarms / max(int(normal.sum()), 1),
+        "misses": misses,
+        "miss_rate": misses / max(int(defect.sum()), 1),
+        "precision": precision,
+        "recall": recall,
+        "f1": 2 * precision * recall / max(precision + recall, 1e-12),
+    }
+
+
+def write_decisions(
+    path: Path, samples: list[Sample], labels: np.ndarray, scores: np.ndarray, threshold: float
+) -> None:
+    """``decisions.csv``: file, defect type, label, score and the decision of every test image."""
+    import csv
+    import io
+
+    from edgead.data.io import write_bytes_atomic
+    from edgead.runtime.decision import is_anomalous
+
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["file", "defect_type", "label", "score", "is_anomaly", "correct"])
+    for sample, label, score in zip(samples, labels, scores, strict=True):
+        flagged = bool(is_anomalous(score, threshold))
+        writer.writerow(
+            [str(sample.path), sample.defect_type, int(label), f"{score:.6g}", flagged, flagged == bool(label)]
+        )
+    write_bytes_atomic(path, text.getvalue().encode("utf-8"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -141,6 +142,17 @@ def test_train_then_eval_through_the_cli(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "image_auroc" in result.output
     assert (runs / "score-resilience" / "latest" / "eval" / "metrics.json").is_file()
+    # What a deployed threshold does: one below every score flags all 8 test images (4 of them normal).
+    out = tmp_path / "at-threshold"
+    result = runner.invoke(
+        app, ["eval", "--data", str(data), "--runs-root", str(runs), "--threshold", "-1e9", "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert metrics["at_threshold_false_alarms"] == 4 and metrics["at_threshold_misses"] == 0
+    rows = (out / "decisions.csv").read_text().splitlines()
+    assert rows[0] == "file,defect_type,label,score,is_anomaly,correct" and len(rows) == 1 + 8
+    assert all(row.split(",")[4] == "True" for row in rows[1:])
 
 
 def test_export_without_a_run_says_how_to_get_one(tmp_path: Path) -> None:
