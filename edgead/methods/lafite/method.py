@@ -159,7 +159,7 @@ class LafitE(ScoreUNetMethod):
     inference_params = ScoreUNetMethod.inference_params | {
         "tau", "k", "edit", "edit_weighting", "ddim_steps", "smoothing_sigma", "pool_size", "noise_seed",
     }  # fmt: skip
-    tune_grid: ClassVar[dict[str, list[Any]]] = {"ddim_steps": [1, 3, 5, 10]}
+    tune_grid: ClassVar[dict[str, list[Any]]] = {"image_score": ["max", "topk_mean", "interior_max"]}
     smoke: ClassVar[dict[str, Any]] = {
         "preset": "tiny",
         "steps": 20,
