@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from edgead.data.io import file_sha256, write_bytes_atomic
+from edgead.data.preprocess import PreprocessConfig
 
 METADATA_NAME = "edgead.json"
 #: Version 2: ``notes`` (declared by the method's graph) and ``steps`` (export step timings) added.
@@ -109,6 +110,21 @@ class ExportMetadata:
         onnx = self.artifacts.get("onnx")
         if not (isinstance(onnx, dict) and isinstance(onnx.get("file"), str) and isinstance(onnx.get("sha256"), str)):
             raise MetadataError(f"{source}: field 'artifacts.onnx' must name the model file and its sha256")
+        try:
+            pre = PreprocessConfig.from_dict(self.preprocess)
+        except (TypeError, ValueError) as err:
+            raise MetadataError(f"{source}: field 'preprocess' is invalid ({err})") from None
+        if [pre.channels, pre.image_size, pre.image_size] != shape[1:]:
+            raise MetadataError(
+                f"{source}: 'preprocess' ({pre.channels} channels, {pre.image_size} px) does not fit the model input "
+                f"{shape}"
+            )
+        engines = self.artifacts.get("engines", [])
+        if not (isinstance(engines, list) and all(isinstance(e, dict) for e in engines)):
+            raise MetadataError(f"{source}: field 'artifacts.engines' must be a list of engine records")
+        for engine in engines:
+            if not all(isinstance(engine.get(k), str) for k in ("file", "sha256", "precision", "flavour")):
+                raise MetadataError(f"{source}: every engine record needs file, sha256, precision and flavour")
 
     def save(self, export_dir: str | Path) -> Path:
         """Write ``edgead.json`` atomically (last, after every artifact it lists)."""
