@@ -34,6 +34,27 @@ LossFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 LOG_INTERVAL_S = 30.0
 
 
+#: After this many steps the loop says what the whole run will cost.
+ESTIMATE_AFTER_STEPS = 5
+
+
+def _cost_line(description: str, cfg: TrainConfig, step: int, seconds_per_step: float, device: torch.device) -> str:
+    """``"... about 2:13:00 for 20000 steps on cpu (0.40 s/step)"``, with a hint when a CPU run is long."""
+    remaining = (cfg.steps - step) * seconds_per_step
+    what = f"the remaining {cfg.steps - step} steps"
+    if cfg.max_time_s is not None and cfg.max_time_s - step * seconds_per_step < remaining:
+        remaining = max(cfg.max_time_s - step * seconds_per_step, 0.0)
+        what = f"about {step + int(remaining / seconds_per_step)} of {cfg.steps} steps (the --max-time limit)"
+    hours, rest = divmod(int(remaining), 3600)
+    line = (
+        f"{description}: about {hours}:{rest // 60:02d}:{rest % 60:02d} for {what} on {device.type} "
+        f"({seconds_per_step:.2f} s/step)"
+    )
+    if device.type == "cpu" and remaining > 3600:
+        line += "; for a shorter CPU run use --preset tiny, fewer --steps or --max-time SECONDS"
+    return line
+
+
 class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C stopped training at a step boundary after saving a resumable checkpoint."""
 
@@ -244,6 +265,8 @@ def train_network(
             if step % 10 == 0 or step == cfg.steps:
                 result.losses.append(float(np.mean(window)))
                 window = []
+            if show and step - result.step == ESTIMATE_AFTER_STEPS and step < cfg.steps:
+                console.print(_cost_line(description, cfg, step, elapsed / ESTIMATE_AFTER_STEPS, device), markup=False)
             shown = result.losses[-1] if result.losses else loss_value
             # Every step, so a slow run shows its true count and rich can estimate the remaining time.
             bar.update(task, completed=step, loss=shown, rate=(step - result.step) / max(elapsed, 1e-9))

@@ -139,3 +139,13 @@ def test_ctrl_c_stops_at_a_step_boundary_with_a_resumable_checkpoint(tmp_path: P
     train_network(straight, _loss, _images(), cfg, SINGLE, run_dir=tmp_path / "b", progress=False)
     for name, tensor in straight.state_dict().items():
         assert torch.equal(tensor, resumed.state_dict()[name]), name
+
+
+def test_the_cost_of_a_run_is_said_before_it_is_paid() -> None:
+    from edgead.train.loop import _cost_line
+
+    cpu = torch.device("cpu")
+    line = _cost_line("training", TrainConfig(steps=20000), 5, 0.4, cpu)
+    assert "about 2:13:18 for the remaining 19995 steps on cpu (0.40 s/step)" in line and "--preset tiny" in line
+    capped = _cost_line("training", TrainConfig(steps=20000, max_time_s=600), 5, 0.4, cpu)
+    assert "about 0:09:58 for about 1500 of 20000 steps (the --max-time limit)" in capped and "--preset" not in capped
