@@ -532,6 +532,55 @@ def predict(
     )
 
 
+@app.command()
+def verify(
+    export_dir: Path | None = typer.Argument(None, help="Export directory (default: newest under exports/)."),
+    backend: str = typer.Option("auto", "--backend", help="auto, tensorrt, onnxruntime or onnxruntime-cuda."),
+    precision: str | None = typer.Option(None, "--precision", help="fp32 or fp16 (default: what the export has)."),
+    runs: int = typer.Option(50, "--runs", help="Timed inference calls after warm-up."),
+    json_path: Path | None = typer.Option(None, "--json", help="Write the report as JSON."),
+    exports_root: Path = typer.Option(Path("exports"), "--exports-root", help="Where to look for the newest export."),
+) -> None:
+    """Prove an export on this device: its verification set against the PyTorch reference, then latency.
+
+    Exit code 0: pass; 1: parity failure; 2: cannot run here (no GPU, missing package, no engine)."""
+    from edgead.runtime.verify import VerifyUnavailable, verify_export
+
+    try:
+        target = export_dir or _latest_export(exports_root)
+        report = verify_export(target, backend=backend, precision=precision, runs=runs)
+    except VerifyUnavailable as err:
+        err_console.print(f"cannot verify here: {err}", markup=False, soft_wrap=True)
+        raise typer.Exit(code=2) from None
+    except USER_ERRORS as err:
+        _fail(err)
+    used, parity, latency = report["backend"], report["parity"], report["latency_ms"]
+    providers = f" [{', '.join(used['providers'])}]" if "providers" in used else ""
+    lines = [
+        f"{used['method']} from {used['export']} on {used['backend']}{providers} ({used['precision']}), "
+        f"{parity['n_images']} verification images vs the PyTorch FP32 reference",
+        f"  score: max abs {parity['score_max_abs_error']:.3e}, max rel {parity['score_max_rel_error']:.3e}",
+        f"  anomaly_map: max abs {parity['map_max_abs_error']:.3e}, max rel {parity['map_max_rel_error']:.3e}, "
+        f"IoU {parity['map_iou']:.4f}",
+        f"  decision flips {parity['decision_flips']}, image AUROC {parity['auroc']} (reference "
+        f"{parity['auroc_reference']})",
+        f"  tolerances ({used['precision']}): {report['tolerances']}",
+        f"  latency: median {latency['median']:.2f} ms, p99 {latency['p99']:.2f} ms ({latency['runs']} runs, "
+        f"batch {latency['batch']})",
+    ]
+    for line in lines:
+        console.print(line, markup=False, soft_wrap=True, highlight=False)
+    if json_path is not None:
+        from edgead.data.io import write_bytes_atomic
+
+        write_bytes_atomic(json_path, (json.dumps(report, indent=2) + "\n").encode("utf-8"))
+    if not report["passed"]:
+        for failure in report["failures"]:
+            err_console.print(f"FAIL {failure}", markup=False, soft_wrap=True)
+        raise typer.Exit(code=1)
+    console.print("PASS", markup=False)
+
+
 @app.command("run")
 def run_camera(
     camera: str = typer.Option(

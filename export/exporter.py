@@ -43,6 +43,8 @@ from edgead.runtime.metadata import PRECISIONS, ExportMetadata, artifact_record
 #: name -> (file suffix, needs TensorRT)
 FORMATS: dict[str, tuple[str, bool]] = {"onnx": (".onnx", False), "tensorrt": (".engine", True)}
 FP32_NAME, FP16_NAME = "model.onnx", "model.fp16.onnx"
+#: The verification set and its reference outputs (edgead verify), and how many images of each kind it holds.
+GOLDEN_NAME, GOLDEN_PER_SET = "verification.npz", 4
 #: Images (those where PyTorch and ONNX Runtime disagree most) evaluated in float64 when FP32 parity trips.
 FP64_CHECK_IMAGES = 16
 
@@ -251,6 +253,25 @@ def check_fp32_parity(job: ExportJob) -> None:
         )
 
 
+def store_golden_data(job: ExportJob) -> list[Path]:
+    """``verification.npz``: up to ``GOLDEN_PER_SET`` held-out normals and as many pseudo-anomalies (the
+    preprocessed model inputs) with the PyTorch FP32 reference outputs, for ``edgead verify`` on the target
+    device. Plain arrays (read with ``allow_pickle=False``), compressed, hashed in ``edgead.json``."""
+    names = [name for name in ("normal", "pseudo") if name in job.sets]
+    pick = {name: slice(0, GOLDEN_PER_SET) for name in names}
+    images = np.concatenate([job.sets[name][pick[name]] for name in names]).astype(np.float32)
+    labels = np.concatenate([np.full(len(job.sets[name][pick[name]]), int(name == "pseudo")) for name in names])
+    maps = np.concatenate([job.ref[name][0][pick[name]] for name in names]).astype(np.float32)
+    scores = np.concatenate([job.ref[name][1][pick[name]] for name in names]).astype(np.float32)
+    path = job.staging / GOLDEN_NAME
+    with open(path, "wb") as handle:
+        np.savez_compressed(handle, images=images, labels=labels.astype(np.int8), maps=maps, scores=scores)
+    job.artifacts["verification"] = artifact_record(
+        job.staging, GOLDEN_NAME, images=len(images), reference="PyTorch FP32", threshold=job.threshold["value"]
+    )
+    return [path]
+
+
 def _auroc(labels: np.ndarray, scores: np.ndarray) -> float | None:
     from edgead.metrics import image_auroc
 
@@ -394,6 +415,7 @@ def export_run(
                 run_step(job, "PyTorch reference", reference_outputs)
                 run_step(job, "threshold", calibrate_threshold)
                 run_step(job, "parity FP32", check_fp32_parity)
+                run_step(job, "golden data", store_golden_data)
                 if options.precision == "fp16":
                     run_step(job, "ONNX FP16", export_fp16_onnx)
                 if FORMATS[options.format][1]:

@@ -135,7 +135,7 @@ def test_reexport_leaves_no_stale_files(tiny: tuple[Path, Path, Path], tmp_path:
     assert (out / "model.fp16.onnx").is_file()
     lines: list[str] = []
     export_run(run_dir, out, ExportOptions(precision="fp32", data=data), log=lines.append)
-    assert sorted(p.name for p in out.iterdir()) == ["edgead.json", "model.onnx"]  # the fp16 model is gone
+    assert sorted(p.name for p in out.iterdir()) == ["edgead.json", "model.onnx", "verification.npz"]  # no fp16
     assert not any(".partial" in line for line in lines), "the log names the staging folder"
     assert len([v for v in versions_dir(out).iterdir()]) == 2  # this version and the previous one
 
