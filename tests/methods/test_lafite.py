@@ -13,10 +13,14 @@ import pytest
 import torch
 
 from edgead.config import RunConfig, TrainConfig
+from edgead.data.mvtec import list_test, load_images
 from edgead.data.synthetic import generate_dataset
 from edgead.methods import load_method
+from edgead.methods.base import run_graph
 from edgead.methods.lafite.graph import ddim_timesteps
 from edgead.methods.lafite.memory import FeatureEditor, edit_weights, greedy_coreset
+from edgead.methods.lafite.method import LafitE
+from edgead.metrics import image_auroc
 from edgead.pipeline import evaluate_run, evaluate_runs, train_run
 
 
@@ -103,7 +107,7 @@ def test_ddim_timesteps() -> None:
     assert ddim_timesteps(3, 10) == [(3, 2), (2, 1), (1, 0)]  # at most one update per step
 
 
-def _train(data: Path | list[Path], root: Path, steps: int = 120) -> Path:
+def _train(data: Path | list[Path], root: Path, steps: int = 400) -> Path:
     cfg = TrainConfig(steps=steps, batch_size=16, lr=2e-3, lr_schedule="cosine", warmup_steps=10, ema_decay=0.99)
     params = {"grid": 16, "tau_candidates": [100, 300], "k_candidates": [2, 3], "coreset_max": 512}
     run_dir, _ = train_run(
@@ -120,7 +124,21 @@ def print_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
                             n_test_defect=24, seed=0)  # fmt: skip
 
 
+def _image_auroc(method: LafitE, data: Path, **settings: object) -> float:
+    samples = list_test(data)
+    p = method.params
+    graph = method.graph_for(tau=settings.get("tau", p.tau), k=p.k, edit=settings.get("edit", p.edit))
+    _, scores = run_graph(graph, load_images(samples, method.preprocess_config))
+    return float(image_auroc(np.array([s.label for s in samples]), scores))
+
+
+@pytest.mark.slow
 def test_tiny_training_detects_generated_defects_and_beats_untrained(print_data: Path, tmp_path: Path) -> None:
+    """400 CPU steps of the tiny U-Net: LafitE with its pseudo-validated tau and K reaches image AUROC >= 0.9.
+    At that small tau the edited features alone already separate these synthetic defects (an untrained U-Net
+    scores the same), so the comparison with the untrained network isolates the diffusion model as the
+    paper's "w/o F.E." ablation does: at tau = 500 without editing, only a trained denoiser reconstructs
+    normal features (measured: 0.67 trained vs 0.48 untrained)."""
     run_dir = _train(print_data, tmp_path)
     config = RunConfig.load(run_dir)
     selection = config.state["selection"]
@@ -130,25 +148,19 @@ def test_tiny_training_detects_generated_defects_and_beats_untrained(print_data:
     metrics, _ = evaluate_run(run_dir, print_data, tmp_path / "eval")
     assert metrics["image_auroc"] >= 0.9, metrics
 
-    # The same run with the U-Net's weights re-initialised: the features and coreset are unchanged.
     method = load_method(run_dir)
+    trained = _image_auroc(method, print_data, tau=500, edit=False)
     torch.manual_seed(0)
-    untrained = method.build_unet()
-    method.unet.load_state_dict(untrained.state_dict())
-    from edgead.data.mvtec import list_test, load_images
-    from edgead.methods.base import run_graph
-    from edgead.metrics import image_auroc
-
-    samples = list_test(print_data)
-    _, scores = run_graph(method.build_graph(), load_images(samples, method.preprocess_config))
-    untrained_auroc = image_auroc(np.array([s.label for s in samples]), scores)
-    assert metrics["image_auroc"] > untrained_auroc + 0.05, (metrics["image_auroc"], untrained_auroc)
+    method.unet.load_state_dict(method.build_unet().state_dict())  # same features and coreset, untrained U-Net
+    untrained = _image_auroc(method, print_data, tau=500, edit=False)
+    assert trained > untrained + 0.1, (trained, untrained)
 
 
+@pytest.mark.slow
 def test_unified_model_on_two_categories(print_data: Path, tmp_path: Path) -> None:
     woven = generate_dataset(tmp_path / "woven", category="woven", size=64, n_train=80, n_test_good=16,
                              n_test_defect=24, seed=0)  # fmt: skip
-    run_dir = _train([print_data, woven], tmp_path, steps=120)
+    run_dir = _train([print_data, woven], tmp_path, steps=120)  # what is tested here is the bookkeeping
     config = RunConfig.load(run_dir)
     assert len(config.data["roots"]) == 2
     assert config.data["n_train"] == 2 * (80 - 8)  # 10 % of each data set held out
