@@ -143,14 +143,15 @@ def accuracy(args: argparse.Namespace) -> None:
             "lafite": test.score(method, full=True),
             "lafite_without_editing": test.score(method, full=True, edit=False),
         }
-        tau_test = {str(t): test.score(method, tau=t, edit=False) for t in p.tau_candidates}
-        k_test = {str(k): test.score(method, k=k, edit=True) for k in p.k_candidates}
-        record["tau_sweep"] = {"pseudo": selection.get("tau"), "test": tau_test}
-        record["k_sweep"] = {"pseudo": selection.get("k"), "test": k_test}
-        if selection.get("tau"):
-            record["tau_sweep"]["agreement"] = agreement(selection["tau"], tau_test)
-        if selection.get("k"):
-            record["k_sweep"]["agreement"] = agreement(selection["k"], k_test)
+        if args.sweeps:
+            tau_test = {str(t): test.score(method, tau=t, edit=False) for t in p.tau_candidates}
+            k_test = {str(k): test.score(method, k=k, edit=True) for k in p.k_candidates}
+            record["tau_sweep"] = {"pseudo": selection.get("tau"), "test": tau_test}
+            record["k_sweep"] = {"pseudo": selection.get("k"), "test": k_test}
+            if selection.get("tau"):
+                record["tau_sweep"]["agreement"] = agreement(selection["tau"], tau_test)
+            if selection.get("k"):
+                record["k_sweep"]["agreement"] = agreement(selection["k"], k_test)
         steps = {}
         for n in args.ddim_steps:
             method.params = method.parse_params({**method.config.method_params, "ddim_steps": n})
@@ -246,6 +247,8 @@ def main() -> None:
     acc.add_argument("--budget", type=float, default=None, help="training seconds; sets --steps from a probe")
     acc.add_argument("--param", action="append", default=[], help="method hyperparameter KEY=JSON")
     acc.add_argument("--ddim-steps", type=lambda s: [int(v) for v in s.split(",")], default=[1, 3, 5, 10])
+    acc.add_argument("--sweeps", action=argparse.BooleanOptionalAction, default=True,
+                     help="test figures of every tau / K candidate")  # fmt: skip
     acc.add_argument("--work", type=Path, default=Path("runs/benchmarks"))
     acc.add_argument("--tag", default=None)
     acc.add_argument("--out", type=Path, default=None)
