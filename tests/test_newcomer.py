@@ -32,5 +32,5 @@ def test_demo_then_its_printed_next_commands(tmp_path: Path, monkeypatch: pytest
     folder = Path(shlex.split(commands[1])[shlex.split(commands[1]).index("--camera") + 1])
     frames = [json.loads(line) for line in (out / "run.jsonl").read_text().splitlines()]
     assert len(frames) == len([p for p in folder.iterdir() if p.suffix == ".png"])
-    assert any(frame["anomaly"] for frame in frames)  # defective test images raise alarms
+    assert any(frame["is_anomaly"] for frame in frames)  # defective test images raise alarms
     assert any((out / "anomalies").iterdir())
