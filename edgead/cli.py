@@ -183,9 +183,12 @@ def train(
         if "steps" in summary:
             console.print(f"trained {summary['steps']} steps in {summary['train_seconds']} s", soft_wrap=True)
             if not summary.get("reached_target_steps", True):
+                from edgead.config import RunConfig
+
+                recorded = RunConfig.load(run_dir).train  # a resumed run keeps its own settings
                 console.print(
-                    f"note: the time limit (--max-time {cfg.max_time_s:g} s) stopped training after "
-                    f"{summary['steps']} of {cfg.steps} steps",
+                    f"note: the time limit (--max-time {recorded.get('max_time_s')} s) stopped training after "
+                    f"{summary['steps']} of {recorded.get('steps')} steps",
                     soft_wrap=True,
                     markup=False,
                 )
