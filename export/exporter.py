@@ -43,6 +43,8 @@ from edgead.runtime.metadata import PRECISIONS, ExportMetadata, artifact_record
 #: name -> (file suffix, needs TensorRT)
 FORMATS: dict[str, tuple[str, bool]] = {"onnx": (".onnx", False), "tensorrt": (".engine", True)}
 FP32_NAME, FP16_NAME = "model.onnx", "model.fp16.onnx"
+#: Fewer held-out normal images than this make the calibrated threshold a rough estimate (export warns).
+MIN_CALIBRATION_IMAGES = 20
 #: The verification set and its reference outputs (edgead verify), and how many images of each kind it holds.
 GOLDEN_NAME, GOLDEN_PER_SET = "verification.npz", 4
 #: Images (those where PyTorch and ONNX Runtime disagree most) evaluated in float64 when FP32 parity trips.
@@ -206,6 +208,18 @@ def calibrate_threshold(job: ExportJob) -> None:
         f"  threshold {job.threshold['value']:.6g} ({job.threshold['method']}, {job.threshold['n_normal']} "
         f"images, target false-alarm rate {job.options.false_alarm_rate:.1%})"
     )
+    if "pseudo_anomalies" in job.threshold:
+        check = job.threshold["pseudo_anomalies"]
+        job.log(
+            f"  at this threshold {check['recall_at_threshold']:.0%} of {check['n_pseudo_anomalies']} pseudo-anomalies "
+            f"are flagged (AUROC {check['auroc_vs_normal']:.3f} against the normals)"
+        )
+    if job.threshold["n_normal"] < MIN_CALIBRATION_IMAGES:
+        job.log(
+            f"  warning: the threshold rests on only {job.threshold['n_normal']} normal images (fewer than "
+            f"{MIN_CALIBRATION_IMAGES}); its false-alarm rate is a rough estimate. Train with more normal images "
+            "or a larger --val-fraction, or set --threshold at run time"
+        )
 
 
 def _run_onnx(path: Path, images: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -230,7 +244,12 @@ def check_fp32_parity(job: ExportJob) -> None:
     report = compare(job.ref_maps, ref_scores, ort_maps, ort_scores, job.threshold["value"])
     job.parity["torch_vs_onnxruntime_fp32"] = report
     worst = report["score_max_rel_error"]
-    job.log(f"  torch vs ONNX Runtime (FP32): score rel. error {worst:.2e}, flips {report['decision_flips']}")
+    flips = report["decision_flips"]
+    job.log(
+        f"  torch vs ONNX Runtime (FP32): score rel. error {worst:.2e} (allowed {FP32_SCORE_RTOL:g}), decision flips "
+        f"{flips} of {len(ref_scores)}"
+        + ("" if flips == 0 else " (scores agree within the tolerance: those images sit on the threshold)")
+    )
     if worst <= FP32_SCORE_RTOL:
         return
     # Either a broken export, or a graph whose FP32 result is itself this inexact: decide with float64 on the

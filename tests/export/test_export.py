@@ -137,6 +137,9 @@ def test_reexport_leaves_no_stale_files(tiny: tuple[Path, Path, Path], tmp_path:
     export_run(run_dir, out, ExportOptions(precision="fp32", data=data), log=lines.append)
     assert sorted(p.name for p in out.iterdir()) == ["edgead.json", "model.onnx", "verification.npz"]  # no fp16
     assert not any(".partial" in line for line in lines), "the log names the staging folder"
+    assert any("pseudo-anomalies are flagged" in line for line in lines)
+    assert any("warning: the threshold rests on only" in line for line in lines)  # 2 held-out normals here
+    assert any("decision flips 0 of" in line for line in lines)
     assert len([v for v in versions_dir(out).iterdir()]) == 2  # this version and the previous one
 
 
