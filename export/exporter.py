@@ -248,7 +248,7 @@ def check_fp32_parity(job: ExportJob) -> None:
     job.log(
         f"  torch vs ONNX Runtime (FP32): score rel. error {worst:.2e} (allowed {FP32_SCORE_RTOL:g}), decision flips "
         f"{flips} of {len(ref_scores)}"
-        + ("" if flips == 0 else " (scores agree within the tolerance: those images sit on the threshold)")
+        + ("" if flips == 0 else " (a score on the threshold can flip within the allowed error)")
     )
     if worst <= FP32_SCORE_RTOL:
         return
