@@ -39,6 +39,7 @@ from edgead.methods.base import run_graph
 from edgead.runtime.backends.base import INPUT_NAME, OUTPUT_NAMES
 from edgead.runtime.backends.onnxruntime import OnnxRuntimeBackend
 from edgead.runtime.metadata import PRECISIONS, ExportMetadata, artifact_record
+from edgead.runtime.verify import run_batches
 
 #: name -> (file suffix, needs TensorRT)
 FORMATS: dict[str, tuple[str, bool]] = {"onnx": (".onnx", False), "tensorrt": (".engine", True)}
@@ -222,25 +223,15 @@ def calibrate_threshold(job: ExportJob) -> None:
         )
 
 
-def _run_onnx(path: Path, images: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray]:
-    backend = OnnxRuntimeBackend(path, providers=["CPUExecutionProvider"])
-    maps, scores = [], []
-    for start in range(0, len(images), batch):
-        chunk = images[start : start + batch]
-        if len(chunk) < batch:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - len(chunk), axis=0)])
-        out = backend.infer(chunk)
-        count = min(batch, len(images) - start)
-        maps.append(out["anomaly_map"][:count])
-        scores.append(out["score"][:count])
-    return np.concatenate(maps), np.concatenate(scores)
+def _run_onnx(path: Path, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return run_batches(OnnxRuntimeBackend(path, providers=["CPUExecutionProvider"]), images)
 
 
 def check_fp32_parity(job: ExportJob) -> None:
     """ONNX Runtime FP32 within ``FP32_SCORE_RTOL`` of PyTorch; where it is not, accept the export only if a
     float64 evaluation shows that PyTorch FP32 itself is that inexact for this graph."""
     images, ref_scores = job.all_images, job.ref_scores
-    ort_maps, ort_scores = _run_onnx(job.staging / FP32_NAME, images, job.options.batch)
+    ort_maps, ort_scores = _run_onnx(job.staging / FP32_NAME, images)
     report = compare(job.ref_maps, ref_scores, ort_maps, ort_scores, job.threshold["value"])
     job.parity["torch_vs_onnxruntime_fp32"] = report
     worst = report["score_max_rel_error"]
@@ -310,7 +301,7 @@ def export_fp16_onnx(job: ExportJob) -> list[Path]:
         nodes=info["nodes"],
         fp32_parts=notes.get("fp32_parts"),
     )
-    maps, scores = _run_onnx(path, job.all_images, job.options.batch)
+    maps, scores = _run_onnx(path, job.all_images)
     report = compare(job.ref_maps, job.ref_scores, maps, scores, job.threshold["value"])
     job.parity["fp32_vs_onnxruntime_fp16"] = report
     job.log(

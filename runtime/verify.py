@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 
-from edgead.runtime.decision import is_anomalous
 from edgead.runtime.metadata import load_metadata, verified_artifact
 
 #: What each precision must meet against the PyTorch FP32 reference.
@@ -81,7 +80,8 @@ def _open(export_dir: Path, backend: str, precision: str | None) -> Any:
         raise VerifyUnavailable(f"a package this backend needs is missing: {err}") from err
 
 
-def _run(backend: Any, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def run_batches(backend: Any, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``backend`` over ``images`` in its fixed batch size (the last batch padded with its last image)."""
     batch = int(backend.input_shape[0])
     maps, scores = [], []
     for start in range(0, len(images), batch):
@@ -96,32 +96,29 @@ def _run(backend: Any, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def compare(golden: dict[str, np.ndarray], maps: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, Any]:
-    """The detection-specific comparison of a backend's outputs with the reference."""
+    """The export's parity figures (``edgead.export.parity.compare``: map and score errors, decision flips)
+    plus what a device check adds: score absolute error, IoU of thresholded maps, AUROC, finiteness."""
+    from edgead.export.parity import compare as parity  # numpy only, like this module
+
     ref_maps, ref_scores, labels = (
         golden["maps"].astype(np.float64),
         golden["scores"].astype(np.float64),
         golden["labels"],
     )
     maps, scores = maps.astype(np.float64), scores.astype(np.float64)
-    score_abs = np.abs(scores - ref_scores)
-    map_abs = np.abs(maps - ref_maps)
+    report = parity(ref_maps, ref_scores, maps, scores, threshold)
     cut = float(np.quantile(ref_maps, 0.9))
     ref_hot, hot = ref_maps >= cut, maps >= cut
     union = int((ref_hot | hot).sum())
-    ref_auroc, auroc_now = auroc(labels, ref_scores), auroc(labels, scores)
-    return {
-        "n_images": len(scores),
-        "score_max_abs_error": float(score_abs.max()),
-        "score_max_rel_error": float((score_abs / np.maximum(np.abs(ref_scores), 1e-12)).max()),
-        "map_max_abs_error": float(map_abs.max()),
-        "map_max_rel_error": float(map_abs.max() / max(float(np.abs(ref_maps).max()), 1e-12)),
-        "decision_flips": int((is_anomalous(scores, threshold) != is_anomalous(ref_scores, threshold)).sum()),
-        "map_iou": float((ref_hot & hot).sum() / union) if union else 1.0,
-        "map_iou_cut": cut,
-        "auroc_reference": ref_auroc,
-        "auroc": auroc_now,
-        "finite": bool(np.isfinite(maps).all() and np.isfinite(scores).all()),
-    }
+    report.update(
+        score_max_abs_error=float(np.abs(scores - ref_scores).max()),
+        map_iou=float((ref_hot & hot).sum() / union) if union else 1.0,
+        map_iou_cut=cut,
+        auroc_reference=auroc(labels, ref_scores),
+        auroc=auroc(labels, scores),
+        finite=bool(np.isfinite(maps).all() and np.isfinite(scores).all()),
+    )
+    return report
 
 
 def judge(report: dict[str, Any], precision: str) -> list[str]:
@@ -160,7 +157,7 @@ def verify_export(
         used = detector.describe()
         if hasattr(detector.backend, "session"):
             used["providers"] = list(detector.backend.session.get_providers())
-        maps, scores = _run(detector.backend, golden["images"])
+        maps, scores = run_batches(detector.backend, golden["images"])
         report = compare(golden, maps, scores, detector.metadata.threshold_value)
         batch = golden["images"][: int(detector.backend.input_shape[0])]
         if len(batch) < detector.backend.input_shape[0]:
