@@ -30,17 +30,28 @@ def export_onnx(
     (the fixed noise, ``sigma_k``, the filter weights) and removes dead nodes; then runs the ONNX checker
     with shape inference. Shapes are fixed (no dynamic axes) so TensorRT builds one optimal profile.
 
+    A graph that declares ``has_gradients`` (its forward differentiates a network, e.g. MDPS's guidance)
+    is first traced into a forward-only graph (:func:`edgead.export.gradients.trace_gradients`); for it the
+    exporter's full optimiser (minutes on unrolled backward passes) is replaced by constant folding and dead-node
+    removal, which take seconds; ONNX Runtime and TensorRT fuse the rest when they load the model.
+
     Returns:
         ``{"file", "sha256", "bytes", "opset", "nodes", "seconds"}``.
     """
     if opset < 18:
         raise ValueError(f"opset must be >= 18, got {opset}")
     graph = graph.eval()
+    name = type(graph).__name__
     example = torch.rand(*input_shape, dtype=torch.float32)
     start = time.perf_counter()
     with atomic_output(path) as tmp, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's informational warnings are noise for users
         try:
+            gradients = bool(getattr(graph, "has_gradients", False))
+            if gradients:
+                from edgead.export.gradients import trace_gradients
+
+                graph = trace_gradients(graph, example)
             program = torch.onnx.export(
                 graph,
                 (example,),
@@ -48,12 +59,17 @@ def export_onnx(
                 opset_version=opset,
                 input_names=[INPUT_NAME],
                 output_names=list(OUTPUT_NAMES),
-                optimize=True,
+                optimize=not gradients,
                 external_data=False,
                 verbose=False,
             )
         except Exception as err:  # the exporter raises many error types; the user needs the step and cause
-            raise ExportError(f"tracing {type(graph).__name__} to ONNX failed: {err}") from err
+            raise ExportError(f"tracing {name} to ONNX failed: {err}") from err
+        if gradients:
+            import onnxscript.optimizer
+
+            onnxscript.optimizer.fold_constants(program.model)
+            onnxscript.optimizer.remove_unused_nodes(program.model)
         program.save(str(tmp))
         model = onnx.load(str(tmp))
         try:

@@ -34,7 +34,7 @@ def bench_torch_eager(
     tensor = torch.from_numpy(batch).to(device)
 
     def call() -> None:
-        with torch.inference_mode():
+        with torch.no_grad():  # not inference_mode: a graph may contain gradients of its networks
             graph(tensor)
         if device.startswith("cuda"):
             torch.cuda.synchronize()

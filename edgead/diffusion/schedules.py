@@ -27,6 +27,8 @@ __all__ = [
     "cosine_alpha_bar",
     "cosine_betas",
     "ddim_step",
+    "ddim_timesteps",
+    "ddpm_eps_loss",
     "ddpm_q_sample",
     "ddpm_step",
     "linear_betas",
@@ -167,3 +169,27 @@ def ddpm_step(
     beta_t, alpha_bar_t = broadcast_like(beta_t, x_t), broadcast_like(alpha_bar_t, x_t)
     mean = (x_t - beta_t / torch.sqrt(1.0 - alpha_bar_t) * eps) / torch.sqrt(1.0 - beta_t)
     return mean + sigma_t * noise
+
+
+def ddim_timesteps(tau: int, steps: int) -> list[tuple[int, int]]:
+    """The ``(t, t_prev)`` pairs of ``steps`` deterministic DDIM updates from step ``tau`` to 0 (eq. 7 with
+    ``Delta t = tau / steps``, rounded): ``t_s = round(tau * s / steps)`` for ``s = steps .. 1``, each going
+    to the next one and the last to 0 (clean data). ``steps`` is clipped to ``tau`` (one update per step)."""
+    if tau < 1:
+        raise ValueError(f"tau must be >= 1, got {tau}")
+    steps = max(1, min(int(steps), int(tau)))
+    times = [round(tau * s / steps) for s in range(steps, 0, -1)] + [0]
+    return list(zip(times[:-1], times[1:], strict=True))
+
+
+def ddpm_eps_loss(net: torch.nn.Module, x0: Tensor, alpha_bar: Tensor) -> Tensor:
+    """The DDPM training objective (Ho et al. eq. 14, "L_simple"; LafitE eq. 6, MDPS eq. 5):
+    ``||eps - eps_theta(sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, t)||^2`` with ``t`` uniform in
+    ``1..T``, averaged over elements. The network gets the continuous time ``t / T``; noise and ``t`` come
+    from torch's RNG."""
+    alpha_bar = alpha_bar.to(x0.device, torch.float32)
+    index = torch.randint(0, len(alpha_bar), (x0.shape[0],), device=x0.device)
+    eps = torch.randn_like(x0)
+    x_t = ddpm_q_sample(x0, alpha_bar[index], eps)
+    prediction = net(x_t, (index + 1).float() / len(alpha_bar))
+    return (prediction.float() - eps).square().mean()

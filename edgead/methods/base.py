@@ -44,6 +44,10 @@ class InferenceGraph(nn.Module):
     #: Children that run in FP16 in the FP16 export (None: every direct child with parameters). Inside them,
     #: normalisation layers and modules whose class sets ``keep_fp32 = True`` stay FP32.
     fp16_modules: ClassVar[tuple[str, ...] | None] = None
+    #: Whether ``forward`` differentiates a network (``edgead.nn.gradients``); export then traces the forward
+    #: and backward passes into one forward graph first (``edgead.export.gradients``). A graph may set it per
+    #: instance.
+    has_gradients: bool = False
 
     def export_notes(self) -> dict[str, Any]:
         """What ``edgead.json`` should tell a reader about this graph: ``noise`` (how randomness enters)

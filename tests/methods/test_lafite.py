@@ -15,9 +15,9 @@ import torch
 from edgead.config import RunConfig, TrainConfig
 from edgead.data.mvtec import list_test, load_images
 from edgead.data.synthetic import generate_dataset
+from edgead.diffusion.schedules import ddim_timesteps
 from edgead.methods import load_method
 from edgead.methods.base import run_graph
-from edgead.methods.lafite.graph import ddim_timesteps
 from edgead.methods.lafite.memory import FeatureEditor, edit_weights, greedy_coreset
 from edgead.methods.lafite.method import LafitE
 from edgead.metrics import image_auroc

@@ -10,22 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from edgead.diffusion.schedules import ddim_step, ddpm_q_sample
+from edgead.diffusion.schedules import ddim_step, ddim_timesteps, ddpm_q_sample
 from edgead.methods.base import InferenceGraph
 from edgead.methods.lafite.memory import FeatureEditor
 from edgead.nn.backbones import InputAdapter
 from edgead.nn.filters import GaussianBlur
-
-
-def ddim_timesteps(tau: int, steps: int) -> list[tuple[int, int]]:
-    """The ``(t, t_prev)`` pairs of ``steps`` deterministic DDIM updates from step ``tau`` to 0 (eq. 7 with
-    ``Delta t = tau / steps``, rounded): ``t_s = round(tau * s / steps)`` for ``s = steps .. 1``, each going
-    to the next one and the last to 0 (clean features). ``steps`` is clipped to ``tau`` (one update per step)."""
-    if tau < 1:
-        raise ValueError(f"tau must be >= 1, got {tau}")
-    steps = max(1, min(int(steps), int(tau)))
-    times = [round(tau * s / steps) for s in range(steps, 0, -1)] + [0]
-    return list(zip(times[:-1], times[1:], strict=True))
 
 
 class FeatureStandardiser(nn.Module):

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from edgead.config import RunConfig
-from edgead.diffusion.schedules import ddpm_q_sample, make_alpha_bar
+from edgead.diffusion.schedules import ddpm_eps_loss, make_alpha_bar
 from edgead.methods.base import FitContext
 from edgead.methods.lafite.graph import FeatureStandardiser, LafitEGraph, aggregate, pool_for, scaled_size
 from edgead.methods.lafite.memory import EDIT_WEIGHTINGS, FeatureEditor, greedy_coreset
@@ -161,10 +161,7 @@ class LafitE(ScoreUNetMethod):
     }  # fmt: skip
     tune_grid: ClassVar[dict[str, list[Any]]] = {"image_score": ["max", "topk_mean", "interior_max"]}
     smoke: ClassVar[dict[str, Any]] = {
-        "preset": "tiny",
-        "steps": 20,
-        "batch_size": 8,
-        "lr": 2e-3,
+        **ScoreUNetMethod.smoke,
         "params": {"grid": 8, "tau_candidates": [100, 300], "k_candidates": [2], "coreset_max": 64, "ddim_steps": 2},
     }
 
@@ -267,14 +264,8 @@ class LafitE(ScoreUNetMethod):
         return {"feature_seconds": feature_seconds, "memory_bank": bank_info, **summary}
 
     def loss(self, net: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-        """Eq. 6: ``||eps - eps_theta(sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, t)||^2``, ``t`` uniform
-        in 1..T, averaged over elements."""
-        alpha_bar = self.alpha_bar().to(batch.device, torch.float32)
-        index = torch.randint(0, len(alpha_bar), (batch.shape[0],), device=batch.device)
-        eps = torch.randn_like(batch)
-        x_t = ddpm_q_sample(batch, alpha_bar[index], eps)
-        prediction = net(x_t, (index + 1).float() / len(alpha_bar))
-        return (prediction.float() - eps).square().mean()
+        """Eq. 6 (the shared DDPM objective, ``edgead.diffusion.schedules.ddpm_eps_loss``)."""
+        return ddpm_eps_loss(net, batch, self.alpha_bar())
 
     def after_training(self, ctx: FitContext) -> dict[str, Any]:
         """Sec. 4.5: tau first (without editing), then K (with editing), each the candidate with the best
