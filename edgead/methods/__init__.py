@@ -21,9 +21,7 @@ if TYPE_CHECKING:
 
 #: The roadmap: methods of the product that have no folder yet, shown by ``edgead info``. A folder of the
 #: same name, once it exists, takes precedence (nothing here is a registry entry).
-PLANNED: dict[str, tuple[str, str]] = {
-    "mdps": ("Wu et al., 2024", "masked diffusion posterior sampling"),
-}
+PLANNED: dict[str, tuple[str, str]] = {}
 
 
 #: Method folders whose ``method.py`` could not be read: folder name -> why (shown by ``edgead info``).

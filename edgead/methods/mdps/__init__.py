@@ -1,0 +1,1 @@
+"""MDPS: masked diffusion posterior sampling (Wu et al., 2024)."""
