@@ -145,7 +145,7 @@ class MDPS(ScoreUNetMethod):
         "noise_seed",
     }
     tune_grid: ClassVar[dict[str, list[Any]]] = {"image_score": ["topk_mean", "max", "interior_max"]}
-    smoke: ClassVar[dict[str, Any]] = {**ScoreUNetMethod.smoke, "params": {"steps": 2, "n_samples": 2}}
+    smoke: ClassVar[dict[str, Any]] = {**ScoreUNetMethod.smoke, "params": {"steps": 1, "n_samples": 2}}
 
     backbone: FeatureExtractor
 
