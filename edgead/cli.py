@@ -422,7 +422,13 @@ def export(
         "--precision",
         help="fp32, or fp16 (also writes model.fp16.onnx with normalisation, reductions and pooling in FP32).",
     ),
-    fmt: str = typer.Option("onnx", "--format", help="onnx, or tensorrt (ONNX plus an engine built for this device)."),
+    fmt: str = typer.Option(
+        "onnx",
+        "--format",
+        help="onnx; tensorrt (ONNX plus an engine built for this device); triton (ONNX plus a Triton model "
+        "repository in triton/: a Python-backend model serving raw frames, an onnxruntime_onnx model, a DeepStream "
+        "config).",
+    ),
     batch: int = typer.Option(1, "--batch", help="Fixed batch size of the exported graph."),
     image_size: int | None = typer.Option(None, "--image-size", help="Input size (default: the training size)."),
     data: Path | None = typer.Option(
@@ -606,6 +612,10 @@ def run_camera(
     max_frames: int | None = typer.Option(None, "--max-frames", help="Stop after N frames."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Folder sources: skip unreadable images, do not stop."),
     exports_root: Path = typer.Option(Path("exports"), "--exports-root", help="Where to look for the newest export."),
+    triton: str | None = typer.Option(
+        None, "--triton", help="Score on a Triton server instead (host:port, grpc://host:port or http://host:port)."
+    ),
+    model: str | None = typer.Option(None, "--model", help="With --triton: the model's name on the server."),
 ) -> None:
     """Run an exported detector live: capture thread, heatmap overlay, alarms, log, saved anomalies."""
     from edgead.runtime.backends.base import BackendError
@@ -614,14 +624,21 @@ def run_camera(
     from edgead.runtime.live import LiveOptions, run_live
 
     say = lambda line: err_console.print(line, markup=False)  # noqa: E731
+    if (triton is None) != (model is None):
+        _fail(ValueError("--triton and --model go together: --triton HOST:PORT --model NAME"))
     try:
-        detector = Detector.load(
-            export_dir or _latest_export(exports_root),
-            backend=backend,
-            precision=precision,
-            threshold=threshold,
-            on_event=say,
-        )
+        if triton is not None:
+            from edgead.runtime.triton_client import TritonPredictor
+
+            detector = TritonPredictor(triton, model, threshold=threshold, on_event=say)
+        else:
+            detector = Detector.load(
+                export_dir or _latest_export(exports_root),
+                backend=backend,
+                precision=precision,
+                threshold=threshold,
+                on_event=say,
+            )
         used = detector.describe()
         say(f"running {used['method']} from {used['export']} on {used['backend']} ({used['precision']})")
         options = LiveOptions(

@@ -42,7 +42,12 @@ from edgead.runtime.metadata import PRECISIONS, ExportMetadata, artifact_record
 from edgead.runtime.verify import run_batches
 
 #: name -> (file suffix, needs TensorRT)
-FORMATS: dict[str, tuple[str, bool]] = {"onnx": (".onnx", False), "tensorrt": (".engine", True)}
+#: --format -> (main file suffix, builds a TensorRT engine); "triton" adds a Triton model repository (triton/).
+FORMATS: dict[str, tuple[str, bool]] = {
+    "onnx": (".onnx", False),
+    "tensorrt": (".engine", True),
+    "triton": (".onnx", False),
+}
 FP32_NAME, FP16_NAME = "model.onnx", "model.fp16.onnx"
 #: Fewer held-out normal images than this make the calibrated threshold a rough estimate (export warns).
 MIN_CALIBRATION_IMAGES = 20
@@ -357,6 +362,20 @@ def build_tensorrt_engine(job: ExportJob) -> list[Path]:
     return [job.staging / engine_name]
 
 
+def write_triton_repository(job: ExportJob) -> list[Path]:
+    """``triton/`` inside the export: the model repository of ``edgead.export.triton`` (Python-backend model,
+    ``onnxruntime_onnx`` model, ``tensorrt_plan`` where a TensorRT engine exists, DeepStream config)."""
+    from edgead.export.triton import write_repository
+
+    info = write_repository(job.staging, job.staging / "triton")
+    job.log(
+        "Triton repository: triton/ with models "
+        + ", ".join(f"{name} ({platform})" for name, platform in info["models"].items())
+        + "; DeepStream config triton/deepstream/"
+    )
+    return [job.staging / "triton"]
+
+
 def tool_versions() -> dict[str, str | None]:
     """Versions of the libraries that produced an export."""
     versions: dict[str, str | None] = {"edgead": __version__}
@@ -432,6 +451,8 @@ def export_run(
                     run_step(job, "TensorRT engine", build_tensorrt_engine)
                 meta = build_metadata(job)
                 meta.save(job.staging)  # the version is complete only with its edgead.json
+                if options.format == "triton":
+                    run_step(job, "Triton repository", write_triton_repository)
                 version = publish(job.staging, job.out_dir)
             finally:
                 shutil.rmtree(job.staging, ignore_errors=True)  # left only when the export failed

@@ -152,6 +152,8 @@ def _log_record(frame: Frame, result: Result, latency_ms: float, dropped: int) -
         "infer_ms": _finite_or_none(round(float(timings.get("infer", math.nan)), 3)),
         "postprocess_ms": _finite_or_none(round(float(timings.get("postprocess", math.nan)), 3)),
         "dropped": dropped,
+        # a remote predictor (edgead run --triton) also splits its time into client, network and server
+        **{f"{key}_ms": round(float(timings[key]), 3) for key in ("client", "network", "server") if key in timings},
     }
 
 
