@@ -368,12 +368,13 @@ def write_triton_repository(job: ExportJob) -> list[Path]:
     from edgead.export.triton import write_repository
 
     info = write_repository(job.staging, job.staging / "triton")
+    size = sum(p.stat().st_size for p in (job.staging / "triton").rglob("*") if p.is_file())
     job.log(
         "Triton repository: triton/ with models "
         + ", ".join(f"{name} ({platform})" for name, platform in info["models"].items())
-        + "; DeepStream config triton/deepstream/"
+        + f"; DeepStream config triton/deepstream/ ({size / 1e6:.2f} MB, files hard-linked where possible)"
     )
-    return [job.staging / "triton"]
+    return []
 
 
 def tool_versions() -> dict[str, str | None]:
