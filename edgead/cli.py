@@ -429,6 +429,11 @@ def export(
         "repository in triton/: a Python-backend model serving raw frames, an onnxruntime_onnx model, a DeepStream "
         "config).",
     ),
+    triton_raw_input: bool = typer.Option(
+        False,
+        "--triton-raw-input",
+        help="With --format triton: the onnxruntime_onnx model takes raw RGB 0..255 (normalisation in the graph).",
+    ),
     batch: int = typer.Option(1, "--batch", help="Fixed batch size of the exported graph."),
     image_size: int | None = typer.Option(None, "--image-size", help="Input size (default: the training size)."),
     data: Path | None = typer.Option(
@@ -475,6 +480,7 @@ def export(
         options = ExportOptions(
             precision=precision,
             format=fmt,
+            triton_raw_input=triton_raw_input,
             batch=batch,
             image_size=image_size,
             data=data,

@@ -70,6 +70,7 @@ class ExportOptions:
     workspace_mb: int = 1024
     compute_capabilities: tuple[str, ...] | None = None
     engine_cache: Path | None = None
+    triton_raw_input: bool = False
 
     def validate(self) -> None:
         if self.format not in FORMATS:
@@ -78,6 +79,8 @@ class ExportOptions:
             raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.batch < 1:
             raise ValueError(f"--batch must be >= 1, got {self.batch}")
+        if self.triton_raw_input and self.format != "triton":
+            raise ValueError("--triton-raw-input needs --format triton")
 
 
 @dataclass
@@ -367,7 +370,7 @@ def write_triton_repository(job: ExportJob) -> list[Path]:
     ``onnxruntime_onnx`` model, ``tensorrt_plan`` where a TensorRT engine exists, DeepStream config)."""
     from edgead.export.triton import write_repository
 
-    info = write_repository(job.staging, job.staging / "triton")
+    info = write_repository(job.staging, job.staging / "triton", raw_input=job.options.triton_raw_input)
     size = sum(p.stat().st_size for p in (job.staging / "triton").rglob("*") if p.is_file())
     job.log(
         "Triton repository: triton/ with models "

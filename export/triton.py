@@ -154,6 +154,54 @@ def deepstream_config(name: str, onnx_name: str, engine_name: str | None, meta: 
     return "\n".join(lines) + "\n"
 
 
+#: OpenCV's RGB -> gray weights (``cv2.COLOR_RGB2GRAY``), the shared preprocessing's conversion.
+GRAY_WEIGHTS = (0.299, 0.587, 0.114)
+
+
+def fold_preprocessing(onnx_path: Path, out_path: Path, preprocess: dict[str, Any]) -> None:
+    """A copy of the graph whose input is raw RGB, ``[B, 3, S, S]`` float32 in 0..255 (resized by the client):
+    the export's ``(x / 255 - mean) / std`` (and, for a grayscale export, OpenCV's RGB -> gray weights) become
+    the graph's first nodes. For a client or DeepStream that sends pixels without normalising them. The one
+    difference from the shared preprocessing: OpenCV rounds the gray value to an integer, the graph does not
+    (at most 0.5 / 255 per pixel)."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(onnx_path))
+    graph = model.graph
+    original = graph.input[0]
+    name = original.name
+    inner = f"{name}_normalised"
+    for node in graph.node:
+        node.input[:] = [inner if value == name else value for value in node.input]
+    dims = [d.dim_value for d in original.type.tensor_type.shape.dim]
+    channels = int(preprocess["channels"])
+    mean = np.array(preprocess["mean"], np.float32).reshape(1, channels, 1, 1)
+    std = np.array(preprocess["std"], np.float32).reshape(1, channels, 1, 1)
+    nodes, current = [], name
+    if channels == 1:
+        weights = np.array(GRAY_WEIGHTS, np.float32).reshape(1, 3, 1, 1)
+        graph.initializer.append(numpy_helper.from_array(weights, f"{name}_gray_weights"))
+        graph.initializer.append(numpy_helper.from_array(np.array([1], np.int64), f"{name}_gray_axis"))
+        nodes += [
+            helper.make_node("Mul", [current, f"{name}_gray_weights"], [f"{name}_weighted"]),
+            helper.make_node("ReduceSum", [f"{name}_weighted", f"{name}_gray_axis"], [f"{name}_gray"], keepdims=1),
+        ]
+        current = f"{name}_gray"
+    graph.initializer.append(numpy_helper.from_array(1.0 / (255.0 * std), f"{name}_scale"))
+    graph.initializer.append(numpy_helper.from_array(-mean / std, f"{name}_shift"))
+    nodes += [
+        helper.make_node("Mul", [current, f"{name}_scale"], [f"{name}_scaled"]),
+        helper.make_node("Add", [f"{name}_scaled", f"{name}_shift"], [inner]),
+    ]
+    for node in reversed(nodes):
+        graph.node.insert(0, node)
+    graph.input.remove(original)
+    graph.input.insert(0, helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, [dims[0], 3, *dims[2:]]))
+    onnx.checker.check_model(model)
+    onnx.save(model, str(out_path))
+
+
 def _copy(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -175,9 +223,11 @@ def write_repository(
     max_batch: int = DEFAULT_MAX_BATCH,
     instances: int = 1,
     env: str | None = "auto",
+    raw_input: bool = False,
 ) -> dict[str, Any]:
     """Write the Triton model repository of the export in ``export_dir`` into ``repo_dir`` (see the module
-    docstring); returns ``{"repository", "models": {name: platform}, "deepstream"}``."""
+    docstring); returns ``{"repository", "models": {name: platform}, "deepstream"}``. ``raw_input`` gives the
+    ``onnxruntime_onnx`` model raw RGB input (:func:`fold_preprocessing`)."""
     export_dir = Path(export_dir).resolve()
     meta = load_metadata(export_dir)
     name = name or meta.method.replace("-", "_")
@@ -194,9 +244,15 @@ def write_repository(
     models[name] = "python"
     onnx_path = export_dir / meta.artifacts["onnx"]["file"]
     onnx_dir = repo_dir / f"{name}_onnx"
-    _copy(onnx_path, onnx_dir / "1" / "model.onnx")
-    (onnx_dir / "config.pbtxt").write_text(graph_model_config(f"{name}_onnx", "onnxruntime_onnx", onnx_path, meta,
-                                                              instances))  # fmt: skip
+    if raw_input:
+        (onnx_dir / "1").mkdir(parents=True, exist_ok=True)
+        fold_preprocessing(onnx_path, onnx_dir / "1" / "model.onnx", meta.preprocess)
+    else:
+        _copy(onnx_path, onnx_dir / "1" / "model.onnx")
+    config = graph_model_config(f"{name}_onnx", "onnxruntime_onnx", onnx_dir / "1" / "model.onnx", meta, instances)
+    if raw_input:
+        config += 'parameters { key: "edgead_input" value { string_value: "raw RGB 0..255, resized by the client" } }\n'
+    (onnx_dir / "config.pbtxt").write_text(config)
     models[f"{name}_onnx"] = "onnxruntime_onnx"
     engine = find_engine(meta, flavour="tensorrt")  # Triton's TensorRT backend cannot load TensorRT-RTX engines
     if engine is not None:
@@ -224,4 +280,4 @@ def _records(meta: ExportMetadata) -> list[dict[str, Any]]:
     return [r for r in records if isinstance(r, dict) and "file" in r]
 
 
-__all__ = ["deepstream_config", "graph_model_config", "python_model_config", "write_repository"]
+__all__ = ["deepstream_config", "fold_preprocessing", "graph_model_config", "python_model_config", "write_repository"]

@@ -220,3 +220,41 @@ def test_run_triton_reconnects_after_a_server_restart(exported, tmp_path: Path) 
     assert [line["frame"] for line in lines] == list(range(40))  # every frame once, in order
     assert all({"server_ms", "network_ms", "client_ms"} <= set(line) for line in lines)
     assert any("unreachable" in e for e in events) and any("back" in e for e in events), events
+
+
+def test_folded_preprocessing_takes_raw_rgb(exported, tmp_path: Path) -> None:
+    """The raw-input graph on resized 0..255 RGB equals the exported graph on the shared preprocessing."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper
+
+    from edgead.data.preprocess import PreprocessConfig, bgr_to_rgb, preprocess, resize_image
+    from edgead.export.triton import fold_preprocessing
+
+    export, frames = exported
+    meta = load_metadata(export)
+    fold_preprocessing(export / "model.onnx", tmp_path / "raw.onnx", meta.preprocess)
+    pre = PreprocessConfig.from_dict(meta.preprocess)
+    plain = ort.InferenceSession(str(export / "model.onnx"), providers=["CPUExecutionProvider"])
+    raw = ort.InferenceSession(str(tmp_path / "raw.onnx"), providers=["CPUExecutionProvider"])
+    rgb = bgr_to_rgb(frames[0])
+    resized = resize_image(rgb, pre.image_size, pre.interpolation).astype(np.float32).transpose(2, 0, 1)[None]
+    ref = plain.run(None, {"image": preprocess(rgb, pre)[None]})
+    out = raw.run(None, {"image": resized})
+    for r, o in zip(ref, out, strict=True):
+        np.testing.assert_allclose(o, r, rtol=1e-4, atol=1e-4)
+
+    # a grayscale export: OpenCV's RGB -> gray weights in the graph (OpenCV rounds to integers, the graph not)
+    identity = helper.make_model(helper.make_graph(
+        [helper.make_node("Identity", ["image"], ["out"])], "g",
+        [helper.make_tensor_value_info("image", onnx.TensorProto.FLOAT, [1, 1, 8, 8])],
+        [helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, [1, 1, 8, 8])],
+    ), opset_imports=[helper.make_opsetid("", 18)])  # fmt: skip
+    onnx.save(identity, str(tmp_path / "id.onnx"))
+    gray = {"channels": 1, "mean": [0.25], "std": [0.5], "image_size": 8}
+    fold_preprocessing(tmp_path / "id.onnx", tmp_path / "id_raw.onnx", gray)
+    pixels = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    expected = (cv2.cvtColor(pixels, cv2.COLOR_RGB2GRAY).astype(np.float32) / 255 - 0.25) / 0.5
+    session = ort.InferenceSession(str(tmp_path / "id_raw.onnx"), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"image": pixels.astype(np.float32).transpose(2, 0, 1)[None]})
+    assert np.abs(got[0, 0] - expected).max() <= 0.5 / 255 / 0.5 + 1e-5
