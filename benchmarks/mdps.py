@@ -25,6 +25,7 @@ import onnxruntime as ort
 import torch
 
 from edgead.bench.machine import machine_record
+from edgead.bench.timing import latency_stats, timed_loop
 from edgead.config import RunConfig, write_json_atomic
 from edgead.data.mvtec import list_test, load_images, load_masks
 from edgead.export.onnx import export_onnx
@@ -130,15 +131,12 @@ def generated(args: argparse.Namespace) -> None:
 
 
 def _median_ms(fn: Any, warmup_s: float, runs: int) -> float:
-    end = time.perf_counter() + warmup_s
-    while time.perf_counter() < end:
-        fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return round(1e3 * float(np.median(times)), 2)
+    """Median of ``runs`` calls after ``warmup_s`` of unrecorded ones (``edgead.bench.timing``)."""
+
+    def call() -> None:
+        fn()  # timed_loop reads a returned dict as stage timings; these calls return outputs
+
+    return round(latency_stats(timed_loop(call, warmup_s, 0.0, min_runs=runs)["total"])["median"], 2)
 
 
 def _time_graph(graph: torch.nn.Module, work: Path, name: str, size: int, channels: int, args: argparse.Namespace):

@@ -36,11 +36,9 @@ from typing import Any
 
 import onnx
 
+from edgead.runtime import triton_model  # copied into the repository as model.py (stdlib-only at import)
 from edgead.runtime.metadata import ExportMetadata, find_engine, load_metadata
 
-MODEL_TEMPLATE = Path(__file__).resolve().parents[1] / "runtime" / "triton_model.py"
-if not MODEL_TEMPLATE.is_file():  # installed layout: edgead/export/ next to edgead/runtime/
-    MODEL_TEMPLATE = Path(__file__).resolve().parent.parent / "runtime" / "triton_model.py"
 DEFAULT_MAX_BATCH = 8
 DEFAULT_QUEUE_DELAY_US = 2000
 _ONNX_TYPES = {onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.FLOAT16: "TYPE_FP16"}
@@ -126,7 +124,8 @@ def deepstream_config(name: str, onnx_name: str, engine_name: str | None, meta: 
     std, mean = [float(v) for v in pre["std"]], [float(v) for v in pre["mean"]]
     if len(set(std)) != 1:
         raise ValueError(f"DeepStream's nvinfer has one scale factor; this export's std differs per channel: {std}")
-    (in_name, _, in_dims), outputs = onnx_io(onnx_path)[0][0], onnx_io(onnx_path)[1]
+    inputs, outputs = onnx_io(onnx_path)
+    in_name, _, in_dims = inputs[0]
     # GKeyFile (nvinfer's format) has no inline comments: every comment is a line of its own.
     lines = [
         "# DeepStream nvinfer config written by edgead export --format triton (not run here: needs DeepStream).",
@@ -238,7 +237,7 @@ def write_repository(
     python_dir = repo_dir / name
     for file in files:
         _copy(export_dir / file, python_dir / "1" / "export" / file)
-    shutil.copyfile(MODEL_TEMPLATE, python_dir / "1" / "model.py")
+    shutil.copyfile(triton_model.__file__, python_dir / "1" / "model.py")
     env_path = execution_env() if env == "auto" else env
     (python_dir / "config.pbtxt").write_text(python_model_config(name, meta, max_batch, instances, env_path))
     models[name] = "python"

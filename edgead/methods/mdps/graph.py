@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from edgead.diffusion.schedules import ddim_step, ddim_timesteps, ddpm_q_sample
+from edgead.diffusion.schedules import ddim_step, ddim_timesteps, ddpm_q_sample, predict_x0_from_eps
 from edgead.methods.base import InferenceGraph
 from edgead.nn.backbones import InputAdapter
 from edgead.nn.filters import GaussianBlur
@@ -154,15 +154,13 @@ class MDPSGraph(InferenceGraph):
 
         def loss(x_t: Tensor) -> tuple[Tensor, Tensor]:
             eps = self.unet(x_t, t_in)
-            x0_prior = (x_t - math.sqrt(1 - a) * eps) / math.sqrt(a)  # line 5 (eq. 13)
-            return self.guidance_loss(y, x0_prior), eps
+            return self.guidance_loss(y, predict_x0_from_eps(x_t, eps, a)), eps  # line 5 (eq. 13)
 
         if self.guidance == "exact":
             grad, eps = value_and_input_grad(loss, x)
         else:
             eps = self.unet(x, t_in)
-            x0_prior = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
-            grad = self.guidance_loss_grad(y, x0_prior) / math.sqrt(a)
+            grad = self.guidance_loss_grad(y, predict_x0_from_eps(x, eps, a)) / math.sqrt(a)
         return eps + self.rho * math.sqrt(1 - a) * grad  # line 6
 
     def posterior_samples(self, y: Tensor, mask: Tensor | None) -> Tensor:
