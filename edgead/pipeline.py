@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 
 from edgead.config import DEFAULT_RUNS_DIR, RunConfig, TrainConfig, mark_latest, new_run_dir
 from edgead.data.holdout import save_holdout
-from edgead.data.io import list_images, read_image
+from edgead.data.io import LockBusyError, exclusive_lock, list_images, read_image
 from edgead.data.mvtec import (
     DatasetLayoutError,
     Sample,
@@ -76,6 +77,7 @@ def train_run(
         raise ValueError(f"--preset {preset}: the {method_name} method trains no network to size; leave --preset out")
     preset = preset or "small"
     dist_info = init_distributed(device)
+    locks = contextlib.ExitStack()
     try:
         if resume is not None:
             config = RunConfig.load(resume)
@@ -84,6 +86,8 @@ def train_run(
             train_cfg = TrainConfig.from_dict(config.train)
             data_root = [Path(r) for r in config.data.get("roots", [config.data["root"]])]
             run_dir = Path(resume)
+            if dist_info.is_main:
+                _lock_run(locks, run_dir)
         else:
             train_cfg = train_cfg or TrainConfig()
             params = method_cls.parse_params(method_params)
@@ -114,6 +118,7 @@ def train_run(
         if dist_info.is_main and resume is None:
             run_dir = Path(run_dir) if run_dir is not None else new_run_dir(method_name, runs_root)
             run_dir.mkdir(parents=True, exist_ok=True)
+            _lock_run(locks, run_dir)
             config.data = {
                 "root": str(roots[0].resolve()),
                 **({"roots": [str(r.resolve()) for r in roots]} if len(roots) > 1 else {}),
@@ -136,7 +141,26 @@ def train_run(
         mark_latest(run_dir)
         return run_dir, summary
     finally:
+        locks.close()
         shutdown(dist_info)
+
+
+TRAIN_LOCK_NAME = ".train.lock"
+
+
+class RunBusyError(ValueError):
+    """Another process is training into the same run directory."""
+
+
+def _lock_run(locks: contextlib.ExitStack, run_dir: Path) -> None:
+    """Hold ``run_dir``'s training lock until training ends: a second ``train``/``--resume`` into the same
+    run fails at once instead of interleaving checkpoints."""
+    try:
+        locks.enter_context(exclusive_lock(Path(run_dir) / TRAIN_LOCK_NAME))
+    except LockBusyError as err:
+        raise RunBusyError(
+            f"{run_dir}: another training process is writing this run ({err.holder}); wait for it to finish"
+        ) from None
 
 
 def evaluate_run(

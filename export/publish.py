@@ -16,7 +16,6 @@ moved into the versions folder first; any other non-empty folder there is refuse
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import shutil
 import tempfile
@@ -24,6 +23,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from edgead.data.io import LockBusyError, exclusive_lock
 from edgead.runtime.metadata import METADATA_NAME
 
 PARTIAL = ".partial"
@@ -41,26 +41,13 @@ def versions_dir(out_dir: Path) -> Path:
 def export_lock(out_dir: Path) -> Iterator[None]:
     """Hold the export lock of ``out_dir`` (non-blocking: a second export fails at once, naming the holder)."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    path = out_dir.parent / f".{out_dir.name}.lock"
-    with open(path, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise PublishError(
-                f"{out_dir}: another export into this folder is running ({holder}); wait for it or use another --out"
-            ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()}")
-        handle.flush()
-        try:
+    try:
+        with exclusive_lock(out_dir.parent / f".{out_dir.name}.lock"):
             yield
-        finally:
-            handle.seek(0)
-            handle.truncate()
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    except LockBusyError as err:
+        raise PublishError(
+            f"{out_dir}: another export into this folder is running ({err.holder}); wait for it or use another --out"
+        ) from None
 
 
 def start_version(out_dir: Path) -> Path:

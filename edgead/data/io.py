@@ -8,6 +8,7 @@ see format-dependent differences.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import tempfile
@@ -18,6 +19,8 @@ import cv2
 import numpy as np
 
 __all__ = [
+    "LockBusyError",
+    "exclusive_lock",
     "IMAGE_EXTENSIONS",
     "ImageReadError",
     "list_images",
@@ -210,6 +213,42 @@ def atomic_output(path: str | os.PathLike[str], durable: bool = False) -> Iterat
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+class LockBusyError(RuntimeError):
+    """Another process holds the lock; ``holder`` says which (its pid, as it wrote it)."""
+
+    def __init__(self, path: Path, holder: str) -> None:
+        super().__init__(f"{path}: held by {holder}")
+        self.path, self.holder = path, holder
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if missing) without waiting.
+
+    The kernel drops the lock when the process dies, so a killed holder never leaves a stale lock.
+
+    Raises:
+        LockBusyError: another process holds it.
+    """
+    lock_path = Path(path)
+    with open(lock_path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            raise LockBusyError(lock_path, handle.read().strip() or "another process") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.seek(0)
+            handle.truncate()
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def file_sha256(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:

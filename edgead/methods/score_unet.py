@@ -54,8 +54,8 @@ class ScoreUNetMethod(Method):
         torch.manual_seed(ctx.train.seed)
         self.unet = self.build_unet()
 
-        def on_checkpoint(step: int, final: bool) -> None:
-            self.config.state.update({"step": step, "final": final})
+        def on_checkpoint(step: int, final: bool, weights_id: str) -> None:
+            self.config.state.update({"step": step, "final": final, "weights_id": weights_id})
             self.config.save(self.run_dir)
 
         result = train_network(
@@ -85,6 +85,6 @@ class ScoreUNetMethod(Method):
     def load(cls, run_dir: Path, config: RunConfig) -> ScoreUNetMethod:
         method = cls(config, run_dir)
         method.unet = method.build_unet()
-        method.unet.load_state_dict(load_weights(run_dir))
+        method.unet.load_state_dict(load_weights(run_dir, config.state))
         method.unet.eval()
         return method

@@ -157,7 +157,7 @@ def train_network(
     cfg: TrainConfig,
     dist_info: DistInfo,
     run_dir: Path | None = None,
-    on_checkpoint: Callable[[int, bool], None] | None = None,
+    on_checkpoint: Callable[[int, bool, str], None] | None = None,
     resume: bool = False,
     progress: bool = True,
     description: str = "training",
@@ -171,8 +171,8 @@ def train_network(
         cfg: optimiser and loop settings.
         dist_info: from ``init_distributed``; with world size > 1 the model is wrapped in DDP.
         run_dir: where checkpoints go (rank 0 only); None trains without saving.
-        on_checkpoint: called by rank 0 after each checkpoint with ``(step, final)``, e.g. to
-            rewrite ``config.json``.
+        on_checkpoint: called by rank 0 after each checkpoint with ``(step, final, weights_id)``, to
+            rewrite ``config.json`` (last, so that its ``weights_id`` tells a torn checkpoint).
         resume: continue from ``run_dir/training_state``.
         progress: show a progress bar with loss, steps/s and ETA (rank 0 only).
 
@@ -206,10 +206,11 @@ def train_network(
     def checkpoint(at_step: int, final: bool) -> None:
         if run_dir is None or not dist_info.is_main:
             return
-        save_weights(ema.state_dict(), run_dir)
+        # The resume state first (its manifest is the commit point), then the weights, then the config.
         save_training_state(run_dir, model, ema.state_dict(), ema.num_updates, optimizer, at_step, sampler.state())
+        weights_id = save_weights(ema.state_dict(), run_dir)
         if on_checkpoint is not None:
-            on_checkpoint(at_step, final)
+            on_checkpoint(at_step, final, weights_id)
 
     result = TrainResult(step=step, seconds=0.0, finished=False, ema=ema)
     start = time.perf_counter()

@@ -316,7 +316,8 @@ class GaussianOPCA(Method):
             map_score=self.map_score(),
         ).eval()
         if self.run_dir is not None:
-            save_weights(self.graph.state_dict(), self.run_dir)
+            # config.json (saved by the caller after fit) records the id, so a kill in between is detected.
+            self.config.state["weights_id"] = save_weights(self.graph.state_dict(), self.run_dir)
         stages = [
             {
                 "stage": stage,
@@ -403,7 +404,7 @@ class GaussianOPCA(Method):
         """Rebuild the graph skeleton from the method's parameters (backbone, stages) and the saved buffers'
         shapes, then load the buffers."""
         method = cls(config, run_dir)
-        state = load_weights(run_dir)
+        state = load_weights(run_dir, config.state)
         graph = method.graph_skeleton({key: tuple(value.shape) for key, value in state.items()})
         graph.load_state_dict(state, strict=True)
         method.graph = graph.eval()
