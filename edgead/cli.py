@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import platform
 import sys
 from pathlib import Path
@@ -617,6 +618,12 @@ def run_camera(
     log_anomalies_only: bool = typer.Option(False, "--log-anomalies-only", help="Log only anomalous frames."),
     max_frames: int | None = typer.Option(None, "--max-frames", help="Stop after N frames."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Folder sources: skip unreadable images, do not stop."),
+    stall_timeout: float | None = typer.Option(
+        None,
+        "--stall-timeout",
+        help="Streams and videos: seconds without data before a read fails and a stream reconnects "
+        "(default: OpenCV's 30 s).",
+    ),
     exports_root: Path = typer.Option(Path("exports"), "--exports-root", help="Where to look for the newest export."),
     triton: str | None = typer.Option(
         None, "--triton", help="Score on a Triton server instead (host:port, grpc://host:port or http://host:port)."
@@ -632,6 +639,8 @@ def run_camera(
     say = lambda line: err_console.print(line, markup=False)  # noqa: E731
     if (triton is None) != (model is None):
         _fail(ValueError("--triton and --model go together: --triton HOST:PORT --model NAME"))
+    if stall_timeout is not None and not (math.isfinite(stall_timeout) and stall_timeout > 0):
+        _fail(ValueError(f"--stall-timeout {stall_timeout}: expected a positive number of seconds"))
     try:
         if triton is not None:
             from edgead.runtime.triton_client import TritonPredictor
@@ -654,6 +663,7 @@ def run_camera(
             max_frames=max_frames,
             log_every_frame=not log_anomalies_only,
             skip_bad=skip_bad,
+            stall_timeout_s=stall_timeout,
         )
         summary = run_live(detector, camera, options, on_event=say)
     except (*USER_ERRORS, SourceError, BackendError, RuntimeError) as err:

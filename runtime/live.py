@@ -57,6 +57,8 @@ class LiveOptions:
         map_range: Fixed (vmin, vmax) for heatmap colours; None = (0, 2 x threshold).
         skip_bad: Folder sources: skip unreadable images instead of stopping with an error.
         max_reconnect_attempts: Live sources: give up after this many failed re-opens; None = retry for ever.
+        stall_timeout_s: Streams and videos: seconds without a packet before a read fails and a stream
+            reconnects; None = OpenCV's default (30 s).
     """
 
     show: bool | None = None
@@ -69,6 +71,7 @@ class LiveOptions:
     map_range: tuple[float, float] | None = None
     skip_bad: bool = False
     max_reconnect_attempts: int | None = None
+    stall_timeout_s: float | None = None
 
 
 @dataclass
@@ -230,7 +233,9 @@ def run_live(
     """
     options = options or LiveOptions()
     show = _resolve_show(options.show)
-    source = create_source(source_spec, skip_bad=options.skip_bad, on_event=on_event)
+    source = create_source(
+        source_spec, skip_bad=options.skip_bad, on_event=on_event, stall_timeout_s=options.stall_timeout_s
+    )
     reader = FrameReader(
         source, queue_size=options.queue_size, on_event=on_event, max_reconnect_attempts=options.max_reconnect_attempts
     )

@@ -7,6 +7,7 @@ threaded reader that drains one into a bounded queue is :mod:`edgead.runtime.cap
 from __future__ import annotations
 
 import abc
+import math
 import re
 import time
 from collections.abc import Callable
@@ -201,17 +202,25 @@ class FolderSource(FrameSource):
 class VideoCaptureSource(FrameSource):
     """A ``cv2.VideoCapture``: camera index, video file, stream URL or GStreamer pipeline."""
 
-    def __init__(self, kind: str, target: int | str | Path) -> None:
+    def __init__(self, kind: str, target: int | str | Path, stall_timeout_s: float | None = None) -> None:
         """Creates the source (the device is not touched until :meth:`open`).
 
         Args:
             kind: "camera", "video", "stream" or "gstreamer" (see :func:`describe_source`).
             target: Camera index, file path, URL or pipeline string.
+            stall_timeout_s: Streams and videos: seconds OpenCV's FFmpeg backend waits for the source to open
+                or for the next packet before a read fails (and a live stream reconnects). None keeps
+                OpenCV's default of 30 s. Cameras and GStreamer pipelines have their own timeouts.
         """
         if kind not in ("camera", "video", "stream", "gstreamer"):
             raise ValueError(f"VideoCaptureSource: unknown kind {kind!r}")
+        if stall_timeout_s is not None and not (math.isfinite(stall_timeout_s) and stall_timeout_s > 0):
+            raise ValueError(f"stall timeout must be a positive number of seconds, got {stall_timeout_s}")
         self.kind = kind
         self.target = target
+        self.stall_timeout_s = stall_timeout_s
+        # Videos: the frame count the container declares, to tell a truncated file from a normal end.
+        self.declared_frames = 0
         # Frame names must be short and URL-free (they end up in file names and logs).
         self._frame_prefix = f"camera{target}" if kind == "camera" else kind
         if kind == "camera":
@@ -236,6 +245,10 @@ class VideoCaptureSource(FrameSource):
             return cv2.VideoCapture(int(self.target))
         if self.kind == "gstreamer":
             return cv2.VideoCapture(str(self.target), cv2.CAP_GSTREAMER)
+        if self.stall_timeout_s is not None:
+            ms = max(1, round(self.stall_timeout_s * 1000))
+            params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, ms]
+            return cv2.VideoCapture(str(self.target), cv2.CAP_ANY, params)
         return cv2.VideoCapture(str(self.target))
 
     def open(self) -> None:
@@ -251,6 +264,9 @@ class VideoCaptureSource(FrameSource):
                 capture.release()
             raise SourceError(f"cannot open {self.label}: {self._open_hint()}")
         self._capture = capture
+        if self.kind == "video" and self._next_index == 0:
+            count = capture.get(cv2.CAP_PROP_FRAME_COUNT)
+            self.declared_frames = int(count) if math.isfinite(count) and count > 0 else 0
 
     def _open_hint(self) -> str:
         """Says what most likely went wrong for this kind of source."""
@@ -270,11 +286,32 @@ class VideoCaptureSource(FrameSource):
             return None
         ok, image = self._capture.read()
         if not ok or image is None or image.size == 0:
+            self._check_complete()
             return None
         index = self._next_index
         self._next_index += 1  # keeps counting across reconnects so indices stay unique and increasing
         name = Path(str(self.target)).name if self.kind == "video" else f"{self._frame_prefix}#{index}"
         return Frame(image=_as_bgr(image), index=index, timestamp=time.monotonic(), name=name)
+
+    def _check_complete(self) -> None:
+        """A video file that ends well before the frame count its container declares is truncated or damaged:
+        say so instead of ending as if the file were complete.
+
+        Containers that estimate their count (duration x rate) may be off by a frame or two, so a shortfall
+        up to 2 % (at least 2 frames) counts as complete. MP4 files cut before their index do not open at all
+        (:meth:`open` reports them).
+
+        Raises:
+            SourceError: names the file, the frames read and the frames declared.
+        """
+        if self.kind != "video" or self.declared_frames <= 0:
+            return
+        tolerance = max(2, int(0.02 * self.declared_frames))
+        if self._next_index < self.declared_frames - tolerance:
+            raise SourceError(
+                f"{self.label} ended after {self._next_index} of the {self.declared_frames} frames its container "
+                "declares: the file is truncated or damaged (the frames read were processed)"
+            )
 
     def close(self) -> None:
         """Releases the capture."""
@@ -289,13 +326,16 @@ def _video_backend_status(backend: str) -> str:
     return match.group(1) if match else "unknown"
 
 
-def create_source(spec: str, skip_bad: bool = False, on_event: EventCallback | None = None) -> FrameSource:
+def create_source(
+    spec: str, skip_bad: bool = False, on_event: EventCallback | None = None, stall_timeout_s: float | None = None
+) -> FrameSource:
     """Builds the (unopened) source for a SOURCE argument.
 
     Args:
         spec: See :func:`describe_source`.
         skip_bad: For folders: skip unreadable images instead of failing.
         on_event: For folders: receives a line per skipped image.
+        stall_timeout_s: For streams and videos: see :class:`VideoCaptureSource`.
 
     Raises:
         SourceError: The spec cannot be classified.
@@ -303,4 +343,4 @@ def create_source(spec: str, skip_bad: bool = False, on_event: EventCallback | N
     kind, target = describe_source(spec)
     if kind in ("folder", "image"):
         return FolderSource(target, skip_bad=skip_bad, on_event=on_event)
-    return VideoCaptureSource(kind, target)
+    return VideoCaptureSource(kind, target, stall_timeout_s=stall_timeout_s)

@@ -134,12 +134,17 @@ def _check_sample(sample: Sample, check_masks: bool) -> None:
     """Decodes one sample fully; compares mask and image sizes when asked."""
     image = read_image(sample.path)
     if check_masks and sample.mask_path is not None:
-        mask = read_mask(sample.mask_path)
-        if mask.shape != image.shape[:2]:
-            raise DatasetLayoutError(
-                f"mask size {mask.shape[1]}x{mask.shape[0]} of {sample.mask_path} does not match "
-                f"image size {image.shape[1]}x{image.shape[0]} of {sample.path} (width x height)"
-            )
+        _check_mask_size(sample, read_mask(sample.mask_path), image.shape[:2])
+
+
+def _check_mask_size(sample: Sample, mask: np.ndarray, image_shape: tuple[int, ...] | None = None) -> None:
+    """A mask must cover its image pixel for pixel: a resized or misplaced mask would score the wrong pixels."""
+    height, width = image_shape if image_shape is not None else read_image(sample.path).shape[:2]
+    if mask.shape != (height, width):
+        raise DatasetLayoutError(
+            f"mask size {mask.shape[1]}x{mask.shape[0]} of {sample.mask_path} does not match "
+            f"image size {width}x{height} of {sample.path} (width x height)"
+        )
 
 
 def validate_dataset(root: str | os.PathLike[str], check_masks: bool = True) -> None:
@@ -185,6 +190,9 @@ def load_images(samples_or_paths: Iterable[Sample | str | os.PathLike[str]], cfg
 def load_masks(samples: Iterable[Sample], size: int) -> np.ndarray:
     """Reads ground-truth masks resized (nearest neighbour) to the model resolution.
 
+    Each mask must have its image's size (checked here too, not only before training, so ``edgead eval``
+    never scores a mask drawn for another image size).
+
     Args:
         samples: Samples; those without ``mask_path`` get an all-zero mask.
         size: Output side length S.
@@ -198,7 +206,9 @@ def load_masks(samples: Iterable[Sample], size: int) -> np.ndarray:
     def load_into(index: int) -> None:
         mask_path = sample_list[index].mask_path
         if mask_path is not None:
-            masks[index] = resize_mask(read_mask(mask_path), size)
+            mask = read_mask(mask_path)
+            _check_mask_size(sample_list[index], mask)
+            masks[index] = resize_mask(mask, size)
 
     _parallel_map(load_into, range(len(sample_list)))
     return masks

@@ -101,6 +101,8 @@ def test_mask_size_mismatch_names_both_files(dataset_copy: Path) -> None:
     assert str(sample.mask_path) in str(info.value) and str(sample.path) in str(info.value)
     assert "32x32" in str(info.value)
     validate_dataset(dataset_copy, check_masks=False)
+    with pytest.raises(DatasetLayoutError, match="24x20"):  # what `edgead eval` loads is checked as well
+        load_masks([sample], 16)
 
 
 def test_validate_finds_unreadable_image(dataset_copy: Path) -> None:

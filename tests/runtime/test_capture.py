@@ -41,7 +41,7 @@ def _write_video(path: Path, count: int, size: tuple[int, int] = (48, 64)) -> No
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (size[1], size[0]))
     assert writer.isOpened()
     for index in range(count):
-        writer.write(np.full((*size, 3), 20 * index, dtype=np.uint8))
+        writer.write(np.full((*size, 3), (20 * index) % 250, dtype=np.uint8))
     writer.release()
 
 
@@ -151,6 +151,71 @@ def test_video_file_delivers_every_frame(tmp_path: Path) -> None:
     assert [frame.index for frame in frames] == list(range(12))
     assert all(frame.name == "clip.avi" and frame.image.shape == (48, 64, 3) for frame in frames)
     assert abs(float(frames[5].image.mean()) - 100.0) < 8  # JPEG-compressed grey level 20 * 5
+
+
+@pytest.mark.parametrize("suffix", [".avi", ".mkv"])
+def test_a_truncated_video_is_reported_after_its_frames(tmp_path: Path, suffix: str) -> None:
+    """A file cut in half delivers the frames it still has, then says it is truncated instead of ending."""
+    video = tmp_path / f"clip{suffix}"
+    _write_video(video, 40)
+    whole = video.read_bytes()
+    video.write_bytes(whole[: len(whole) // 2])
+    reader = FrameReader(create_source(str(video))).start()
+    try:
+        frames = []
+        with pytest.raises(SourceError, match=rf"clip{suffix} ended after (\d+) of the 40 frames.*truncated"):
+            while (frame := reader.get(timeout=5)) is not None:
+                frames.append(frame)
+        assert 0 < len(frames) < 38
+    finally:
+        reader.stop()
+    video.write_bytes(whole)
+    with FrameReader(create_source(str(video))) as complete:
+        assert len(_drain(complete)) == 40  # the whole file still ends normally
+
+
+def test_stall_timeout_ends_a_stalled_stream_read(tmp_path: Path) -> None:
+    """A real HTTP MJPEG stream that sends 5 frames and then goes silent: with a 1 s stall timeout the read
+    fails after about a second (so a live source reconnects) instead of OpenCV's 30 s."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    ok, jpeg = cv2.imencode(".jpg", np.full((48, 64, 3), 90, np.uint8))
+    assert ok
+    release = threading.Event()
+
+    class Stalling(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the http.server API
+            self.send_response(200)
+            self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+            self.end_headers()
+            part = b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(jpeg)
+            for _ in range(5):
+                self.wfile.write(part + jpeg.tobytes() + b"\r\n")
+                self.wfile.flush()
+            release.wait(60)  # the stall: connection open, no data
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Stalling)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        source = create_source(f"http://127.0.0.1:{server.server_address[1]}/feed.mjpg", stall_timeout_s=1.0)
+        assert isinstance(source, VideoCaptureSource) and source.live
+        source.open()
+        frames = [source.read() for _ in range(5)]
+        assert all(frame is not None for frame in frames)
+        start = time.monotonic()
+        assert source.read() is None  # the stalled read gives up
+        assert time.monotonic() - start < 10
+        source.close()
+    finally:
+        release.set()
+        server.shutdown()
+    with pytest.raises(ValueError, match="stall timeout"):
+        create_source("rtsp://cam/x", stall_timeout_s=0)
 
 
 def test_unopenable_camera_raises_from_start() -> None:

@@ -7,6 +7,7 @@ import copy
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -165,6 +166,26 @@ def test_run_errors_missing_camera_and_bad_folder_file(exported: tuple[Path, Pat
     (folder / "b.png").write_text("not an image")
     result = runner.invoke(app, ["run", "--camera", str(folder), "--export", str(out), "--headless"])
     assert result.exit_code == 2 and "b.png" in result.output
+
+
+def test_run_on_a_truncated_video_logs_its_frames_then_says_truncated(
+    exported: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    _, _, out = exported
+    video = tmp_path / "line3.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (64, 48))
+    for index in range(30):
+        writer.write(np.full((48, 64, 3), 6 * index, np.uint8))
+    writer.release()
+    video.write_bytes(video.read_bytes()[: video.stat().st_size // 2])
+    log = tmp_path / "run.jsonl"
+    args = ["run", "--camera", str(video), "--export", str(out), "--headless", "--log", str(log)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "truncated" in result.output, result.output
+    match = re.search(r"ended after (\d+) of the 30 frames", result.output)
+    assert match and len(log.read_text().splitlines()) == int(match.group(1)) > 0  # every frame read was logged
+    result = runner.invoke(app, [*args, "--stall-timeout", "0"])
+    assert result.exit_code == 2 and "--stall-timeout 0" in result.output
 
 
 def test_bench_reports_percentiles_and_the_torch_ratio(exported: tuple[Path, Path, Path], tmp_path: Path) -> None:
