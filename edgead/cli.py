@@ -435,6 +435,11 @@ def export(
         "--triton-raw-input",
         help="With --format triton: the onnxruntime_onnx model takes raw RGB 0..255 (normalisation in the graph).",
     ),
+    max_batch: int = typer.Option(
+        8,
+        "--max-batch",
+        help="With --format triton: the Triton models batch up to this many requests (a batch-dynamic graph).",
+    ),
     batch: int = typer.Option(1, "--batch", help="Fixed batch size of the exported graph."),
     image_size: int | None = typer.Option(None, "--image-size", help="Input size (default: the training size)."),
     data: Path | None = typer.Option(
@@ -482,6 +487,7 @@ def export(
             precision=precision,
             format=fmt,
             triton_raw_input=triton_raw_input,
+            triton_max_batch=max_batch,
             batch=batch,
             image_size=image_size,
             data=data,

@@ -41,7 +41,6 @@ from edgead.runtime.backends.onnxruntime import OnnxRuntimeBackend
 from edgead.runtime.metadata import PRECISIONS, ExportMetadata, artifact_record
 from edgead.runtime.verify import run_batches
 
-#: name -> (file suffix, needs TensorRT)
 #: --format -> (main file suffix, builds a TensorRT engine); "triton" adds a Triton model repository (triton/).
 FORMATS: dict[str, tuple[str, bool]] = {
     "onnx": (".onnx", False),
@@ -49,6 +48,9 @@ FORMATS: dict[str, tuple[str, bool]] = {
     "triton": (".onnx", False),
 }
 FP32_NAME, FP16_NAME = "model.onnx", "model.fp16.onnx"
+#: --format triton: the same graphs with a dynamic batch dimension (1..--max-batch) for Triton's batching.
+BATCHED_NAME, BATCHED_FP16_NAME = "model.batched.onnx", "model.batched.fp16.onnx"
+DEFAULT_TRITON_MAX_BATCH = 8
 #: Fewer held-out normal images than this make the calibrated threshold a rough estimate (export warns).
 MIN_CALIBRATION_IMAGES = 20
 #: The verification set and its reference outputs (edgead verify), and how many images of each kind it holds.
@@ -71,6 +73,7 @@ class ExportOptions:
     compute_capabilities: tuple[str, ...] | None = None
     engine_cache: Path | None = None
     triton_raw_input: bool = False
+    triton_max_batch: int = DEFAULT_TRITON_MAX_BATCH
 
     def validate(self) -> None:
         if self.format not in FORMATS:
@@ -81,6 +84,10 @@ class ExportOptions:
             raise ValueError(f"--batch must be >= 1, got {self.batch}")
         if self.triton_raw_input and self.format != "triton":
             raise ValueError("--triton-raw-input needs --format triton")
+        if self.triton_max_batch < 1:
+            raise ValueError(f"--max-batch must be >= 1, got {self.triton_max_batch}")
+        if self.triton_max_batch != DEFAULT_TRITON_MAX_BATCH and self.format != "triton":
+            raise ValueError("--max-batch sizes the Triton models' batch: it needs --format triton")
 
 
 @dataclass
@@ -365,12 +372,122 @@ def build_tensorrt_engine(job: ExportJob) -> list[Path]:
     return [job.staging / engine_name]
 
 
+def _run_onnx_varied_batches(path: Path, images: np.ndarray, max_batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """A batch-dynamic ONNX over ``images`` in batches of 1, then ``max_batch``, then the remainder: every
+    image is scored once, at several batch sizes."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    sizes, left = [], len(images)
+    while left:
+        size = min(left, 1 if not sizes else max_batch)
+        sizes.append(size)
+        left -= size
+    maps, scores, start = [], [], 0
+    for size in sizes:
+        out_map, out_score = session.run(list(OUTPUT_NAMES), {INPUT_NAME: images[start : start + size]})
+        maps.append(np.asarray(out_map, np.float32))
+        scores.append(np.asarray(out_score, np.float32))
+        start += size
+    return np.concatenate(maps), np.concatenate(scores)
+
+
+def export_batched_onnx(job: ExportJob) -> list[Path]:
+    """``--format triton``: the graph again with a dynamic batch (1..``--max-batch``), so that Triton can batch
+    requests from many cameras into one inference (``max_batch_size`` + ``dynamic_batching``); with
+    ``--precision fp16`` its mixed-precision twin as well. Each is run at batch sizes 1, ``max_batch`` and the
+    remainder and compared with the fixed-batch ONNX of the same precision: FP32 must agree within the FP32
+    parity allowance (a graph treats every image on its own, so only the summation order may change)."""
+    n = job.options.triton_max_batch
+    graphs = [(BATCHED_NAME, FP32_NAME, job.graph, "onnx_batched", "fp32")]
+    if job.options.precision == "fp16":
+        graphs.append((BATCHED_FP16_NAME, FP16_NAME, mixed_precision_graph(job.graph), "onnx_batched_fp16", "fp16"))
+    written = []
+    images = job.all_images.astype(np.float32)
+    for name, fixed_name, graph, key, precision in graphs:
+        path = job.staging / name
+        info = export_onnx(graph, path, job.input_shape, max_batch=n)
+        batched_maps, batched_scores = _run_onnx_varied_batches(path, images, n)
+        fixed_maps, fixed_scores = _run_onnx(job.staging / fixed_name, images)
+        report = compare(fixed_maps, fixed_scores, batched_maps, batched_scores, job.threshold["value"])
+        job.parity[f"fixed_vs_batched_{precision}"] = report
+        allowed = job.parity.get("fp32_conditioning", {}).get("allowed", FP32_SCORE_RTOL)
+        job.log(
+            f"  {name} (batch {info.get('batch', 'fixed 1')}) vs {fixed_name}: score rel. error "
+            f"{report['score_max_rel_error']:.2e}" + (f" (allowed {allowed:g})" if precision == "fp32" else "")
+        )
+        if precision == "fp32" and report["score_max_rel_error"] > allowed:
+            raise ExportError(
+                f"{name}: the batch-dynamic graph disagrees with the fixed one (score relative error "
+                f"{report['score_max_rel_error']:.3e} > {allowed:g}); the export is not written"
+            )
+        job.artifacts[key] = artifact_record(
+            job.staging, name, precision=precision, opset=info["opset"], nodes=info["nodes"], max_batch=n,
+            batch=info.get("batch", "fixed 1"),
+        )  # fmt: skip
+        written.append(path)
+    return written
+
+
+def build_triton_engine(job: ExportJob) -> list[Path]:
+    """A TensorRT plan for Triton's ``tensorrt_plan`` backend from the batch-dynamic ONNX, with one optimisation
+    profile for batches 1..``--max-batch``. Only with NVIDIA's TensorRT (Triton's backend cannot load
+    TensorRT-RTX engines); otherwise the log gives the ``trtexec`` command to build it on the server."""
+    from edgead.export.tensorrt import BuildSettings, TensorRTUnavailable, build_engine, detect_flavour
+
+    options, n = job.options, job.options.triton_max_batch
+    per_image = job.input_shape[1:]
+    dims = "x".join(str(d) for d in per_image)
+    shapes = " ".join(f"--{kind}Shapes={INPUT_NAME}:{b}x{dims}" for kind, b in (("min", 1), ("opt", n), ("max", n)))
+    if options.precision == "fp32":
+        command = f"trtexec --onnx={BATCHED_NAME} {shapes} --saveEngine=model.plan"
+    else:
+        command = (
+            f"trtexec --onnx={BATCHED_NAME} {shapes} --fp16 --saveEngine=model.plan (TensorRT 10), or "
+            f"trtexec --onnx={BATCHED_FP16_NAME} {shapes} --saveEngine=model.plan (TensorRT 11, strongly typed)"
+        )
+    if n < 2:
+        job.log("  --max-batch 1: Triton's TensorRT model, if any, is the export's fixed-shape engine")
+        return []
+    try:
+        flavour = detect_flavour("tensorrt")
+    except TensorRTUnavailable:
+        job.log(f"  no NVIDIA TensorRT here for Triton's tensorrt_plan model; build it on the server: {command}")
+        return []
+    name = f"model.batched.{options.precision}.plan"
+    try:
+        info = build_engine(
+            job.staging / BATCHED_NAME,
+            job.staging / name,
+            BuildSettings(
+                precision=options.precision, input_shape=(n, *per_image), workspace_mb=options.workspace_mb, max_batch=n
+            ),
+            flavour=flavour,
+            cache_dir=options.engine_cache,
+            log=lambda line: job.log(f"  {line}"),
+            fp16_onnx_path=(job.staging / BATCHED_FP16_NAME) if options.precision == "fp16" else None,
+        )
+    except (RuntimeError, TensorRTUnavailable) as err:  # e.g. no GPU to build on: the repository still works
+        job.log(f"  TensorRT could not build Triton's plan here ({err}); build it on the server: {command}")
+        return []
+    job.artifacts["triton_engines"] = [
+        artifact_record(
+            job.staging, name, precision=options.precision, flavour=info.flavour, flavour_version=info.flavour_version,
+            key=info.key, built_from=info.onnx_path.name, max_batch=n, profile=[list(s) for s in info.profile],
+        )
+    ]  # fmt: skip
+    return [job.staging / name]
+
+
 def write_triton_repository(job: ExportJob) -> list[Path]:
     """``triton/`` inside the export: the model repository of ``edgead.export.triton`` (Python-backend model,
     ``onnxruntime_onnx`` model, ``tensorrt_plan`` where a TensorRT engine exists, DeepStream config)."""
     from edgead.export.triton import write_repository
 
-    info = write_repository(job.staging, job.staging / "triton", raw_input=job.options.triton_raw_input)
+    options = job.options
+    info = write_repository(
+        job.staging, job.staging / "triton", raw_input=options.triton_raw_input, max_batch=options.triton_max_batch
+    )
     size = sum(p.stat().st_size for p in (job.staging / "triton").rglob("*") if p.is_file())
     job.log(
         "Triton repository: triton/ with models "
@@ -453,6 +570,9 @@ def export_run(
                     run_step(job, "ONNX FP16", export_fp16_onnx)
                 if FORMATS[options.format][1]:
                     run_step(job, "TensorRT engine", build_tensorrt_engine)
+                if options.format == "triton":
+                    run_step(job, "ONNX batched (Triton)", export_batched_onnx)
+                    run_step(job, "TensorRT plan (Triton)", build_triton_engine)
                 meta = build_metadata(job)
                 meta.save(job.staging)  # the version is complete only with its edgead.json
                 if options.format == "triton":

@@ -73,7 +73,8 @@ def _upsample_nearest2d_backward(
     scales_w: float | None = None,
 ) -> torch.Tensor:
     """Nearest upsampling by an integer factor copies each pixel into a block; its gradient sums the block."""
-    n, c, h, w = (int(v) for v in input_size)
+    n, c = grad_output.shape[:2]  # kept symbolic: a batch traced as dynamic stays dynamic
+    h, w = (int(v) for v in input_size[2:])
     out_h, out_w = (int(v) for v in output_size)
     if out_h % h or out_w % w:
         raise GradientTraceError(f"nearest upsampling {h}x{w} -> {out_h}x{out_w} is not by an integer factor")
@@ -107,12 +108,16 @@ class TracedGraph(nn.Module):
         return self.traced(state, *inputs)
 
 
-def trace_gradients(graph: nn.Module, *example: torch.Tensor) -> TracedGraph:
+def trace_gradients(graph: nn.Module, *example: torch.Tensor, dynamic_batch: bool = False) -> TracedGraph:
     """``graph`` (whose forward may call ``torch.autograd.grad``) traced on ``example`` into one graph of
     forward ops that computes the same outputs; export that with ``torch.onnx.export``.
 
     The parameters and buffers enter the trace as inputs (``torch.func.functional_call``), detached, so the
     traced graph refers to each one once and computes no gradient for any of them.
+
+    With ``dynamic_batch`` the trace runs on fake tensors whose first input's batch size is symbolic (every
+    other size, and every parameter, static), under the Python dispatcher so that composite ops such as
+    ``group_norm`` decompose symbolically instead of baking the example's batch in.
 
     Raises:
         GradientTraceError: a backward op without a decomposition remains (named in the message).
@@ -125,7 +130,21 @@ def trace_gradients(graph: nn.Module, *example: torch.Tensor) -> TracedGraph:
     def call(values: dict[str, torch.Tensor], *inputs: torch.Tensor) -> Any:
         return torch.func.functional_call(graph, values, inputs)
 
-    traced = make_fx(call, decomposition_table=gradient_decompositions(), tracing_mode="real")(state, *example)
+    if dynamic_batch:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+        mode = FakeTensorMode(shape_env=ShapeEnv())
+        first, *rest = example
+        sizes = [DimDynamic.DYNAMIC] + [DimDynamic.STATIC] * (first.dim() - 1)
+        fake_inputs = [mode.from_tensor(first, symbolic_context=StatelessSymbolicContext(dynamic_sizes=sizes))]
+        fake_inputs += [mode.from_tensor(t, static_shapes=True) for t in rest]
+        fake_state = {name: mode.from_tensor(t, static_shapes=True) for name, t in state.items()}
+        traced = make_fx(call, decomposition_table=gradient_decompositions(), tracing_mode="fake")(
+            fake_state, *fake_inputs
+        )
+    else:
+        traced = make_fx(call, decomposition_table=gradient_decompositions(), tracing_mode="real")(state, *example)
     calls = {str(n.target) for n in traced.graph.nodes if n.op == "call_function"}
     left = sorted(op for op in calls if "backward" in op)
     if left:

@@ -193,6 +193,11 @@ def _build(flavour: Flavour, onnx: Path, engine: Path, settings: BuildSettings, 
     shape, onnx_shape = tuple(settings.input_shape), tuple(network.get_input(0).shape)
     if len(onnx_shape) != len(shape) or any(0 <= d != s for d, s in zip(onnx_shape, shape, strict=True)):
         raise ValueError(f"{onnx} has input shape {onnx_shape} (-1 = dynamic); the engine was asked for {shape}")
+    if (onnx_shape[0] < 0) != (settings.max_batch is not None):
+        raise ValueError(
+            f"{onnx} has input shape {onnx_shape}: a dynamic batch needs BuildSettings.max_batch, a fixed one must "
+            "not set it"
+        )
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace_mb << 20)
@@ -207,7 +212,7 @@ def _build(flavour: Flavour, onnx: Path, engine: Path, settings: BuildSettings, 
     if settings.compute_capabilities:
         _apply_compute_capabilities(trt, config, settings.compute_capabilities)
     profile = builder.create_optimization_profile()
-    profile.set_shape(INPUT_NAME, shape, shape, shape)  # fixed shapes: min = opt = max
+    profile.set_shape(INPUT_NAME, *settings.profile())  # fixed shapes: min = opt = max; else batch 1..max_batch
     config.add_optimization_profile(profile)
 
     use_timing_cache = settings.timing_cache is not None and flavour.has_timing_cache
@@ -266,6 +271,8 @@ def build_engine(
         raise FileNotFoundError(f"ONNX model not found: {onnx}")
     gpu_name, capability = _target(flavour, settings)
     extra = {"workspace_mb": settings.workspace_mb, "opt_level": settings.builder_optimization_level}
+    if settings.max_batch is not None:
+        extra["profile"] = [list(shape) for shape in settings.profile()]
     key = engine_cache_key(
         file_sha256(onnx), flavour, gpu_name, capability, settings.precision, settings.input_shape, extra
     )
@@ -298,6 +305,7 @@ def build_engine(
         size_bytes=engine_path.stat().st_size,
         builder_flags=tuple(sorted(flags)),
         compute_capabilities=settings.compute_capabilities,
+        profile=settings.profile(),
     )
     if cached is not None and not cache_hit:
         _copy_atomic(engine_path, cached)

@@ -13,13 +13,17 @@
         config.pbtxt, 1/model.plan
       deepstream/<name>_nvinfer.txt   DeepStream nvinfer config for the same ONNX / engine
 
-Batching. edgead graphs are exported with fixed shapes (``--batch``), so the ``onnxruntime_onnx`` and
-``tensorrt_plan`` models declare ``max_batch_size: 0`` and the export's fixed input ``[B, C, S, S]``: Triton
-passes tensors through without batching them. Batching across cameras happens in the Python model, whose
-``FRAME`` input has a batch dimension (``max_batch_size``) and whose ``dynamic_batching`` lets Triton queue
-requests together; it pads them to the export's batch itself. The preprocessed input of the ONNX / TensorRT
-models is ``(x / 255 - mean) / std`` of the export's ``preprocess`` (in ``edgead.json`` and the config's
-``parameters``).
+Batching. ``export --format triton`` also traces the graph with a dynamic batch dimension
+(``model.batched.onnx``, batch 1..``--max-batch``, checked against the fixed-batch graph at several batch
+sizes). The ``onnxruntime_onnx`` model serves it with ``max_batch_size: N``, per-request dims ``[C, S, S]`` and
+``dynamic_batching``, so Triton merges requests from many cameras into one inference; the ``tensorrt_plan``
+model serves a plan built from it with one optimisation profile (min 1, opt = max = N), built where NVIDIA's
+TensorRT is installed (the export log otherwise gives the ``trtexec`` command for the server). An export
+without the batched graph (``write_repository`` on an older export) falls back to the fixed shapes with
+``max_batch_size: 0``. The Python model has its own batch dimension for raw frames (``FRAME``) and
+``dynamic_batching``; it scores a batch with the export's fixed-shape graph. The preprocessed input of the
+ONNX / TensorRT models is ``(x / 255 - mean) / std`` of the export's ``preprocess`` (in ``edgead.json`` and the
+config's ``parameters``).
 
 Nothing here imports a Triton package: configs are text. ``tritonclient``'s ``model_config_pb2`` parses them
 in the tests (the schema rejects unknown fields).
@@ -59,7 +63,7 @@ def _io(kind: str, name: str, dtype: str, dims: list[int]) -> str:
 
 
 def onnx_io(path: Path) -> tuple[list[tuple[str, str, list[int]]], list[tuple[str, str, list[int]]]]:
-    """``(inputs, outputs)`` of an ONNX file as ``(name, Triton type, dims)``; every dim must be fixed."""
+    """``(inputs, outputs)`` of an ONNX file as ``(name, Triton type, dims)``; a dynamic dim is -1."""
     graph = onnx.load(str(path), load_external_data=False).graph
 
     def rows(values: Any) -> list[tuple[str, str, list[int]]]:
@@ -99,26 +103,35 @@ def python_model_config(name: str, meta: ExportMetadata, max_batch: int, instanc
     return text + _parameters(params)
 
 
-def graph_model_config(name: str, platform: str, onnx_path: Path, meta: ExportMetadata, instances: int) -> str:
-    """``config.pbtxt`` of an ``onnxruntime_onnx`` or ``tensorrt_plan`` model: the export's fixed shapes,
-    ``max_batch_size: 0`` (see the module docstring), a GPU instance group."""
+def graph_model_config(
+    name: str, platform: str, onnx_path: Path, meta: ExportMetadata, instances: int, max_batch: int = 0
+) -> str:
+    """``config.pbtxt`` of an ``onnxruntime_onnx`` or ``tensorrt_plan`` model, a GPU instance group.
+
+    ``max_batch`` > 0 (the graph's batch dimension is dynamic): ``max_batch_size`` and ``dynamic_batching``,
+    and the dims of one request, without the batch. 0: the export's fixed shapes, passed through unbatched.
+    """
     inputs, outputs = onnx_io(onnx_path)
-    text = f'name: "{name}"\nplatform: "{platform}"\nmax_batch_size: 0\n'
+    if max_batch and inputs[0][2][0] != -1:
+        raise ValueError(f"{onnx_path}: max_batch {max_batch} needs a dynamic batch dimension, found {inputs[0][2]}")
+    text = f'name: "{name}"\nplatform: "{platform}"\nmax_batch_size: {int(max_batch)}\n'
+    if max_batch:
+        text += f"dynamic_batching {{ max_queue_delay_microseconds: {DEFAULT_QUEUE_DELAY_US} }}\n"
     text += f"instance_group [ {{ count: {int(instances)} kind: KIND_GPU }} ]\n"
-    for n, dtype, dims in inputs:
-        text += _io("input", n, dtype, dims)
-    for n, dtype, dims in outputs:
-        text += _io("output", n, dtype, dims)
+    for kind, rows in (("input", inputs), ("output", outputs)):
+        for n, dtype, dims in rows:
+            text += _io(kind, n, dtype, dims[1:] if max_batch else dims)
     return text + _parameters(_common_parameters(meta))
 
 
 def deepstream_config(name: str, onnx_name: str, engine_name: str | None, meta: ExportMetadata,
-                      onnx_path: Path) -> str:  # fmt: skip
+                      onnx_path: Path, max_batch: int = 0) -> str:  # fmt: skip
     """A DeepStream ``nvinfer`` config (``network-type=100``: "other", raw output tensors attached as metadata).
 
     nvinfer's preprocessing is ``y = net-scale-factor * (x - offsets)`` on 0..255 pixels, per channel with one
     scale factor: the export's ``(x / 255 - mean) / std`` maps onto it exactly when ``std`` is the same for every
-    channel (true for exports made by ``edgead train``); otherwise this raises.
+    channel (true for exports made by ``edgead train``); otherwise this raises. ``batch-size`` is the ONNX's
+    fixed batch, or ``max_batch`` for a batch-dynamic ONNX (nvinfer builds its engine for that many sources).
     """
     pre = meta.preprocess
     std, mean = [float(v) for v in pre["std"]], [float(v) for v in pre["mean"]]
@@ -137,7 +150,7 @@ def deepstream_config(name: str, onnx_name: str, engine_name: str | None, meta: 
         "offsets=" + ";".join(repr(255.0 * m) for m in mean),
         f"onnx-file={onnx_name}",
         *([f"model-engine-file={engine_name}"] if engine_name else []),
-        f"batch-size={in_dims[0]}",
+        f"batch-size={in_dims[0] if in_dims[0] > 0 else int(max_batch)}",
         "# 0 FP32, 1 INT8, 2 FP16",
         "network-mode=2",
         "# 100: other (no detector or classifier post-processing); the raw tensors go to the metadata",
@@ -158,7 +171,8 @@ GRAY_WEIGHTS = (0.299, 0.587, 0.114)
 
 
 def fold_preprocessing(onnx_path: Path, out_path: Path, preprocess: dict[str, Any]) -> None:
-    """A copy of the graph whose input is raw RGB, ``[B, 3, S, S]`` float32 in 0..255 (resized by the client):
+    """A copy of the graph whose input is raw RGB, ``[B, 3, S, S]`` float32 in 0..255 (resized by the client; ``B``
+    fixed or dynamic, as in the graph):
     the export's ``(x / 255 - mean) / std`` (and, for a grayscale export, OpenCV's RGB -> gray weights) become
     the graph's first nodes. For a client or DeepStream that sends pixels without normalising them. The one
     difference from the shared preprocessing: OpenCV rounds the gray value to an integer, the graph does not
@@ -173,6 +187,8 @@ def fold_preprocessing(onnx_path: Path, out_path: Path, preprocess: dict[str, An
     inner = f"{name}_normalised"
     for node in graph.node:
         node.input[:] = [inner if value == name else value for value in node.input]
+    batch_dim = original.type.tensor_type.shape.dim[0]
+    batch = batch_dim.dim_param if batch_dim.dim_param else batch_dim.dim_value  # dynamic stays dynamic
     dims = [d.dim_value for d in original.type.tensor_type.shape.dim]
     channels = int(preprocess["channels"])
     mean = np.array(preprocess["mean"], np.float32).reshape(1, channels, 1, 1)
@@ -196,7 +212,7 @@ def fold_preprocessing(onnx_path: Path, out_path: Path, preprocess: dict[str, An
     for node in reversed(nodes):
         graph.node.insert(0, node)
     graph.input.remove(original)
-    graph.input.insert(0, helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, [dims[0], 3, *dims[2:]]))
+    graph.input.insert(0, helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, [batch, 3, *dims[2:]]))
     onnx.checker.check_model(model)
     onnx.save(model, str(out_path))
 
@@ -232,7 +248,8 @@ def write_repository(
     name = name or meta.method.replace("-", "_")
     if max_batch < 1:
         raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-    files = ["edgead.json", *[record["file"] for record in _records(meta)]]
+    # The Python model runs the fixed-shape export through the Detector: the Triton-only graphs stay out of it.
+    files = ["edgead.json", *[record["file"] for record in _records(meta, skip=TRITON_ARTIFACTS)]]
     models: dict[str, str] = {}
     python_dir = repo_dir / name
     for file in files:
@@ -241,23 +258,36 @@ def write_repository(
     env_path = execution_env() if env == "auto" else env
     (python_dir / "config.pbtxt").write_text(python_model_config(name, meta, max_batch, instances, env_path))
     models[name] = "python"
-    onnx_path = export_dir / meta.artifacts["onnx"]["file"]
+    batched = meta.artifacts.get("onnx_batched")
+    graph_batch = int(batched.get("max_batch", 0)) if batched else 0
+    if graph_batch < 2:  # no batched graph (older export) or --max-batch 1: fixed shapes, max_batch_size 0
+        batched, graph_batch = None, 0
+    onnx_path = export_dir / (batched or meta.artifacts["onnx"])["file"]
     onnx_dir = repo_dir / f"{name}_onnx"
     if raw_input:
         (onnx_dir / "1").mkdir(parents=True, exist_ok=True)
         fold_preprocessing(onnx_path, onnx_dir / "1" / "model.onnx", meta.preprocess)
     else:
         _copy(onnx_path, onnx_dir / "1" / "model.onnx")
-    config = graph_model_config(f"{name}_onnx", "onnxruntime_onnx", onnx_dir / "1" / "model.onnx", meta, instances)
+    config = graph_model_config(
+        f"{name}_onnx", "onnxruntime_onnx", onnx_dir / "1" / "model.onnx", meta, instances, graph_batch
+    )
     if raw_input:
         config += 'parameters { key: "edgead_input" value { string_value: "raw RGB 0..255, resized by the client" } }\n'
     (onnx_dir / "config.pbtxt").write_text(config)
     models[f"{name}_onnx"] = "onnxruntime_onnx"
-    engine = find_engine(meta, flavour="tensorrt")  # Triton's TensorRT backend cannot load TensorRT-RTX engines
+    # Triton's TensorRT backend cannot load TensorRT-RTX engines: only NVIDIA TensorRT plans are served. The
+    # batch-dynamic plan when the export built one, else the fixed-shape engine of --format tensorrt.
+    engine, plan_batch = None, 0
+    if batched is not None and meta.artifacts.get("triton_engines"):
+        engine, plan_batch = meta.artifacts["triton_engines"][0], graph_batch
+    if engine is None:
+        engine = find_engine(meta, flavour="tensorrt")
     if engine is not None:
         trt_dir = repo_dir / f"{name}_trt"
         _copy(export_dir / engine["file"], trt_dir / "1" / "model.plan")
-        text = graph_model_config(f"{name}_trt", "tensorrt_plan", onnx_path, meta, instances)
+        plan_onnx = onnx_path if plan_batch else export_dir / meta.artifacts["onnx"]["file"]
+        text = graph_model_config(f"{name}_trt", "tensorrt_plan", plan_onnx, meta, instances, plan_batch)
         capabilities = engine.get("compute_capabilities") or []
         if len(capabilities) > 1:
             text += "cc_model_filenames [ " + ", ".join(f'{{ key: "{c}" value: "model.plan" }}' for c in capabilities)
@@ -268,13 +298,19 @@ def write_repository(
     deepstream.parent.mkdir(parents=True, exist_ok=True)
     rel_onnx = os.path.relpath(onnx_dir / "1" / "model.onnx", deepstream.parent)
     rel_engine = os.path.relpath(repo_dir / f"{name}_trt" / "1" / "model.plan", deepstream.parent) if engine else None
-    deepstream.write_text(deepstream_config(name, rel_onnx, rel_engine, meta, onnx_path))
+    deepstream.write_text(deepstream_config(name, rel_onnx, rel_engine, meta, onnx_path, graph_batch or max_batch))
     return {"repository": str(repo_dir), "models": models, "deepstream": str(deepstream)}
 
 
-def _records(meta: ExportMetadata) -> list[dict[str, Any]]:
+#: Artifacts only the Triton graph models use (``edgead.export.exporter``'s ``--format triton`` steps).
+TRITON_ARTIFACTS = frozenset({"onnx_batched", "onnx_batched_fp16", "triton_engines"})
+
+
+def _records(meta: ExportMetadata, skip: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
     records = []
-    for value in meta.artifacts.values():
+    for key, value in meta.artifacts.items():
+        if key in skip:
+            continue
         records.extend(value if isinstance(value, list) else [value])
     return [r for r in records if isinstance(r, dict) and "file" in r]
 

@@ -139,6 +139,9 @@ class BuildSettings:
         compute_capabilities: TensorRT-RTX ahead-of-time targets such as ``("8.6", "8.9")``; None keeps the
             flavour's default (RTX: portable across 8.0/8.6/8.9/12.0, Turing 7.5 only when named).
         builder_optimization_level: 0-5, None for the builder's default.
+        max_batch: For an ONNX with a dynamic batch dimension: one optimisation profile from batch 1 to
+            ``max_batch`` (``input_shape``'s batch must equal it), tuned for ``max_batch`` (what a batching
+            server such as Triton runs under load). None: fixed shapes, ``min = opt = max = input_shape``.
     """
 
     precision: str
@@ -147,6 +150,7 @@ class BuildSettings:
     timing_cache: Path | None = None
     compute_capabilities: tuple[str, ...] | None = None
     builder_optimization_level: int | None = None
+    max_batch: int | None = None
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -156,6 +160,15 @@ class BuildSettings:
             raise ValueError(f"input_shape must be positive integers, got {self.input_shape}")
         if self.workspace_mb <= 0:
             raise ValueError(f"workspace_mb must be positive, got {self.workspace_mb}")
+        if self.max_batch is not None and self.max_batch != self.input_shape[0]:
+            raise ValueError(f"max_batch {self.max_batch} must equal the batch of input_shape {self.input_shape}")
+
+    def profile(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        """The optimisation profile's ``(min, opt, max)`` input shapes."""
+        shape = tuple(self.input_shape)
+        if self.max_batch is None:
+            return shape, shape, shape
+        return (1, *shape[1:]), shape, shape
         if self.compute_capabilities is not None:
             self.compute_capabilities = tuple(str(c) for c in self.compute_capabilities)
 
@@ -178,6 +191,7 @@ class EngineInfo:
     size_bytes: int
     builder_flags: tuple[str, ...] = ()
     compute_capabilities: tuple[str, ...] | None = None
+    profile: tuple[tuple[int, ...], ...] = ()  # the optimisation profile's (min, opt, max) input shapes
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly dict (paths as strings)."""

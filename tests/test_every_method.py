@@ -153,6 +153,28 @@ def test_export_parity_engine_runtime_and_live_loop(
     assert len(records) == 3 and all(r["is_anomaly"] and r["threshold"] == -1.0 for r in records)
 
 
+def test_triton_export_traces_a_batch_dynamic_graph(trained: tuple[str, Path, Path], tmp_path: Path) -> None:
+    """`--format triton` traces every method's graph again with a dynamic batch (the exporter checks it against
+    the fixed graph at several batch sizes); with TensorRT-RTX installed it also builds with a 1..4 profile."""
+    name, runs, _ = trained
+    out = tmp_path / "export"
+    args = ["export", "--method", name, "--runs-root", str(runs), "--out", str(out), "--format", "triton"]
+    _invoke([*args, "--max-batch", "4"])
+    meta = load_metadata(out)
+    record = meta.artifacts["onnx_batched"]
+    allowed = meta.parity.get("fp32_conditioning", {}).get("allowed", 1e-4)
+    assert record["batch"] == "dynamic 1..4"
+    assert meta.parity["fixed_vs_batched_fp32"]["score_max_rel_error"] <= allowed  # (a score on the threshold may flip)
+    assert (out / "triton" / f"{name.replace('-', '_')}_onnx" / "config.pbtxt").read_text().count("max_batch_size: 4")
+    if HAS_RTX:
+        from edgead.export.tensorrt import BuildSettings, build_engine, detect_flavour
+
+        settings = BuildSettings("fp32", (4, *meta.input["shape"][1:]), max_batch=4)
+        info = build_engine(out / record["file"], tmp_path / "batched.engine", settings,
+                            flavour=detect_flavour("tensorrt_rtx"), log=lambda _: None)  # fmt: skip
+        assert info.layers > 0 and info.profile[0][0] == 1
+
+
 def test_info_shows_every_method_and_its_parameters() -> None:
     listing = _invoke(["info"])
     for name in implemented_methods():

@@ -7,6 +7,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def resize(x: Tensor, size: tuple[int, int] | list[int], mode: str) -> Tensor:
+    """``F.interpolate(x, size=size, mode=mode)`` (``align_corners=False`` for bilinear), called as the aten op
+    with the output size: the same result, but ``interpolate``'s composite pins the batch size when a graph with
+    gradients is traced with a dynamic batch (:mod:`edgead.export.gradients`)."""
+    out = [int(size[0]), int(size[1])]
+    if mode == "nearest":
+        return torch.ops.aten.upsample_nearest2d.default(x, out)
+    if mode == "bilinear":
+        return torch.ops.aten.upsample_bilinear2d.default(x, out, False)
+    raise ValueError(f"resize: mode must be 'nearest' or 'bilinear', got {mode!r}")
+
+
 class GaussianBlur(nn.Module):
     """Separable Gaussian filter of ``(B, 1, H, W)`` maps with reflect padding; the identity when ``sigma`` is 0.
 

@@ -3,7 +3,7 @@
 The network is a Ronneberger-style encoder/decoder with BigGAN/DDPM residual blocks and one skip
 connection per resolution level. Every operator maps onto plain ONNX opset-18 nodes that TensorRT
 supports: ``Conv2d``, ``GroupNorm``, ``SiLU``, ``Linear``, self-attention written with
-``torch.matmul`` and ``softmax``, nearest ``F.interpolate(scale_factor=2)`` for upsampling, strided
+``torch.matmul`` and ``softmax``, nearest 2x upsampling (``edgead.nn.filters.resize``), strided
 convolutions for downsampling and ``torch.cat`` skips. ``forward`` has no data-dependent control
 flow and never writes into its inputs; the time embedding is computed inside the graph from ``t``.
 
@@ -30,6 +30,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from edgead.nn.filters import resize
 
 __all__ = ["ScoreUNet", "UNetConfig", "count_parameters"]
 
@@ -399,7 +401,7 @@ class ScoreUNet(nn.Module):
                 h = self.mid_attn(h)
         features["mid"] = h
         for level, block in zip(reversed(range(len(self.decoder))), self.decoder, strict=True):
-            h = F.interpolate(h, scale_factor=2.0, mode="nearest")
+            h = resize(h, (2 * h.shape[-2], 2 * h.shape[-1]), "nearest")  # = F.interpolate(scale_factor=2)
             h = block(torch.cat([h, skips[level]], dim=1), temb)
             features[f"dec{level}"] = h
         out = self.conv_out(F.silu(self.norm_out(h)))

@@ -69,17 +69,23 @@ def test_traced_gradient_graph_equals_eager_in_float64() -> None:
     assert all(p.requires_grad for p in graph.parameters())  # restored after tracing
 
 
-def test_gradient_graph_exports_to_onnx_with_parity(tmp_path) -> None:
+@pytest.mark.parametrize("max_batch", [None, 8])
+def test_gradient_graph_exports_to_onnx_with_parity(tmp_path, max_batch: int | None) -> None:
+    """Fixed batch 2, or a dynamic batch 1..8 run at 1, 2 and 5 (group norm, the guidance's per-image norm and
+    the transposed-convolution gradients all follow the batch size)."""
     graph = GuidedStep(_net())
-    record = export_onnx(graph, tmp_path / "g.onnx", (2, 3, 32, 32))
-    y = torch.rand(2, 3, 32, 32)
-    with torch.no_grad():
-        ref = [r.numpy() for r in graph(y)]
+    record = export_onnx(graph, tmp_path / "g.onnx", (2, 3, 32, 32), max_batch=max_batch)
     session = ort.InferenceSession(str(tmp_path / "g.onnx"), providers=["CPUExecutionProvider"])
-    outs = session.run(None, {session.get_inputs()[0].name: y.numpy()})
-    for r, o in zip(ref, outs, strict=True):
-        assert np.abs(o - r).max() <= 1e-4 * max(1.0, np.abs(r).max())
-    assert record["nodes"] > 0
+    shape = session.get_inputs()[0].shape
+    assert shape == ([2, 3, 32, 32] if max_batch is None else ["batch", 3, 32, 32])
+    for batch in [2] if max_batch is None else [1, 2, 5]:
+        y = torch.rand(batch, 3, 32, 32)
+        with torch.no_grad():
+            ref = [r.numpy() for r in graph(y)]
+        outs = session.run(None, {session.get_inputs()[0].name: y.numpy()})
+        for r, o in zip(ref, outs, strict=True):
+            assert o.shape == r.shape and np.abs(o - r).max() <= 1e-4 * max(1.0, np.abs(r).max())
+    assert record["nodes"] > 0 and record.get("batch") == (None if max_batch is None else "dynamic 1..8")
 
 
 def test_unsupported_backward_is_named() -> None:

@@ -66,6 +66,9 @@ def onnx_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         torch.onnx.export(fp32, example, str(folder / "model.onnx"), dynamo=False, **names)
         torch.onnx.export(fp16, example, str(folder / "model.fp16.onnx"), dynamo=False, **names)
+        dynamic = {"image": {0: "batch"}, "anomaly_map": {0: "batch"}, "score": {0: "batch"}}
+        torch.onnx.export(fp32, example, str(folder / "model.batched.onnx"), dynamo=False, dynamic_axes=dynamic,
+                          **names)  # fmt: skip
     return folder
 
 
@@ -144,6 +147,14 @@ def test_build_settings_validate() -> None:
     with pytest.raises(ValueError, match="input_shape"):
         BuildSettings("fp32", (1, 3, 0, 32))
     assert BuildSettings("fp16", [1, 3, 32, 32]).input_shape == SHAPE  # type: ignore[arg-type]
+    assert BuildSettings("fp32", SHAPE).profile() == (SHAPE, SHAPE, SHAPE)
+    assert BuildSettings("fp32", (8, 3, 32, 32), max_batch=8).profile() == (
+        (1, 3, 32, 32),
+        (8, 3, 32, 32),
+        (8, 3, 32, 32),
+    )
+    with pytest.raises(ValueError, match="max_batch 8 must equal"):
+        BuildSettings("fp32", SHAPE, max_batch=8)
 
 
 # ---------------------------------------------------------------------------- flavour detection and GPU identity
@@ -268,6 +279,22 @@ def test_corrupt_onnx_lists_parser_errors(rtx: Flavour, tmp_path: Path) -> None:
 def test_shape_mismatch_is_explained(rtx: Flavour, onnx_models: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"\(1, 3, 32, 32\).*\(1, 3, 64, 64\)"):
         build_engine(onnx_models / "model.onnx", tmp_path / "s.engine", BuildSettings("fp32", (1, 3, 64, 64)), rtx)
+
+
+def test_dynamic_batch_builds_one_profile_up_to_max_batch(rtx: Flavour, onnx_models: Path, tmp_path: Path) -> None:
+    """A batch-dynamic ONNX (what Triton's tensorrt_plan models need) builds with a 1..max_batch profile; the
+    engine records it; a fixed engine cannot be built from it by mistake, nor a profile from a fixed ONNX."""
+    settings = BuildSettings("fp32", (4, 3, 32, 32), max_batch=4)
+    engine = tmp_path / "batched.engine"
+    info = build_engine(onnx_models / "model.batched.onnx", engine, settings, flavour=rtx)
+    fixed = build_engine(onnx_models / "model.onnx", tmp_path / "fixed.engine", BuildSettings("fp32", SHAPE), rtx)
+    assert engine.stat().st_size > 0 and info.key != fixed.key
+    assert info.profile == ((1, 3, 32, 32), (4, 3, 32, 32), (4, 3, 32, 32))
+    assert fixed.profile == (SHAPE, SHAPE, SHAPE)
+    with pytest.raises(ValueError, match="dynamic batch needs BuildSettings.max_batch"):
+        build_engine(onnx_models / "model.batched.onnx", tmp_path / "x.engine", BuildSettings("fp32", SHAPE), rtx)
+    with pytest.raises(ValueError, match="fixed one must not set it"):
+        build_engine(onnx_models / "model.onnx", tmp_path / "y.engine", BuildSettings("fp32", SHAPE, max_batch=1), rtx)
 
 
 def test_missing_onnx_is_named(rtx: Flavour, tmp_path: Path) -> None:

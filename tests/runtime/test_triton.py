@@ -60,19 +60,64 @@ def test_repository_configs_follow_tritons_schema(exported: tuple[Path, list[np.
     meta = load_metadata(export)
     assert float(python.parameters["edgead_threshold"].string_value) == pytest.approx(meta.threshold_value)
     onnx_model = _parse((repo / "gaussian_onnx" / "config.pbtxt").read_text())
-    assert onnx_model.platform == "onnxruntime_onnx" and onnx_model.max_batch_size == 0
-    assert [(i.name, list(i.dims)) for i in onnx_model.input] == [("image", [1, 3, 32, 32])]
-    assert [o.name for o in onnx_model.output] == ["anomaly_map", "score"]
-    assert (repo / "gaussian_onnx" / "1" / "model.onnx").read_bytes() == (export / "model.onnx").read_bytes()
-    plan = _parse(graph_model_config("m_trt", "tensorrt_plan", export / "model.onnx", meta, 2))
-    assert plan.platform == "tensorrt_plan" and plan.instance_group[0].count == 2
+    # The batch-dynamic graph: Triton batches requests (max_batch_size 8, per-request dims without the batch).
+    assert onnx_model.platform == "onnxruntime_onnx" and onnx_model.max_batch_size == 8
+    assert onnx_model.dynamic_batching.max_queue_delay_microseconds > 0
+    assert [(i.name, list(i.dims)) for i in onnx_model.input] == [("image", [3, 32, 32])]
+    assert [(o.name, list(o.dims)) for o in onnx_model.output] == [("anomaly_map", [32, 32]), ("score", [])]
+    batched = meta.artifacts["onnx_batched"]
+    assert batched["max_batch"] == 8 and batched["batch"] == "dynamic 1..8"
+    model_file = repo / "gaussian_onnx" / "1" / "model.onnx"
+    assert model_file.read_bytes() == (export / batched["file"]).read_bytes()
+    assert not (repo / "gaussian" / "1" / "export" / batched["file"]).exists()  # the Python model's export: fixed
+    plan = _parse(graph_model_config("m_trt", "tensorrt_plan", model_file, meta, 2, max_batch=8))
+    assert plan.platform == "tensorrt_plan" and plan.instance_group[0].count == 2 and plan.max_batch_size == 8
+    fixed = _parse(graph_model_config("m_trt", "tensorrt_plan", export / "model.onnx", meta, 1))
+    assert fixed.max_batch_size == 0 and list(fixed.input[0].dims) == [1, 3, 32, 32]
+    with pytest.raises(ValueError, match="needs a dynamic batch"):
+        graph_model_config("m", "onnxruntime_onnx", export / "model.onnx", meta, 1, max_batch=8)
     with pytest.raises(Exception, match="unknown_field|no field"):
         _parse(python_model_config("m", meta, 4, 1, None) + "unknown_field: 1\n")
     deepstream = (repo / "deepstream" / "gaussian_nvinfer.txt").read_text()
     assert "network-type=100" in deepstream and "output-blob-names=anomaly_map;score" in deepstream
     assert "infer-dims=3;32;32" in deepstream and "onnx-file=../gaussian_onnx/1/model.onnx" in deepstream
+    assert "batch-size=8" in deepstream
     settings = [line for line in deepstream.splitlines() if "=" in line and not line.startswith("#")]
     assert settings and not any("#" in line for line in settings)  # GKeyFile has no inline comments
+
+
+def test_the_batched_graph_scores_every_batch_size_like_the_fixed_one(exported) -> None:
+    """What Triton's onnxruntime_onnx model runs, at batch 1, 5 and 8, equals the export's fixed graph image by
+    image; with TensorRT-RTX installed, the same graph builds with a 1..8 optimisation profile."""
+    import onnxruntime as ort
+
+    export, _ = exported
+    meta = load_metadata(export)
+    fixed = ort.InferenceSession(str(export / "model.onnx"), providers=["CPUExecutionProvider"])
+    batched = ort.InferenceSession(str(export / meta.artifacts["onnx_batched"]["file"]),
+                                   providers=["CPUExecutionProvider"])  # fmt: skip
+    images = np.random.default_rng(0).normal(size=(8, 3, 32, 32)).astype(np.float32)
+    singles = [fixed.run(None, {"image": image[None]}) for image in images]
+    for size in (1, 5, 8):
+        maps, scores = batched.run(None, {"image": images[:size]})
+        np.testing.assert_allclose(maps, np.concatenate([m for m, _ in singles[:size]]), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(scores, np.concatenate([s for _, s in singles[:size]]), rtol=1e-4, atol=1e-4)
+    report = meta.parity["fixed_vs_batched_fp32"]
+    assert report["score_max_rel_error"] <= 1e-4 and report["decision_flips"] == 0
+    if importlib.util.find_spec("tensorrt_rtx") is not None:
+        from edgead.export.tensorrt import BuildSettings, build_engine, detect_flavour
+
+        info = build_engine(export / meta.artifacts["onnx_batched"]["file"], export.parent / "batched.engine",
+                            BuildSettings("fp32", (8, 3, 32, 32), max_batch=8), flavour=detect_flavour("tensorrt_rtx"),
+                            log=lambda _: None)  # fmt: skip
+        assert info.profile[0] == (1, 3, 32, 32) and info.profile[2] == (8, 3, 32, 32)
+
+
+def test_max_batch_is_for_triton_only(exported) -> None:
+    export, _ = exported
+    args = ["export", "--method", "gaussian", "--runs-root", str(export.parent / "runs"), "--max-batch", "4"]
+    result = runner.invoke(app, [*args, "--out", str(export.parent / "other")])
+    assert result.exit_code == 2 and "--format triton" in result.output
 
 
 def _free_port() -> int:

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from edgead.diffusion.schedules import ddim_step, ddim_timesteps, ddpm_q_sample, predict_x0_from_eps
 from edgead.methods.base import InferenceGraph
 from edgead.nn.backbones import InputAdapter
-from edgead.nn.filters import GaussianBlur
+from edgead.nn.filters import GaussianBlur, resize
 from edgead.nn.gradients import value_and_input_grad
 
 GUIDANCES = ("exact", "jacobian-free")
@@ -196,7 +196,7 @@ class MDPSGraph(InferenceGraph):
         distance = self.eta * (y - x0).abs().sum(dim=1, keepdim=True)
         for fx, fy in zip(self.features(x0), y_features, strict=True):
             cosine = F.cosine_similarity(fx, fy, dim=1, eps=1e-8).unsqueeze(1)
-            distance = distance + F.interpolate(1 - cosine, size=size, mode="bilinear", align_corners=False)
+            distance = distance + resize(1 - cosine, size, "bilinear")
         b = distance.shape[0] // self.n_samples
         return distance.reshape(b, self.n_samples, 1, *size).mean(dim=1)
 

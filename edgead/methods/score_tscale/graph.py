@@ -175,7 +175,8 @@ class ScoreTScaleGraph(InferenceGraph):
         _, features = self.unet(torch.cat([whole, own]), pair_t, sigma=pair_std, return_features=True)  # line 8
         out = {}
         for name in names:
-            first, second = features[name].chunk(2)
+            # Sliced at b * n, not .chunk(2): chunk's rounding pins the batch size when traced with a dynamic one.
+            first, second = features[name][: b * n], features[name][b * n :]
             d = feature_distance(first, second)
             out[name] = d.reshape(b, n, *d.shape[-2:]).sum(dim=1, keepdim=True)  # sum over {t}
         return out
