@@ -168,6 +168,7 @@ def train(
             device=device,
             resume=resume,
             progress=progress,
+            on_event=lambda line: err_console.print(line, markup=False, soft_wrap=True),
         )
     except USER_ERRORS as err:
         _fail(err)
@@ -557,7 +558,11 @@ def predict(
 @app.command()
 def verify(
     export_dir: Path | None = typer.Argument(None, help="Export directory (default: newest under exports/)."),
-    backend: str = typer.Option("auto", "--backend", help="auto, tensorrt, onnxruntime or onnxruntime-cuda."),
+    backend: str = typer.Option(
+        "auto",
+        "--backend",
+        help="auto, tensorrt, onnxruntime, onnxruntime-cuda or onnxruntime-trt (ONNX Runtime's TensorRT provider).",
+    ),
     precision: str | None = typer.Option(None, "--precision", help="fp32 or fp16 (default: what the export has)."),
     runs: int = typer.Option(50, "--runs", help="Timed inference calls after warm-up."),
     json_path: Path | None = typer.Option(None, "--json", help="Write the report as JSON."),
@@ -590,6 +595,19 @@ def verify(
         f"  latency: median {latency['median']:.2f} ms, p99 {latency['p99']:.2f} ms ({latency['runs']} runs, "
         f"batch {latency['batch']})",
     ]
+    memory = report["device_memory"]
+    lines.append(
+        f"  device memory: {memory['used_mb']:.0f} MB held by this process after the runs"
+        if memory.get("used_mb") is not None
+        else f"  device memory: not measured ({memory.get('reason')})"
+    )
+    poly = parity.get("polygraphy")
+    lines.append(
+        "  polygraphy comparator: not installed (pip install polygraphy)"
+        if poly is None
+        else f"  polygraphy {poly['version']} comparator: "
+        + ", ".join(f"{name} {'pass' if o['passed'] else 'FAIL'}" for name, o in poly["outputs"].items())
+    )
     for line in lines:
         console.print(line, markup=False, soft_wrap=True, highlight=False)
     if json_path is not None:
@@ -698,10 +716,24 @@ def bench(
         "--camera-loop/--no-camera-loop",
         help="Also measure end-to-end FPS of the camera loop on a generated video file.",
     ),
+    video: Path | None = typer.Option(
+        None, "--video", help="Time on this video: its first frame for predict, its frames for the camera loop."
+    ),
+    frame_size: str = typer.Option(
+        "1280x720", "--frame-size", help="WIDTHxHEIGHT of the generated camera frame (without --video)."
+    ),
     json_path: Path | None = typer.Option(None, "--json", help="Write the full report as JSON."),
     exports_root: Path = typer.Option(Path("exports"), "--exports-root", help="Where to look for the newest export."),
 ) -> None:
     """Latency on this device: per-stage percentiles, throughput, ratio to PyTorch eager, camera-loop FPS."""
+    try:  # argument mistakes before anything heavy is imported
+        parts = frame_size.lower().split("x")
+        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+            raise ValueError(f"--frame-size {frame_size}: expected WIDTHxHEIGHT, e.g. 1920x1080")
+        if video is not None and not video.is_file():
+            raise FileNotFoundError(f"--video {video}: file not found")
+    except USER_ERRORS as err:
+        _fail(err)
     from edgead.bench.report import run_bench
 
     try:
@@ -714,6 +746,8 @@ def bench(
             torch_baseline=torch_baseline,
             camera_loop=camera_loop,
             json_path=json_path,
+            video=video,
+            frame_size=(int(parts[0]), int(parts[1])),
         )
     except USER_ERRORS as err:
         _fail(err)

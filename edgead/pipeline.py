@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -64,8 +65,12 @@ def train_run(
     device: str | None = None,
     resume: Path | None = None,
     progress: bool = True,
+    on_event: Callable[[str], None] | None = None,
 ) -> tuple[Path | None, dict[str, Any]]:
     """Fit ``method_name`` on the normal images of ``data_root`` and save the run.
+
+    ``on_event`` receives warnings before training starts (e.g. images smaller than the training size); they
+    are also kept in the summary's ``warnings``.
 
     Several roots train one unified model on all of them (LafitE's multi-class setting); each root gives
     its own share of held-out images.
@@ -115,6 +120,10 @@ def train_run(
             train_samples += kept
             val_samples += held
         pre = PreprocessConfig.from_dict(config.preprocess)
+        warnings = [w for w in [upscale_warning([s.path for s in train_samples], pre.image_size)] if w]
+        if dist_info.is_main and on_event is not None:
+            for warning in warnings:
+                on_event(f"warning: {warning}")
         if dist_info.is_main and resume is None:
             run_dir = Path(run_dir) if run_dir is not None else new_run_dir(method_name, runs_root)
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -133,6 +142,8 @@ def train_run(
         ctx = FitContext(images=images, train=train_cfg, dist=dist_info, resume=resume is not None, progress=progress)
         summary = method.fit(ctx)
         summary["device"] = str(dist_info.device)
+        if warnings:
+            summary["warnings"] = warnings
         summary["world_size"] = dist_info.world_size
         if not dist_info.is_main:
             return None, summary
@@ -143,6 +154,27 @@ def train_run(
     finally:
         locks.close()
         shutdown(dist_info)
+
+
+#: Training images whose sizes :func:`upscale_warning` looks at (a sample: reading every image twice is waste).
+SIZE_SAMPLE = 8
+
+
+def upscale_warning(paths: list[Path], image_size: int) -> str | None:
+    """A warning when most (of a sample of) the training images are smaller than the training size: they are
+    enlarged to it, so the model learns interpolated pixels and every camera frame must be enlarged the same
+    way to look normal; training at the images' own size avoids both."""
+    sizes = [read_image(path).shape[:2] for path in paths[:SIZE_SAMPLE]]
+    smaller = [(h, w) for h, w in sizes if min(h, w) < image_size]
+    if not sizes or 2 * len(smaller) <= len(sizes):
+        return None
+    h, w = smaller[0]
+    shortest = min(min(size) for size in smaller)
+    return (
+        f"{len(smaller)} of {len(sizes)} sampled training images (e.g. {w}x{h}) are smaller than the training size "
+        f"{image_size} px: they are enlarged to it, and every frame must then look like an enlarged image to pass "
+        f"as normal. Unless the camera's frames are enlarged the same way, train at --image-size {shortest} or less"
+    )
 
 
 TRAIN_LOCK_NAME = ".train.lock"
@@ -211,8 +243,9 @@ def evaluate_run(
         "inference_seconds_per_image": seconds / len(samples),
     }
     report = write_report(
-        out_dir, metrics, labels, scores, [str(s.path) for s in samples], rgb, maps, masks, top_k=top_k, extra=extra
-    )
+        out_dir, metrics, labels, scores, [str(s.path) for s in samples], rgb, maps, masks, top_k=top_k, extra=extra,
+        threshold=threshold,
+    )  # fmt: skip
     return metrics, report
 
 

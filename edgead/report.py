@@ -28,22 +28,32 @@ _GT_COLOR = (0, 255, 0)
 
 
 # -------------------------------------------------------------------------------------------- visualisation
+def _caption_strip(text: str, width: int) -> NDArray[np.uint8]:
+    """``text`` in white on a black band of ``width`` pixels: readable whatever the image below looks like; the
+    font shrinks until the line fits (down to a floor, then the text is cut with an ellipsis)."""
+    font, scale = cv2.FONT_HERSHEY_SIMPLEX, 0.6
+    while scale > 0.35 and cv2.getTextSize(text, font, scale, 1)[0][0] > width - 12:
+        scale -= 0.05
+    while len(text) > 4 and cv2.getTextSize(text, font, scale, 1)[0][0] > width - 12:
+        text = text[:-4] + "..."
+    (_, text_height), baseline = cv2.getTextSize(text, font, scale, 1)
+    strip = np.zeros((text_height + baseline + 12, width, 3), dtype=np.uint8)
+    cv2.putText(strip, text, (6, text_height + 6), font, scale, (255, 255, 255), 1, cv2.LINE_AA)
+    return strip
+
+
 def _overlay_row(
     rgb: NDArray[np.uint8], anomaly_map: NDArray, mask: NDArray | None, vmin: float, vmax: float, caption: str
 ) -> NDArray[np.uint8]:
-    """Input | heatmap overlay | ground-truth contour (when a mask exists), as one BGR image for writing."""
+    """Input | heatmap overlay | ground-truth contour (when a mask exists) under a caption band, as one BGR image
+    for writing."""
     if rgb.shape[0] < _MIN_PANEL_HEIGHT:
-        # Upscale small inputs so the caption and contours stay legible.
+        # Upscale small inputs so the contours stay legible.
         factor = _MIN_PANEL_HEIGHT / rgb.shape[0]
         new_size = (max(1, round(rgb.shape[1] * factor)), _MIN_PANEL_HEIGHT)
         rgb = cv2.resize(rgb, new_size, interpolation=cv2.INTER_LINEAR)
     height, width = rgb.shape[:2]
     overlay = heatmap_overlay(rgb, anomaly_map, vmin, vmax)
-    text_scale = max(0.4, width / 560)
-    # White text over a thicker black copy stays readable on any heatmap colour.
-    origin = (6, int(22 * text_scale / 0.4))
-    for colour, thickness in (((0, 0, 0), 3), ((255, 255, 255), 1)):
-        cv2.putText(overlay, caption, origin, cv2.FONT_HERSHEY_SIMPLEX, text_scale, colour, thickness, cv2.LINE_AA)
     panels = [rgb, overlay]
     if mask is not None:
         defect = (np.asarray(mask) > 0).astype(np.uint8)
@@ -52,7 +62,16 @@ def _overlay_row(
         ground_truth = rgb.copy()
         cv2.drawContours(ground_truth, contours, -1, _GT_COLOR, max(1, width // 160), cv2.LINE_AA)
         panels.append(ground_truth)
-    return cv2.cvtColor(np.hstack(panels), cv2.COLOR_RGB2BGR)
+    row = np.hstack(panels)
+    return cv2.cvtColor(np.vstack([_caption_strip(caption, row.shape[1]), row]), cv2.COLOR_RGB2BGR)
+
+
+def _overlay_name(group: str, rank: int, path: str) -> str:
+    """``<group>_<rank>_<folder>_<file stem>.png``: the defect folder keeps equal file names of different
+    defect types (``crack/000.png``, ``hole/000.png``) apart."""
+    source = Path(path)
+    stem = re.sub(r"[^A-Za-z0-9._-]", "_", f"{source.parent.name}_{source.stem}")
+    return f"{group}_{rank:02d}_{stem}.png"
 
 
 def _render_roc(
@@ -133,12 +152,19 @@ def write_report(
     masks: ArrayLike | None = None,
     top_k: int = 8,
     extra: Mapping[str, Any] | None = None,
+    threshold: float | None = None,
 ) -> Path:
-    """Writes ``metrics.json``, ``roc.png`` and ``overlays/NN_<stem>.png`` for the top-k scoring images.
+    """Writes ``metrics.json``, ``roc.png`` and the overlays a reviewer needs, in ``overlays/``:
 
+    - ``top_NN_<folder>_<stem>.png``: the ``top_k`` highest-scoring images;
+    - ``falsealarm_NN_...``: the highest-scoring normal images (those at or above ``threshold`` when one is
+      given: the deployed threshold's false alarms), up to ``top_k``;
+    - ``missed_NN_...``: the lowest-scoring defective images (below ``threshold`` when given: its misses).
+
+    Each overlay is input | heatmap | ground-truth contour under a caption band (file, label, score, decision).
     ``metrics.json`` holds ``{"metrics": ..., "run": extra, "images": [{path, label, score}, ...]}``. Overlays
     colour every map with one global min/max over the whole test set so images are comparable; overlays
-    left in ``overlays/`` by an earlier report are removed so the folder always shows this run's top-k.
+    left in ``overlays/`` by an earlier report are removed so the folder always shows this run's.
 
     Args:
         out_dir: Report directory (created if missing).
@@ -151,6 +177,7 @@ def write_report(
         masks: Optional (N, H', W') ground-truth masks, nonzero = defect.
         top_k: Number of highest-scoring images to draw.
         extra: Run information stored under "run" (method, checkpoint, timings...).
+        threshold: The deployed decision threshold, if any (selects false alarms and misses, and is captioned).
 
     Returns:
         The path of ``metrics.json``.
@@ -184,17 +211,27 @@ def write_report(
     _write_png(out_path / "roc.png", _render_roc(curves))
 
     for stale in overlay_dir.iterdir():
-        if re.fullmatch(r"\d{2,}_.*\.png", stale.name):
+        if re.fullmatch(r"(\d{2,}|top_\d+|falsealarm_\d+|missed_\d+)_.*\.png", stale.name):
             stale.unlink()
     vmin, vmax = float(maps_arr.min()), float(maps_arr.max())
-    rank_width = max(2, len(str(top_k)))
-    for rank, index in enumerate(np.argsort(-scores_arr, kind="stable")[: max(0, top_k)]):
-        rgb = np.asarray(images_rgb[index])
-        mask = None if masks_arr is None else masks_arr[index]
-        caption = f"score {scores_arr[index]:.4g}  label {labels_arr[index]}"
-        row = _overlay_row(rgb, maps_arr[index], mask, vmin, vmax, caption)
-        stem = re.sub(r"[^A-Za-z0-9._-]", "_", Path(image_paths[index]).stem)
-        _write_png(overlay_dir / f"{rank:0{rank_width}d}_{stem}.png", row)
+    order = np.argsort(-scores_arr, kind="stable")
+    normal, defective = order[labels_arr[order] == 0], order[labels_arr[order] == 1][::-1]
+    if threshold is not None:
+        normal = normal[scores_arr[normal] >= threshold]
+        defective = defective[scores_arr[defective] < threshold]
+    k = max(0, top_k)
+    for group, indices in (("top", order[:k]), ("falsealarm", normal[:k]), ("missed", defective[:k])):
+        for rank, index in enumerate(indices):
+            rgb = np.asarray(images_rgb[index])
+            mask = None if masks_arr is None else masks_arr[index]
+            source = Path(image_paths[index])
+            caption = f"{source.parent.name}/{source.name}  {'defect' if labels_arr[index] else 'normal'}  "
+            caption += f"score {scores_arr[index]:.4g}"
+            if threshold is not None:
+                flagged = scores_arr[index] >= threshold
+                caption += f"  {'ANOMALY' if flagged else 'pass'} at threshold {threshold:.4g}"
+            row = _overlay_row(rgb, maps_arr[index], mask, vmin, vmax, caption)
+            _write_png(overlay_dir / _overlay_name(group, rank, str(image_paths[index])), row)
 
     report = {
         "metrics": dict(metrics),

@@ -30,7 +30,7 @@ from edgead.data.mvtec import list_test, list_train
 from edgead.data.preprocess import PreprocessConfig, preprocess, resize_image
 from edgead.data.pseudo import pseudo_validation_set
 from edgead.export.calibration import DEFAULT_FALSE_ALARM_RATE, pseudo_anomaly_check, threshold_from_normal_scores
-from edgead.export.fp16 import mixed_precision_graph
+from edgead.export.fp16 import fp32_node_names, mixed_precision_graph
 from edgead.export.onnx import ExportError, export_onnx
 from edgead.export.parity import FP32_SCORE_RTOL, compare, fp32_envelope
 from edgead.export.publish import PublishError, check_target, export_lock, publish, start_version
@@ -332,6 +332,16 @@ def export_fp16_onnx(job: ExportJob) -> list[Path]:
     return [path]
 
 
+def _fp32_layers(job: ExportJob, onnx_name: str) -> tuple[str, ...]:
+    """FP16 engines: the FP32 ONNX's nodes that weakly typed TensorRT must keep in FP32 (ignored by strongly
+    typed flavours, which build from the FP16 ONNX)."""
+    if job.options.precision != "fp16":
+        return ()
+    import onnx
+
+    return tuple(fp32_node_names(job.graph, onnx.load(str(job.staging / onnx_name), load_external_data=False)))
+
+
 def build_tensorrt_engine(job: ExportJob) -> list[Path]:
     from edgead.export.tensorrt import BuildSettings, build_engine, detect_flavour
 
@@ -344,6 +354,7 @@ def build_tensorrt_engine(job: ExportJob) -> list[Path]:
         workspace_mb=options.workspace_mb,
         timing_cache=(options.engine_cache / "timing.cache") if options.engine_cache else None,
         compute_capabilities=options.compute_capabilities,
+        fp32_layers=_fp32_layers(job, FP32_NAME),
     )
     info = build_engine(
         job.staging / FP32_NAME,
@@ -365,6 +376,7 @@ def build_tensorrt_engine(job: ExportJob) -> list[Path]:
             built_from=info.onnx_path.name,
             builder_flags=list(info.builder_flags),
             layers=info.layers,
+            fp32_constrained_layers=info.fp32_constrained_layers,
             compute_capabilities=list(info.compute_capabilities or []),
             build_seconds=round(info.build_seconds, 2),
         )
@@ -460,8 +472,12 @@ def build_triton_engine(job: ExportJob) -> list[Path]:
             job.staging / BATCHED_NAME,
             job.staging / name,
             BuildSettings(
-                precision=options.precision, input_shape=(n, *per_image), workspace_mb=options.workspace_mb, max_batch=n
-            ),
+                precision=options.precision,
+                input_shape=(n, *per_image),
+                workspace_mb=options.workspace_mb,
+                max_batch=n,
+                fp32_layers=_fp32_layers(job, BATCHED_NAME),
+            ),  # fmt: skip
             flavour=flavour,
             cache_dir=options.engine_cache,
             log=lambda line: job.log(f"  {line}"),

@@ -12,10 +12,15 @@ say exactly where FP16 is safe. Rules, applied to a copy of a method's inference
   the mean filter, the max pooling, Mahalanobis distances) stays FP32, as does the graph's IO.
 
 The result is a plain ``nn.Module`` whose trace has explicit Cast nodes at each boundary.
+
+Weakly typed TensorRT (10, Jetson) builds FP16 from the FP32 ONNX with a builder flag and would otherwise pick
+FP16 for any layer; :func:`fp32_node_names` lists the FP32 ONNX's nodes that the same rules keep in FP32 (from
+the module scopes the exporter records on each node), and the engine build constrains those layers to FP32.
 """
 
 from __future__ import annotations
 
+import ast
 import copy
 from typing import Any
 
@@ -91,3 +96,31 @@ def mixed_precision_graph(graph: nn.Module) -> nn.Module:
     for name in names:
         setattr(mixed, name, HalfNetwork(getattr(mixed, name)))
     return mixed
+
+
+SCOPES_KEY = "pkg.torch.onnx.name_scopes"
+
+
+def fp32_node_names(graph: nn.Module, model: Any) -> list[str]:
+    """Names of the nodes of ``model`` (the FP32 ONNX of ``graph``) that the rules above keep in FP32: every node
+    outside the graph's networks and inside a :func:`keeps_fp32` module. A node's module is the deepest of the
+    name scopes the exporter records on it; a node without scopes (a graph traced first, such as one with
+    gradients) counts as outside the networks, so it stays FP32: accuracy before speed."""
+    networks = fp16_module_names(graph)
+    islands = [
+        f"{name}.{path}" if path else name
+        for name in networks
+        for path, module in getattr(graph, name).named_modules()
+        if keeps_fp32(module)
+    ]
+
+    def within(path: str, prefixes: list[str]) -> bool:
+        return any(path == prefix or path.startswith(prefix + ".") for prefix in prefixes)
+
+    names = []
+    for node in model.graph.node:
+        scopes = next((ast.literal_eval(p.value) for p in node.metadata_props if p.key == SCOPES_KEY), [])
+        path = scopes[-2] if len(scopes) >= 2 else ""
+        if not within(path, networks) or within(path, islands):
+            names.append(node.name)
+    return names

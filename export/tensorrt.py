@@ -174,8 +174,28 @@ def _copy_atomic(source: Path, target: Path) -> None:
         shutil.copyfile(source, tmp)
 
 
-def _build(flavour: Flavour, onnx: Path, engine: Path, settings: BuildSettings, flags: frozenset[str], log: Log) -> int:
-    """Runs the builder and writes the engine; returns the network's layer count."""
+def constrain_fp32(trt: ModuleType, network: Any, names: set[str]) -> list[str]:
+    """Sets FP32 precision (and FP32 float outputs) on the layers named ``names`` (ONNX node names; the parser
+    names a node's layer after it); returns the names it constrained. For weakly typed FP16 builds only."""
+    done = []
+    floats = (trt.float32, trt.float16)
+    for index in range(network.num_layers):
+        layer = network.get_layer(index)
+        if layer.name not in names:
+            continue
+        layer.precision = trt.float32
+        for output in range(layer.num_outputs):
+            if layer.get_output(output).dtype in floats:
+                layer.set_output_type(output, trt.float32)
+        done.append(layer.name)
+    return done
+
+
+def _build(
+    flavour: Flavour, onnx: Path, engine: Path, settings: BuildSettings, flags: frozenset[str], log: Log
+) -> tuple[int, int]:
+    """Runs the builder and writes the engine; returns the network's layer count and how many layers precision
+    constraints hold in FP32."""
     trt = flavour.module
     if trt is None:
         raise TensorRTUnavailable(f"flavour {flavour.name} {flavour.version} has no module to build with")
@@ -207,6 +227,12 @@ def _build(flavour: Flavour, onnx: Path, engine: Path, settings: BuildSettings, 
         config.set_flag(getattr(trt.BuilderFlag, flag))
     if settings.precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
         config.clear_flag(trt.BuilderFlag.TF32)  # "fp32" means FP32 math, matching the ONNX reference
+    constrained = 0
+    if "FP16" in flags and settings.fp32_layers:
+        # Weakly typed FP16: keep what the FP16 ONNX keeps in FP32 (normalisation, embeddings, sampler, scoring).
+        constrained = len(constrain_fp32(trt, network, set(settings.fp32_layers)))
+        config.set_flag(trt.BuilderFlag.PREFER_PRECISION_CONSTRAINTS)
+        log(f"{constrained} layers held in FP32 by precision constraints, the rest may run in FP16")
     if settings.builder_optimization_level is not None:
         config.builder_optimization_level = settings.builder_optimization_level
     if settings.compute_capabilities:
@@ -228,7 +254,7 @@ def _build(flavour: Flavour, onnx: Path, engine: Path, settings: BuildSettings, 
         tmp.write_bytes(memoryview(serialized))
     if use_timing_cache:
         _save_timing_cache(config, settings.timing_cache)
-    return int(network.num_layers)
+    return int(network.num_layers), constrained
 
 
 def build_engine(
@@ -271,6 +297,8 @@ def build_engine(
         raise FileNotFoundError(f"ONNX model not found: {onnx}")
     gpu_name, capability = _target(flavour, settings)
     extra = {"workspace_mb": settings.workspace_mb, "opt_level": settings.builder_optimization_level}
+    if "FP16" in flags and settings.fp32_layers:
+        extra["fp32_layers"] = hashlib.sha256("\n".join(sorted(settings.fp32_layers)).encode()).hexdigest()
     if settings.max_batch is not None:
         extra["profile"] = [list(shape) for shape in settings.profile()]
     key = engine_cache_key(
@@ -281,13 +309,14 @@ def build_engine(
     if cached is not None and cached.is_file() and cached.stat().st_size > 0:
         _copy_atomic(cached, engine_path)
         sidecar = cached.with_suffix(".json")
-        layers = int(json.loads(sidecar.read_text()).get("layers", -1)) if sidecar.is_file() else -1
+        recorded = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+        layers, constrained = int(recorded.get("layers", -1)), int(recorded.get("fp32_constrained_layers", 0))
         cache_hit = True
         log(f"engine cache hit {cached.name} -> {engine_path.name}")
     else:
         targets = f" for compute capabilities {capability}" if flavour.can_build_without_gpu else f" for {gpu_name}"
         log(f"building {settings.precision} engine with {flavour.name} {flavour.version}{targets} from {onnx.name}")
-        layers = _build(flavour, onnx, engine_path, settings, flags, log)
+        layers, constrained = _build(flavour, onnx, engine_path, settings, flags, log)
         cache_hit = False
     seconds = time.perf_counter() - started
     info = EngineInfo(
@@ -306,6 +335,7 @@ def build_engine(
         builder_flags=tuple(sorted(flags)),
         compute_capabilities=settings.compute_capabilities,
         profile=settings.profile(),
+        fp32_constrained_layers=constrained,
     )
     if cached is not None and not cache_hit:
         _copy_atomic(engine_path, cached)

@@ -142,6 +142,8 @@ class BuildSettings:
         max_batch: For an ONNX with a dynamic batch dimension: one optimisation profile from batch 1 to
             ``max_batch`` (``input_shape``'s batch must equal it), tuned for ``max_batch`` (what a batching
             server such as Triton runs under load). None: fixed shapes, ``min = opt = max = input_shape``.
+        fp32_layers: Weakly typed FP16 builds (TensorRT 10): the ONNX nodes whose layers are constrained to FP32
+            (:func:`edgead.export.fp16.fp32_node_names`), as the FP16 ONNX keeps them for strongly typed builds.
     """
 
     precision: str
@@ -151,6 +153,7 @@ class BuildSettings:
     compute_capabilities: tuple[str, ...] | None = None
     builder_optimization_level: int | None = None
     max_batch: int | None = None
+    fp32_layers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -171,6 +174,7 @@ class BuildSettings:
         return (1, *shape[1:]), shape, shape
         if self.compute_capabilities is not None:
             self.compute_capabilities = tuple(str(c) for c in self.compute_capabilities)
+        self.fp32_layers = tuple(str(name) for name in self.fp32_layers)
 
 
 @dataclass
@@ -192,6 +196,7 @@ class EngineInfo:
     builder_flags: tuple[str, ...] = ()
     compute_capabilities: tuple[str, ...] | None = None
     profile: tuple[tuple[int, ...], ...] = ()  # the optimisation profile's (min, opt, max) input shapes
+    fp32_constrained_layers: int = 0  # weakly typed FP16 builds: layers held in FP32 by precision constraints
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly dict (paths as strings)."""

@@ -3,14 +3,18 @@ whole detector and its decisions.
 
 The export holds a small verification set (``verification.npz``: preprocessed held-out normals and
 pseudo-anomalies with the PyTorch FP32 outputs, hashed in ``edgead.json``). Verify runs it through the backend
-this device would use (TensorRT engine, ONNX Runtime on the CPU or with the CUDA execution provider), compares
+this device would use (TensorRT engine, ONNX Runtime on the CPU or with its CUDA or TensorRT execution provider,
+checked to be the one that ran), compares
 every output with the reference and measures latency:
 
 - per output, the largest absolute and relative error (the map's relative to its largest reference value);
 - decision flips against the export's threshold;
 - IoU of the maps thresholded at the reference maps' 90th percentile over the set;
 - image AUROC (normals vs pseudo-anomalies) against the reference's;
-- backend inference latency (median, p99 over ``runs`` calls after warm-up; the batch as exported).
+- backend inference latency (median, p99 over ``runs`` calls after warm-up; the batch as exported) and, on a GPU,
+  the device memory the process holds after the runs (its peak: TensorRT and ONNX Runtime keep their pools);
+- where polygraphy is installed, its comparator's verdict per output with the same tolerances
+  (:func:`polygraphy_compare`); the command works without it.
 
 Tolerances per precision (:data:`TOLERANCES`) are printed with the result. Exit codes (the CLI): 0 pass,
 1 parity failure, 2 cannot run here (no GPU, missing package, engine for another GPU, no verification set).
@@ -18,12 +22,14 @@ Tolerances per precision (:data:`TOLERANCES`) are printed with the result. Exit 
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from edgead.bench.machine import gpu_memory_used_mb
 from edgead.runtime.metadata import load_metadata, verified_artifact
 
 #: What each precision must meet against the PyTorch FP32 reference.
@@ -31,7 +37,15 @@ TOLERANCES: dict[str, dict[str, float]] = {
     "fp32": {"score_rel": 1e-3, "map_rel": 1e-3, "decision_flips": 0, "map_iou": 0.99, "auroc_drop": 0.0},
     "fp16": {"score_rel": 5e-2, "map_rel": 5e-2, "decision_flips": 0, "map_iou": 0.9, "auroc_drop": 0.02},
 }
-BACKENDS = ("auto", "tensorrt", "onnxruntime", "onnxruntime-cuda")
+BACKENDS = ("auto", "tensorrt", "onnxruntime", "onnxruntime-cuda", "onnxruntime-trt")
+#: ONNX Runtime's execution providers behind the verify backends that name one (checked, never fallen back from).
+ORT_PROVIDERS = {"onnxruntime-cuda": "CUDAExecutionProvider", "onnxruntime-trt": "TensorrtExecutionProvider"}
+
+
+def ort_trt_cache() -> Path:
+    """Where ONNX Runtime's TensorRT provider caches its engines (building one takes minutes)."""
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "edgead" / "onnxruntime-tensorrt"
 
 
 class VerifyUnavailable(RuntimeError):
@@ -63,16 +77,27 @@ def _open(export_dir: Path, backend: str, precision: str | None) -> Any:
     from edgead.runtime.detector import Detector
 
     try:
-        if backend == "onnxruntime-cuda":
+        if backend in ORT_PROVIDERS:
             import onnxruntime as ort
 
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
+            wanted = ORT_PROVIDERS[backend]
+            if wanted not in ort.get_available_providers():
                 raise VerifyUnavailable(
-                    "ONNX Runtime has no CUDA execution provider here (install onnxruntime-gpu on a machine with an "
-                    "NVIDIA GPU)"
+                    f"ONNX Runtime has no {wanted} here (available: {', '.join(ort.get_available_providers())}); "
+                    "install onnxruntime-gpu on a machine with an NVIDIA GPU"
+                    + (" and TensorRT's libraries" if backend == "onnxruntime-trt" else "")
                 )
-            return Detector.load(export_dir, backend="onnxruntime", precision=precision,
-                                 providers=["CUDAExecutionProvider"])  # fmt: skip
+            providers: list[Any] = ["CUDAExecutionProvider"]
+            if backend == "onnxruntime-trt":
+                cache = ort_trt_cache()
+                cache.mkdir(parents=True, exist_ok=True)
+                providers.insert(0, (wanted, {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache)}))
+            detector = Detector.load(export_dir, backend="onnxruntime", precision=precision, providers=providers)
+            ran = detector.backend.session.get_providers()
+            if not ran or ran[0] != wanted:  # ORT falls back quietly when a provider fails to initialise
+                detector.close()
+                raise VerifyUnavailable(f"ONNX Runtime could not start {wanted} here and would run on {ran}")
+            return detector
         return Detector.load(export_dir, backend=backend, precision=precision)
     except BackendError as err:
         raise VerifyUnavailable(str(err)) from err
@@ -121,6 +146,60 @@ def compare(golden: dict[str, np.ndarray], maps: np.ndarray, scores: np.ndarray,
     return report
 
 
+def polygraphy_compare(
+    golden: dict[str, np.ndarray], maps: np.ndarray, scores: np.ndarray, precision: str, runner: str
+) -> dict[str, Any] | None:
+    """Polygraphy's comparator (``Comparator.compare_accuracy`` with its simple compare function, max error
+    statistic) on both outputs, with this precision's tolerances; None when polygraphy is not installed.
+
+    Polygraphy passes an output when its largest absolute error is within ``atol`` or its largest relative
+    error within ``rtol``; ``atol`` of the map is ``map_rel`` times the reference map's largest magnitude, the
+    same scale as :func:`compare`'s map error, so the two verdicts use one tolerance.
+    """
+    try:
+        from polygraphy.comparator import Comparator, IterationResult, RunResults
+        from polygraphy.comparator import compare as polygraphy_compare_module
+        from polygraphy.logger import G_LOGGER
+    except ImportError:
+        return None
+    import polygraphy
+
+    tol = TOLERANCES[precision]
+    ref_maps, ref_scores = golden["maps"].astype(np.float32), golden["scores"].astype(np.float32)
+    rtol = {"anomaly_map": tol["map_rel"], "score": tol["score_rel"]}
+    atol = {"anomaly_map": tol["map_rel"] * float(np.abs(ref_maps).max() or 1.0), "score": 0.0}
+    simple = getattr(polygraphy_compare_module, "SimpleCompareFunc", None)
+    severity = G_LOGGER.module_severity
+    G_LOGGER.module_severity = G_LOGGER.CRITICAL  # its per-output log lines would repeat our report
+    try:
+        compare_func = (simple or polygraphy_compare_module.CompareFunc.simple)(
+            rtol=rtol, atol=atol, check_error_stat="max"
+        )
+        results = RunResults([
+            ("pytorch-fp32-reference", [IterationResult({"anomaly_map": ref_maps, "score": ref_scores})]),
+            (runner, [IterationResult({"anomaly_map": maps.astype(np.float32), "score": scores.astype(np.float32)})]),
+        ])  # fmt: skip
+        accuracy = Comparator.compare_accuracy(results, compare_func=compare_func)
+    finally:
+        G_LOGGER.module_severity = severity
+    outputs: dict[str, Any] = {}
+    for result in accuracy:
+        for _, iterations in result.items():
+            for name, output in iterations[0].items():
+                outputs[name] = {
+                    "passed": bool(output),
+                    "max_abs_error": float(output.max_absdiff),
+                    "max_rel_error": float(output.max_reldiff),
+                    "atol": atol[name],
+                    "rtol": rtol[name],
+                }
+    return {
+        "version": polygraphy.__version__,
+        "passed": bool(outputs) and all(o["passed"] for o in outputs.values()),
+        "outputs": outputs,
+    }
+
+
 def judge(report: dict[str, Any], precision: str) -> list[str]:
     """The failed checks, each naming the output, the error and the tolerance (empty: pass)."""
     tol = TOLERANCES[precision]
@@ -137,6 +216,12 @@ def judge(report: dict[str, Any], precision: str) -> list[str]:
         failures.append(f"anomaly_map: IoU of thresholded maps {report['map_iou']:.3f} < {tol['map_iou']:g}")
     if report["auroc"] is not None and report["auroc_reference"] - report["auroc"] > tol["auroc_drop"]:
         failures.append(f"image AUROC {report['auroc']:.4f} vs reference {report['auroc_reference']:.4f}")
+    for name, output in (report.get("polygraphy") or {}).get("outputs", {}).items():
+        if not output["passed"]:
+            failures.append(
+                f"{name}: polygraphy's comparator failed it (max abs error {output['max_abs_error']:.3e} > "
+                f"atol {output['atol']:.3g} and max rel error {output['max_rel_error']:.3e} > rtol {output['rtol']:g})"
+            )
     return failures
 
 
@@ -159,6 +244,7 @@ def verify_export(
             used["providers"] = list(detector.backend.session.get_providers())
         maps, scores = run_batches(detector.backend, golden["images"])
         report = compare(golden, maps, scores, detector.metadata.threshold_value)
+        report["polygraphy"] = polygraphy_compare(golden, maps, scores, used["precision"], used["backend"])
         batch = golden["images"][: int(detector.backend.input_shape[0])]
         if len(batch) < detector.backend.input_shape[0]:
             batch = np.repeat(golden["images"][:1], detector.backend.input_shape[0], axis=0)
@@ -169,6 +255,8 @@ def verify_export(
             start = time.perf_counter()
             detector.backend.infer(batch)
             times.append((time.perf_counter() - start) * 1000.0)
+        gpu = used["backend"] == "tensorrt" or any(p != "CPUExecutionProvider" for p in used.get("providers", []))
+        memory = gpu_memory_used_mb() if gpu else {"used_mb": None, "reason": "runs on the CPU"}
     finally:
         detector.close()
     failures = judge(report, used["precision"])
@@ -183,6 +271,7 @@ def verify_export(
             "runs": len(times),
             "batch": int(detector.backend.input_shape[0]),
         },  # fmt: skip
+        "device_memory": memory,
         "failures": failures,
         "passed": not failures,
     }

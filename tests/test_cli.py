@@ -107,6 +107,18 @@ def test_values_that_do_not_apply_are_refused(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "fp8" in result.output, result.output
 
 
+def test_training_above_the_images_size_is_warned_before_it_starts(tmp_path: Path) -> None:
+    data = generate_dataset(tmp_path / "data", size=32, n_train=10, n_test_good=2, n_test_defect=2, seed=1)
+    args = ["train", "--data", str(data), "--method", "gaussian", "--runs-root", str(tmp_path / "runs")]
+    result = runner.invoke(app, [*args, "--image-size", "64"], env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    assert "32x32) are smaller than the training size 64 px" in result.output and "--image-size 32" in result.output
+    summary = json.loads((tmp_path / "runs" / "gaussian" / "latest" / "config.json").read_text())["state"]["summary"]
+    assert summary["warnings"] and "smaller than the training size" in summary["warnings"][0]
+    result = runner.invoke(app, [*args, "--image-size", "32"])
+    assert result.exit_code == 0 and "smaller than the training size" not in result.output
+
+
 def test_eval_without_a_run_says_how_to_get_one(tmp_path: Path) -> None:
     result = runner.invoke(app, ["eval", "--data", str(tmp_path), "--runs-root", str(tmp_path)])
     assert result.exit_code == 2

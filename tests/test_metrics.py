@@ -253,19 +253,48 @@ def test_write_report_files(tmp_path: Path) -> None:
     assert [entry["label"] for entry in report["images"]] == labels.tolist()
     roc = cv2.imread(str(out_dir / "roc.png"))
     assert roc is not None and roc.shape == (480, 480, 3)
-    overlays = sorted(path.name for path in (out_dir / "overlays").iterdir())
-    top3 = np.argsort(-scores)[:3]
-    assert overlays == [f"{rank:02d}_{index:03d}.png" for rank, index in enumerate(top3)]
-    row = cv2.imread(str(out_dir / "overlays" / overlays[0]))
-    assert row is not None and row.shape[1] == 3 * row.shape[0]  # input | heatmap | ground truth
+    overlays = {path.name for path in (out_dir / "overlays").iterdir()}
+    order = np.argsort(-scores, kind="stable")
+    folder = lambda i: "crack" if labels[i] else "good"  # noqa: E731
+    top = [f"top_{rank:02d}_{folder(i)}_{i:03d}.png" for rank, i in enumerate(order[:3])]
+    worst_normals = [i for i in order if labels[i] == 0][:3]
+    weakest_defects = [i for i in order[::-1] if labels[i] == 1][:3]
+    expected = set(top) | {f"falsealarm_{r:02d}_good_{i:03d}.png" for r, i in enumerate(worst_normals)}
+    expected |= {f"missed_{r:02d}_crack_{i:03d}.png" for r, i in enumerate(weakest_defects)}
+    assert overlays == expected  # the stale overlay is gone; names carry the defect folder
+    row = cv2.imread(str(out_dir / "overlays" / top[0]))
+    assert row is not None and row.shape[1] == 3 * 224 and row.shape[0] > 224  # 3 panels under a caption band
     assert not [path for path in out_dir.rglob("*.tmp")]
+
+    # With the deployed threshold: only its false alarms and misses, captioned with the decision.
+    threshold = float(np.median(scores))
+    write_report(out_dir, metrics, labels, scores, paths, images, maps, masks, top_k=3, threshold=threshold)
+    names = sorted(path.name for path in (out_dir / "overlays").iterdir())
+    alarms = [n for n in names if n.startswith("falsealarm_")]
+    misses = [n for n in names if n.startswith("missed_")]
+    n_alarms = int(((scores >= threshold) & (labels == 0)).sum())
+    n_misses = int(((scores < threshold) & (labels == 1)).sum())
+    assert len(alarms) == min(3, n_alarms) and len(misses) == min(3, n_misses)
+
+
+def test_captions_stay_readable_on_a_narrow_image(tmp_path: Path) -> None:
+    """The caption band spans the row and is black with white text whatever the image: never drawn over it."""
+    labels, scores, _, maps = _toy_dataset(num_images=2, size=8)
+    images = [np.full((20, 12, 3), 255, dtype=np.uint8) for _ in labels]  # small and white
+    paths = ["test/a_defect_type_with_a_long_name/an_image_with_a_very_long_file_name.png", "test/good/b.png"]
+    write_report(tmp_path, {}, labels, scores, paths, images, maps, top_k=1)
+    row = cv2.imread(str(sorted((tmp_path / "overlays").glob("top_*.png"))[0]))
+    band_height = row.shape[0] - 224
+    band = row[:band_height]
+    assert 10 < band_height < 40 and band.max() == 255 and (band == 0).mean() > 0.6  # white on black
+    assert row[band_height:].min() > 0  # the white image below is untouched by text
 
 
 def test_write_report_without_masks(tmp_path: Path) -> None:
     labels, scores, _, maps = _toy_dataset(num_images=4, size=8)
     images = [np.full((300, 300, 3), 128, dtype=np.uint8) for _ in labels]
     write_report(tmp_path, {"image_auroc": 1.0}, labels, scores, [f"{i}.png" for i in range(4)], images, maps, top_k=10)
-    overlays = list((tmp_path / "overlays").iterdir())
+    overlays = sorted((tmp_path / "overlays").glob("top_*.png"))
     assert len(overlays) == 4
     row = cv2.imread(str(overlays[0]))
-    assert row.shape == (300, 600, 3)  # input | heatmap only, no upscaling above the minimum height
+    assert row.shape[1:] == (600, 3) and row.shape[0] > 300  # input | heatmap under the caption, no upscaling

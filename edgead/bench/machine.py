@@ -6,6 +6,8 @@ import datetime as dt
 import os
 import platform
 import shlex
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -49,3 +51,28 @@ def machine_record() -> dict[str, Any]:
     except ImportError:
         record["gpu"] = None
     return record
+
+
+def gpu_memory_used_mb(pid: int | None = None) -> dict[str, Any]:
+    """Device memory this process holds now, from ``nvidia-smi --query-compute-apps`` (TensorRT and ONNX
+    Runtime keep their pools once allocated, so after a run this is its peak). Returns ``{"used_mb": float,
+    "source": "nvidia-smi"}``, or ``{"used_mb": None, "reason": ...}`` where nothing reports it (no NVIDIA GPU,
+    no nvidia-smi: Jetson reports memory through ``tegrastats`` instead).
+    """
+    pid = os.getpid() if pid is None else pid
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return {"used_mb": None, "reason": "nvidia-smi not found (no NVIDIA driver here, or a Jetson: use tegrastats)"}
+    query = [smi, "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"]
+    try:
+        done = subprocess.run(query, capture_output=True, text=True, timeout=20, check=True)
+    except (OSError, subprocess.SubprocessError) as err:
+        return {"used_mb": None, "reason": f"nvidia-smi failed: {err}"}
+    for line in done.stdout.splitlines():
+        fields = [field.strip() for field in line.split(",")]
+        if len(fields) == 2 and fields[0] == str(pid):
+            try:
+                return {"used_mb": float(fields[1]), "source": "nvidia-smi"}
+            except ValueError:
+                return {"used_mb": None, "reason": f"nvidia-smi reported {fields[1]!r} (not available on this GPU)"}
+    return {"used_mb": None, "reason": "nvidia-smi lists no device memory for this process"}

@@ -110,13 +110,16 @@ def resident_memory_mb() -> dict[str, float | None]:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A plain table users can paste: one row per measured configuration."""
-    header = f"{'backend':<28}{'median ms':>10}{'p90 ms':>9}{'p99 ms':>9}{'cv':>7}{'FPS':>9}{'vs torch':>10}"
+    header = (
+        f"{'measured':<32}{'min ms':>9}{'mean ms':>9}{'median ms':>10}{'p90 ms':>9}{'p99 ms':>9}{'cv':>6}{'FPS':>9}"
+        f"{'vs torch':>10}"
+    )
     lines = [header, "-" * len(header)]
     for row in rows:
         s = row["stats"]
         ratio = f"{row['speedup']:.2f}x" if row.get("speedup") else "-"
         lines.append(
-            f"{row['name']:<28}{s['median']:>10.2f}{s['p90']:>9.2f}{s['p99']:>9.2f}{s['cv']:>7.2f}"
-            f"{row['fps']:>9.1f}{ratio:>10}"
+            f"{row['name']:<32}{s['min']:>9.2f}{s['mean']:>9.2f}{s['median']:>10.2f}{s['p90']:>9.2f}{s['p99']:>9.2f}"
+            f"{s['cv']:>6.2f}{row['fps']:>9.1f}{ratio:>10}"
         )
     return "\n".join(lines)

@@ -24,9 +24,10 @@ __all__ = [
     "resize_mask",
 ]
 
-# "area" averages source pixels when downscaling (best anti-aliasing, the default). When
-# upscaling, OpenCV's INTER_AREA degenerates to nearest/bilinear-like sampling, which is
-# acceptable for anomaly maps but worth knowing. "lanczos" is what the score-resilience paper
+# "area" averages source pixels when downscaling (best anti-aliasing, the default). OpenCV's INTER_AREA
+# samples like nearest neighbour when it enlarges, so "area" enlarges an axis bilinearly instead (one axis at
+# a time when one shrinks and the other grows): an image smaller than the model input is interpolated
+# smoothly, as video tools and cameras scale, not in blocks. "lanczos" is what the score-resilience paper
 # used for resizing. "bilinear" aliases on large downscales; it exists for parity with
 # pipelines trained that way (e.g. LafitE's bilinear 224 px resize).
 INTERPOLATIONS: dict[str, int] = {
@@ -147,7 +148,18 @@ def resize_image(rgb: np.ndarray, size: int, interpolation: str) -> np.ndarray:
         raise ValueError(f"size must be >= 1, got {size}")
     if pixels.shape[:2] == (size, size):
         return pixels.copy()
-    return cv2.resize(np.ascontiguousarray(pixels), (size, size), interpolation=INTERPOLATIONS[interpolation])
+    pixels = np.ascontiguousarray(pixels)
+    height, width = pixels.shape[:2]
+    if interpolation != "area" or (size <= height and size <= width):
+        return cv2.resize(pixels, (size, size), interpolation=INTERPOLATIONS[interpolation])
+    if size >= height and size >= width:
+        return cv2.resize(pixels, (size, size), interpolation=cv2.INTER_LINEAR)
+    # One axis shrinks (area), the other grows (bilinear): one axis at a time.
+    if width > size:
+        return cv2.resize(cv2.resize(pixels, (size, height), interpolation=cv2.INTER_AREA), (size, size),
+                          interpolation=cv2.INTER_LINEAR)  # fmt: skip
+    return cv2.resize(cv2.resize(pixels, (width, size), interpolation=cv2.INTER_AREA), (size, size),
+                      interpolation=cv2.INTER_LINEAR)  # fmt: skip
 
 
 def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:

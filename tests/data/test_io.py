@@ -151,6 +151,29 @@ def test_preprocess_is_bit_identical(interpolation: str) -> None:
     assert batch[0].tobytes() == first.tobytes()
 
 
+def test_area_enlarges_smoothly_and_shrinks_by_averaging() -> None:
+    """'area' shrinks an axis by averaging and enlarges it bilinearly, never in nearest-neighbour blocks: a
+    64 px image trained at 192 px looks like the smoothly scaled frames a camera or video tool delivers."""
+    small = _rgb(64, 64)
+    np.testing.assert_array_equal(
+        resize_image(small, 192, "area"), cv2.resize(small, (192, 192), interpolation=cv2.INTER_LINEAR)
+    )
+    large = _rgb(400, 300)
+    np.testing.assert_array_equal(
+        resize_image(large, 96, "area"), cv2.resize(large, (96, 96), interpolation=cv2.INTER_AREA)
+    )
+    wide = _rgb(40, 500)  # width shrinks (averaged), height grows (bilinear)
+    expected = cv2.resize(
+        cv2.resize(wide, (128, 40), interpolation=cv2.INTER_AREA), (128, 128), interpolation=cv2.INTER_LINEAR
+    )
+    np.testing.assert_array_equal(resize_image(wide, 128, "area"), expected)
+    tall = _rgb(500, 40)
+    expected = cv2.resize(
+        cv2.resize(tall, (40, 128), interpolation=cv2.INTER_AREA), (128, 128), interpolation=cv2.INTER_LINEAR
+    )
+    np.testing.assert_array_equal(resize_image(tall, 128, "area"), expected)
+
+
 def test_preprocess_grayscale() -> None:
     rgb = _rgb(16, 16)
     out = preprocess(rgb, PreprocessConfig(image_size=16, channels=1, mean=(0.5,), std=(0.25,)))

@@ -15,7 +15,7 @@ import torch
 from edgead.export import exporter as exporter_module
 from edgead.export.calibration import threshold_from_normal_scores
 from edgead.export.exporter import ExportOptions, export_run
-from edgead.export.fp16 import FP32Island, mixed_precision_graph
+from edgead.export.fp16 import FP32Island, fp32_node_names, mixed_precision_graph
 from edgead.export.onnx import ExportError
 from edgead.export.publish import versions_dir
 from edgead.export.tensorrt import TensorRTUnavailable
@@ -74,6 +74,29 @@ def test_fp16_graph_keeps_sensitive_parts_fp32(tiny: tuple[Path, Path, Path]) ->
     half_map, half_score = mixed(image)
     assert half_map.dtype == torch.float32
     assert torch.allclose(half_score, ref_score, rtol=2e-2)
+
+
+def test_weakly_typed_fp16_keeps_the_same_parts_fp32(tiny: tuple[Path, Path, Path]) -> None:
+    """For TensorRT 10's FP16 flag, the FP32 ONNX nodes held in FP32 are what the FP16 ONNX keeps FP32: the
+    U-Net's normalisations and everything outside the U-Net (noise, error, scoring); its convolutions, matmuls
+    and activations may run in FP16. With TensorRT-RTX's parser: each of those nodes is a layer of that name,
+    so the constraints reach every one."""
+    _, run_dir, out = tiny
+    graph = load_method(run_dir).build_graph()
+    model = onnx.load(str(out / "model.onnx"))
+    fp32 = set(fp32_node_names(graph, model))
+    ops = {node.name: node.op_type for node in model.graph.node}
+    fp16_ops = {ops[name] for name in ops if name not in fp32}
+    assert {"Conv", "MatMul"} <= fp16_ops and "InstanceNormalization" not in fp16_ops  # GroupNorm's export
+    assert {"InstanceNormalization", "ReduceMean"} <= {ops[name] for name in fp32}  # norms; the error reduction
+    assert not {"Conv", "MatMul"} & {ops[name] for name in fp32}
+    if HAS_RTX:
+        import tensorrt_rtx as trt
+
+        logger = trt.Logger(trt.Logger.ERROR)
+        network = trt.Builder(logger).create_network(0)
+        assert trt.OnnxParser(network, logger).parse_from_file(str(out / "model.onnx"))
+        assert fp32 <= {network.get_layer(i).name for i in range(network.num_layers)}
 
 
 @pytest.mark.skipif(not HAS_RTX, reason="tensorrt-rtx-cu13 not installed")

@@ -199,6 +199,26 @@ def test_bench_reports_percentiles_and_the_torch_ratio(exported: tuple[Path, Pat
     assert stats["n"] >= 5 and stats["min"] <= stats["median"] <= stats["p99"] <= stats["max"]
     assert report["speedup_vs_torch_eager_fp32"] > 0 and report["camera_loop"]["frames"] > 0
     assert json.loads((tmp_path / "bench.json").read_text())["method"] == "score-resilience"
+    table = report["table"]
+    assert report["frame"] == {"width": 1280, "height": 720, "source": "generated"} and "frame 1280x720" in table
+    for word in ("min ms", "mean ms", "infer:", "predict:", "x predict's FPS", "onnxruntime fp32 infer"):
+        assert word in table, word
+
+    # --video: its first frame is timed and the camera loop reads the file itself; --frame-size is checked first
+    video = tmp_path / "line.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (320, 200))
+    for index in range(12):
+        writer.write(np.full((200, 320, 3), 10 * index, np.uint8))
+    writer.release()
+    args = ["bench", "--export", str(out), "--backend", "onnxruntime", "--warmup", "0.05", "--duration", "0.2",
+            "--no-torch"]  # fmt: skip
+    result = runner.invoke(app, [*args, "--video", str(video)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "frame 320x200" in result.output and "over 12 frames" in result.output
+    result = runner.invoke(app, [*args, "--frame-size", "640by480"])
+    assert result.exit_code == 2 and "WIDTHxHEIGHT" in result.output
+    result = runner.invoke(app, [*args, "--video", str(tmp_path / "missing.avi")])
+    assert result.exit_code == 2 and "missing.avi" in result.output
 
 
 def test_runtime_runs_without_torch(exported: tuple[Path, Path, Path]) -> None:

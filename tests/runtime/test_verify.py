@@ -52,6 +52,10 @@ def test_verify_passes_on_onnxruntime(export_fp16: Path, precision: str, tmp_pat
     assert report["passed"] and report["parity"]["decision_flips"] == 0
     assert report["backend"]["providers"] == ["CPUExecutionProvider"]
     assert report["latency_ms"]["median"] > 0
+    assert report["device_memory"] == {"used_mb": None, "reason": "runs on the CPU"}
+    poly = report["parity"]["polygraphy"]  # polygraphy comes with the rtx extra the tests install
+    assert poly["passed"] and set(poly["outputs"]) == {"anomaly_map", "score"}
+    assert "polygraphy" in result.output and "anomaly_map pass, score pass" in result.output
 
 
 def test_a_perturbed_reference_fails_with_exit_1_naming_the_output(export_fp16: Path, tmp_path: Path) -> None:
@@ -68,6 +72,7 @@ def test_a_perturbed_reference_fails_with_exit_1_naming_the_output(export_fp16: 
     result = runner.invoke(app, ["verify", str(copy), "--backend", "onnxruntime", "--runs", "2"])
     assert result.exit_code == 1, result.output
     assert "FAIL score: max relative error" in result.output
+    assert "FAIL score: polygraphy's comparator failed it" in result.output  # the second opinion agrees
 
 
 def test_a_corrupted_verification_file_is_refused(export_fp16: Path, tmp_path: Path) -> None:
@@ -83,6 +88,23 @@ def test_tensorrt_without_an_engine_or_gpu_exits_2_with_the_reason(export_fp16: 
     assert result.exit_code == 2 and "cannot verify here" in result.output
     result = runner.invoke(app, ["verify", str(export_fp16), "--backend", "onnxruntime-cuda"])
     assert result.exit_code == 2 and "CUDA" in result.output
+    result = runner.invoke(app, ["verify", str(export_fp16), "--backend", "onnxruntime-trt"])
+    assert result.exit_code == 2 and "TensorrtExecutionProvider" in result.output
+
+
+def test_device_memory_is_read_from_nvidia_smi_for_this_process(tmp_path: Path, monkeypatch) -> None:
+    """The per-process figure comes from `nvidia-smi --query-compute-apps` (a stand-in script prints what the
+    driver's tool prints); without the tool the reason is given instead of a number."""
+    from edgead.bench.machine import gpu_memory_used_mb
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert gpu_memory_used_mb(1234)["used_mb"] is None and "nvidia-smi not found" in gpu_memory_used_mb(1234)["reason"]
+    tool = tmp_path / "nvidia-smi"
+    tool.write_text("#!/bin/sh\necho '999, 80'\necho '1234, 512'\necho '77, [N/A]'\n")
+    tool.chmod(0o755)
+    assert gpu_memory_used_mb(1234) == {"used_mb": 512.0, "source": "nvidia-smi"}
+    assert "not available" in gpu_memory_used_mb(77)["reason"]
+    assert "no device memory for this process" in gpu_memory_used_mb(5)["reason"]
 
 
 def test_auroc_counts_ties_half() -> None:
