@@ -7,7 +7,7 @@ nvidia-pytriton binary, Python-backend model of ``edgead export --format triton`
 same process; both in the same run, medians over the measured window after a warm-up.
 
     edgead export --method gaussian --format triton --out exports/gaussian-triton
-    python benchmarks/triton.py --export exports/gaussian-triton
+    python benchmarks/triton_cameras.py --export exports/gaussian-triton
 """
 
 from __future__ import annotations
