@@ -20,7 +20,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", required=True)
     parser.add_argument("--data", required=True, type=Path, help="MVTec-layout dataset root")
-    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--preset", default=None, help="U-Net size (default: tiny for methods that train one)")
     parser.add_argument("--image-size", type=int, default=None, help="default: the method's")
     parser.add_argument("--channels", type=int, default=3)
     parser.add_argument("--steps", type=int, default=1500)
@@ -48,6 +48,10 @@ def main() -> None:
         checkpoint_every=max(500, args.steps // 4),
     )
     dataset = args.data.resolve().name
+    from edgead.methods import get_method
+
+    if args.preset is None and get_method(args.method).uses_preset:
+        args.preset = "tiny"
     run_dir, summary = train_run(
         args.method,
         args.data,
@@ -78,7 +82,7 @@ def main() -> None:
         "machine": machine_record(),
     }
     results = Path(__file__).resolve().parent / "results"
-    out = args.out or results / f"accuracy_{args.method}_{dataset}_{args.tag or args.preset}.json"
+    out = args.out or results / f"accuracy_{args.method}_{dataset}_{args.tag or args.preset or 'defaults'}.json"
     write_json_atomic(out, record)
     print(json.dumps(metrics, indent=2))
     print(f"saved {out}")

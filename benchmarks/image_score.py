@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--method", required=True)
     parser.add_argument("--data", required=True, type=Path)
     parser.add_argument("--run", type=Path, default=None, help="a trained run (default: train one here)")
-    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--preset", default="tiny", help="U-Net size")
     parser.add_argument("--image-size", type=int, default=None)
     parser.add_argument("--channels", type=int, default=3)
     parser.add_argument("--steps", type=int, default=800)
