@@ -31,6 +31,12 @@ err_console = Console(stderr=True, soft_wrap=True)  # never break a file name ac
 USER_ERRORS = (FileNotFoundError, ValueError, NotImplementedError, FloatingPointError)
 
 
+def _running(used: dict) -> str:
+    """``METHOD from EXPORT on BACKEND [providers] (PRECISION)`` for the run/predict banners."""
+    providers = f" [{', '.join(used['providers'])}]" if used.get("providers") else ""
+    return f"{used['method']} from {used['export']} on {used['backend']}{providers} ({used['precision']})"
+
+
 def _fail(err: Exception) -> None:
     err_console.print(f"[bold red]error:[/bold red] {escape(str(err))}")
     raise typer.Exit(code=2)
@@ -541,8 +547,7 @@ def predict(
             export_dir or _latest_export(exports_root), backend=backend, precision=precision, threshold=threshold,
             on_event=say,
         )  # fmt: skip
-        used = detector.describe()
-        say(f"predicting with {used['method']} from {used['export']} on {used['backend']} ({used['precision']})")
+        say(f"predicting with {_running(detector.describe())}")
         summary = predict_source(detector, source, target, save=save, skip_bad=skip_bad, on_event=say)
     except (*USER_ERRORS, SourceError, BackendError) as err:
         _fail(err)
@@ -678,8 +683,7 @@ def run_camera(
                 threshold=threshold,
                 on_event=say,
             )
-        used = detector.describe()
-        say(f"running {used['method']} from {used['export']} on {used['backend']} ({used['precision']})")
+        say(f"running {_running(detector.describe())}")
         options = LiveOptions(
             show=show,
             save_anomalies=save_anomalies,

@@ -411,6 +411,9 @@ def export_batched_onnx(job: ExportJob) -> list[Path]:
     remainder and compared with the fixed-batch ONNX of the same precision: FP32 must agree within the FP32
     parity allowance (a graph treats every image on its own, so only the summation order may change)."""
     n = job.options.triton_max_batch
+    if n < 2:
+        job.log("  --max-batch 1: the Triton models serve the export's fixed-shape graph (max_batch_size 0)")
+        return []
     graphs = [(BATCHED_NAME, FP32_NAME, job.graph, "onnx_batched", "fp32")]
     if job.options.precision == "fp16":
         graphs.append((BATCHED_FP16_NAME, FP16_NAME, mixed_precision_graph(job.graph), "onnx_batched_fp16", "fp16"))

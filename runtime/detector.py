@@ -53,12 +53,16 @@ class Detector:
 
     def describe(self) -> dict[str, Any]:
         """Which export, method, backend and precision this detector runs (for logs, reports and banners)."""
-        return {
+        described = {
             "export": str(self.export_dir) if self.export_dir is not None else None,
             "method": self.metadata.method,
             "backend": getattr(self.backend, "name", type(self.backend).__name__),
             "precision": self.precision,
         }
+        session = getattr(self.backend, "session", None)
+        if session is not None:  # the execution providers ONNX Runtime actually registered (a CUDA fallback shows)
+            described["providers"] = list(session.get_providers())
+        return described
 
     @property
     def threshold(self) -> float:

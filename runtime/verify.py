@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from edgead.bench.machine import gpu_memory_used_mb
+from edgead.bench.machine import device_record, gpu_memory_used_mb
 from edgead.runtime.metadata import load_metadata, verified_artifact
 
 #: What each precision must meet against the PyTorch FP32 reference.
@@ -272,6 +272,7 @@ def verify_export(
             "batch": int(detector.backend.input_shape[0]),
         },  # fmt: skip
         "device_memory": memory,
+        "machine": device_record(),
         "failures": failures,
         "passed": not failures,
     }

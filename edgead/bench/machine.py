@@ -76,3 +76,27 @@ def gpu_memory_used_mb(pid: int | None = None) -> dict[str, Any]:
             except ValueError:
                 return {"used_mb": None, "reason": f"nvidia-smi reported {fields[1]!r} (not available on this GPU)"}
     return {"used_mb": None, "reason": "nvidia-smi lists no device memory for this process"}
+
+
+def gpu_name() -> str | None:
+    """The first NVIDIA GPU's name from ``nvidia-smi`` (torch-free), or None."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None
+    try:
+        done = subprocess.run([smi, "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True,
+                              timeout=20, check=True)  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    names = [line.strip() for line in done.stdout.splitlines() if line.strip()]
+    return names[0] if names else None
+
+
+def device_record() -> dict[str, Any]:
+    """Date, CPU and GPU of this machine for a report made without torch (``edgead verify``)."""
+    return {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "cpu": cpu_name(),
+        "cpu_cores": os.cpu_count(),
+        "gpu": gpu_name(),
+    }

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from edgead.bench.machine import cpu_name
+from edgead.bench.machine import cpu_name, gpu_name
 from edgead.bench.timing import (
     bench_camera_loop,
     bench_detector,
@@ -142,7 +142,11 @@ def run_bench(
                 report["camera_loop"] = bench_camera_loop(detector, write_bench_video(Path(tmp) / "bench.avi", frame))
         report["camera_loop"]["predict_fps"] = backend_result["throughput_fps"]
         report["camera_loop"]["ratio_to_predict"] = report["camera_loop"]["fps"] / backend_result["throughput_fps"]
-    report["device"] = _device_name_safe()
+    providers = detector.backend.session.get_providers() if hasattr(detector.backend, "session") else []
+    on_gpu = detector.backend.name == "tensorrt" or any(p != "CPUExecutionProvider" for p in providers)
+    report["device"] = _device_name_safe(on_gpu)
+    if providers:
+        report["backend"]["providers"] = list(providers)
     lines = [
         f"{meta['method']} export {export_dir}, input {'x'.join(map(str, meta['input']['shape']))}, "
         f"frame {width}x{height} ({report['frame']['source']}), on {report['device']}",
@@ -164,10 +168,14 @@ def run_bench(
     return report
 
 
-def _device_name_safe() -> str:
-    if importlib.util.find_spec("torch") is not None:
-        import torch
+def _device_name_safe(on_gpu: bool) -> str:
+    """The GPU when the backend runs on one (nvidia-smi, else torch), else the CPU."""
+    if on_gpu:
+        name = gpu_name()
+        if name is None and importlib.util.find_spec("torch") is not None:
+            import torch
 
-        if torch.cuda.is_available():
-            return torch.cuda.get_device_name(0)
+            name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+        if name:
+            return name
     return cpu_name()

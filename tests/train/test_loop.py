@@ -146,6 +146,7 @@ def test_the_cost_of_a_run_is_said_before_it_is_paid() -> None:
 
     cpu = torch.device("cpu")
     line = _cost_line("training", TrainConfig(steps=20000), 5, 0.4, cpu)
-    assert "about 2:13:18 for the remaining 19995 steps on cpu (0.40 s/step)" in line and "--preset tiny" in line
+    assert "about 2:13:18 for the remaining 19995 steps on cpu (0.40 s/step)" in line
+    assert "--preset tiny --image-size 128 --batch-size 16 --lr 2e-3 --lr-schedule cosine --steps 1500" in line
     capped = _cost_line("training", TrainConfig(steps=20000, max_time_s=600), 5, 0.4, cpu)
     assert "about 0:09:58 for about 1500 of 20000 steps (the --max-time limit)" in capped and "--preset" not in capped
