@@ -239,9 +239,7 @@ def verify_export(
     golden = load_golden(export_dir)
     detector = _open(export_dir, backend, precision)
     try:
-        used = detector.describe()
-        if hasattr(detector.backend, "session"):
-            used["providers"] = list(detector.backend.session.get_providers())
+        used = detector.describe()  # names ONNX Runtime's registered providers too
         maps, scores = run_batches(detector.backend, golden["images"])
         report = compare(golden, maps, scores, detector.metadata.threshold_value)
         report["polygraphy"] = polygraphy_compare(golden, maps, scores, used["precision"], used["backend"])
