@@ -11,9 +11,12 @@ import argparse
 import json
 from pathlib import Path
 
-from edgead.bench.machine import machine_record
-from edgead.config import RunConfig, TrainConfig, write_json_atomic
+from edgead.bench.machine import machine_record, save_record
+from edgead.config import RunConfig, TrainConfig
 from edgead.pipeline import evaluate_run, train_run
+from edgead.spec import RunSpec
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main() -> None:
@@ -52,17 +55,18 @@ def main() -> None:
 
     if args.preset is None and get_method(args.method).uses_preset:
         args.preset = "tiny"
-    run_dir, summary = train_run(
-        args.method,
-        args.data,
+    spec = RunSpec(
+        method=args.method,
+        data=[str(args.data)],
         preset=args.preset,
         image_size=args.image_size,
         channels=args.channels,
-        train_cfg=cfg,
-        method_params=params,
-        runs_root=args.work,
+        train=cfg,
+        params=params,
+        runs_root=str(args.work),
         device=args.device,
     )
+    run_dir, summary = train_run(spec)
     device = "cuda" if summary["device"].startswith("cuda") else "cpu"
     metrics, report = evaluate_run(run_dir, args.data, device=device)
     eval_info = json.loads(report.read_text())["run"]
@@ -81,11 +85,9 @@ def main() -> None:
         "inference_seconds_per_image": eval_info["inference_seconds_per_image"],
         "machine": machine_record(),
     }
-    results = Path(__file__).resolve().parent / "results"
-    out = args.out or results / f"accuracy_{args.method}_{dataset}_{args.tag or args.preset or 'defaults'}.json"
-    write_json_atomic(out, record)
     print(json.dumps(metrics, indent=2))
-    print(f"saved {out}")
+    name = f"accuracy_{args.method}_{dataset}_{args.tag or args.preset or 'defaults'}.json"
+    save_record(record, RESULTS, name, args.out)
 
 
 if __name__ == "__main__":

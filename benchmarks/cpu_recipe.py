@@ -20,11 +20,14 @@ import json
 import time
 from pathlib import Path
 
-from edgead.bench.machine import machine_record
-from edgead.config import RunConfig, TrainConfig, write_json_atomic
+from edgead.bench.machine import machine_record, save_record
+from edgead.config import RunConfig, TrainConfig
 from edgead.methods import get_method
 from edgead.pipeline import evaluate_run, train_run
+from edgead.spec import RunSpec
 from edgead.tune import pseudo_validate
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 #: The candidates: what fits a 2-core CPU (the paper sizes are GPU recipes, see the method READMEs).
 CANDIDATES = [
@@ -48,16 +51,10 @@ def train_config(recipe: dict, steps: int, seconds: float | None) -> TrainConfig
 
 
 def fit(args: argparse.Namespace, recipe: dict, steps: int, seconds: float | None, tag: str) -> Path:
-    run_dir, _ = train_run(
-        args.method,
-        args.data,
-        preset=recipe["preset"],
-        image_size=recipe["image_size"],
-        channels=args.channels,
-        train_cfg=train_config(recipe, steps, seconds),
-        runs_root=args.work / tag,
-        progress=False,
-    )
+    spec = RunSpec(method=args.method, data=[str(args.data)], preset=recipe["preset"],
+                   image_size=recipe["image_size"], channels=args.channels,
+                   train=train_config(recipe, steps, seconds), runs_root=str(args.work / tag))  # fmt: skip
+    run_dir, _ = train_run(spec, progress=False)
     return run_dir
 
 
@@ -121,10 +118,7 @@ def main() -> None:
         "test_best_proxy": max(proxies, key=lambda r: r["test"]["image_auroc"])["recipe"],
         "machine": machine_record(),
     }
-    results = Path(__file__).resolve().parent / "results"
-    out = args.out or results / f"cpu_recipe_{args.method}_{record['dataset']}.json"
-    write_json_atomic(out, record)
-    print(f"saved {out}")
+    save_record(record, RESULTS, f"cpu_recipe_{args.method}_{record['dataset']}.json", args.out)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from edgead.bench.machine import machine_record
+from edgead.bench.machine import machine_record, save_record
 from edgead.config import write_json_atomic
 from edgead.data.io import read_image, read_mask
 from edgead.data.mvtec import list_test, list_train, load_masks, split_validation
@@ -28,6 +28,8 @@ from edgead.data.pseudo import pseudo_validation_set
 from edgead.methods.gaussian.method import fit_gaussian
 from edgead.metrics import image_auroc, pixel_auroc
 from edgead.nn.backbones import IMAGENET_MEAN, IMAGENET_STD, FeatureExtractor
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 NORMALISATIONS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "lite": ((0.5,) * 3, (0.5,) * 3)}
 ALL_STAGES = (2, 3, 4, 5, 6, 7)
@@ -252,9 +254,7 @@ def main() -> None:
         "n_test": len(test_samples),
         "machine": machine_record(),
     }
-    out = args.out or Path(__file__).resolve().parent / "results" / f"gaussian_factors_{dataset}.json"
-    write_json_atomic(out, record)
-    print(f"saved {out}")
+    save_record(record, RESULTS, f"gaussian_factors_{dataset}.json", args.out)
 
 
 if __name__ == "__main__":

@@ -17,14 +17,17 @@ from pathlib import Path
 
 import numpy as np
 
-from edgead.bench.machine import machine_record
-from edgead.config import RunConfig, TrainConfig, write_json_atomic
+from edgead.bench.machine import machine_record, save_record
+from edgead.config import RunConfig, TrainConfig
 from edgead.data.mvtec import list_test, load_images, load_masks
 from edgead.methods import get_method
 from edgead.methods.base import run_graph
 from edgead.metrics import compute_metrics
 from edgead.pipeline import train_run
+from edgead.spec import RunSpec
 from edgead.tune import pseudo_validate
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main() -> None:
@@ -47,8 +50,8 @@ def main() -> None:
                           warmup_steps=min(100, args.steps // 10), ema_decay=0.999,
                           checkpoint_every=max(500, args.steps // 4))  # fmt: skip
         run_dir, train_summary = train_run(
-            args.method, args.data, preset=args.preset, image_size=args.image_size, channels=args.channels,
-            train_cfg=cfg, runs_root=args.work,
+            RunSpec(method=args.method, data=[str(args.data)], preset=args.preset, image_size=args.image_size,
+                    channels=args.channels, train=cfg, runs_root=str(args.work)),
         )  # fmt: skip
     samples = list_test(args.data)
     labels = np.array([s.label for s in samples])
@@ -70,11 +73,7 @@ def main() -> None:
         "run_params": RunConfig.load(run_dir).method_params, "train": train_summary, "rows": rows,
         "machine": machine_record(),
     }  # fmt: skip
-    out = args.out or Path(__file__).resolve().parent / "results" / (
-        f"image_score_{args.method}_{args.data.resolve().name}.json"
-    )
-    write_json_atomic(out, record)
-    print(f"saved {out}")
+    save_record(record, RESULTS, f"image_score_{args.method}_{args.data.resolve().name}.json", args.out)
 
 
 if __name__ == "__main__":

@@ -24,14 +24,15 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from edgead.bench.machine import machine_record
+from edgead.bench.machine import machine_record, save_record
 from edgead.bench.report import run_bench
-from edgead.config import RunConfig, TrainConfig, write_json_atomic
+from edgead.config import RunConfig, TrainConfig
 from edgead.data.mvtec import list_test, load_images, load_masks
 from edgead.export.exporter import ExportOptions, export_run
 from edgead.methods import load_method
 from edgead.metrics import compute_metrics, image_auroc, pixel_auroc
 from edgead.pipeline import train_run
+from edgead.spec import RunSpec
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -127,9 +128,9 @@ def accuracy(args: argparse.Namespace) -> None:
         )  # fmt: skip
         params = {k: json.loads(v) for k, _, v in (p.partition("=") for p in args.param)}
         run_dir, summary = train_run(
-            "lafite", args.data if len(args.data) > 1 else args.data[0], preset=args.preset,
-            image_size=args.image_size, channels=args.channels, train_cfg=cfg, method_params=params,
-            runs_root=args.work,
+            RunSpec(method="lafite", data=[str(d) for d in args.data], preset=args.preset,
+                    image_size=args.image_size, channels=args.channels, train=cfg, params=params,
+                    runs_root=str(args.work)),
         )  # fmt: skip
     else:
         run_dir, summary = args.run, RunConfig.load(args.run).state.get("summary", {})
@@ -173,9 +174,7 @@ def accuracy(args: argparse.Namespace) -> None:
         "results": per_dataset,
         "machine": machine_record(),
     }
-    out = args.out or RESULTS / f"lafite_{'+'.join(names)}{('_' + args.tag) if args.tag else ''}.json"
-    write_json_atomic(out, result)
-    print(f"saved {out}")
+    save_record(result, RESULTS, f"lafite_{'+'.join(names)}{('_' + args.tag) if args.tag else ''}.json", args.out)
 
 
 def _bench(run_dir: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -223,10 +222,7 @@ def latency(args: argparse.Namespace) -> None:
         "rows": rows,
         "machine": machine_record(),
     }
-    device = "gpu" if result["machine"].get("gpu") else "cpu"
-    out = args.out or RESULTS / f"latency_{device}_lafite{('_' + args.tag) if args.tag else ''}.json"
-    write_json_atomic(out, result)
-    print(f"saved {out}")
+    save_record(result, RESULTS, f"latency_{{device}}_lafite{('_' + args.tag) if args.tag else ''}.json", args.out)
 
 
 def main() -> None:

@@ -18,12 +18,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-from edgead.bench.machine import machine_record
+from edgead.bench.machine import machine_record, save_record
 from edgead.bench.report import run_bench
-from edgead.config import TrainConfig, write_json_atomic
+from edgead.config import TrainConfig
 from edgead.data.synthetic import generate_dataset
 from edgead.export.exporter import ExportOptions, export_run
 from edgead.pipeline import train_run
+from edgead.spec import RunSpec
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 RUNTIME_ONLY = """
 import json, sys
@@ -56,16 +59,16 @@ def main() -> None:
         if run_dir is None:
             data = generate_dataset(work / "data", size=args.image_size, n_train=20, n_test_good=2, n_test_defect=2)
             params = {"n_draws": args.n_draws} if args.method == "score-resilience" else {}
-            run_dir, _ = train_run(
-                args.method,
-                data,
+            spec = RunSpec(
+                method=args.method,
+                data=[str(data)],
                 preset=args.preset,
                 image_size=args.image_size,
-                train_cfg=TrainConfig(steps=1, batch_size=2),
-                runs_root=work / "runs",
-                method_params=params,
-                progress=False,
+                train=TrainConfig(steps=1, batch_size=2),
+                runs_root=str(work / "runs"),
+                params=params,
             )
+            run_dir, _ = train_run(spec, progress=False)
         run_cfg = json.loads((Path(run_dir) / "config.json").read_text())
         export_dir = work / "export"
         export_run(run_dir, export_dir, ExportOptions(precision=args.precision), log=print)
@@ -92,12 +95,9 @@ def main() -> None:
         **report,
         "machine": machine_record(),
     }
-    device = "gpu" if record["machine"].get("gpu") else "cpu"
     tag = args.tag or f"{args.preset}_{args.image_size}_n{args.n_draws}"
-    out = args.out or Path(__file__).resolve().parent / "results" / f"latency_{device}_{tag}.json"
-    write_json_atomic(out, record)
     print(report["table"])
-    print(f"saved {out}")
+    save_record(record, RESULTS, f"latency_{{device}}_{tag}.json", args.out)
 
 
 if __name__ == "__main__":

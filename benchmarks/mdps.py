@@ -24,9 +24,9 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from edgead.bench.machine import machine_record
+from edgead.bench.machine import machine_record, save_record
 from edgead.bench.timing import latency_stats, timed_loop
-from edgead.config import RunConfig, write_json_atomic
+from edgead.config import RunConfig
 from edgead.data.mvtec import list_test, load_images, load_masks
 from edgead.export.onnx import export_onnx
 from edgead.methods import load_method
@@ -110,9 +110,7 @@ def accuracy(args: argparse.Namespace) -> None:
         "machine": machine_record(),
     }
     tag = f"_{args.tag}" if args.tag else ""
-    out = args.out or RESULTS / f"mdps_{args.table}_{result['dataset']}{tag}.json"
-    write_json_atomic(out, result)
-    print(f"saved {out}")
+    save_record(result, RESULTS, f"mdps_{args.table}_{result['dataset']}{tag}.json", args.out)
 
 
 def generated(args: argparse.Namespace) -> None:
@@ -120,13 +118,15 @@ def generated(args: argparse.Namespace) -> None:
     from edgead.config import TrainConfig
     from edgead.data.synthetic import generate_dataset
     from edgead.pipeline import train_run
+    from edgead.spec import RunSpec
 
     data = args.work / args.category
     if not data.exists():
         generate_dataset(data, category=args.category, size=64, n_train=80, n_test_good=16, n_test_defect=24, seed=0)
     cfg = TrainConfig(steps=400, batch_size=16, lr=2e-3, lr_schedule="cosine", warmup_steps=10, ema_decay=0.99)
-    run_dir, _ = train_run("mdps", data, preset="tiny", image_size=64, train_cfg=cfg, method_params={"steps": 5},
-                           runs_root=args.work / "runs", device="cpu", progress=False)  # fmt: skip
+    spec = RunSpec(method="mdps", data=[str(data)], preset="tiny", image_size=64, train=cfg, params={"steps": 5},
+                   runs_root=str(args.work / "runs"), device="cpu")  # fmt: skip
+    run_dir, _ = train_run(spec, progress=False)
     print(f"data {data}\nrun {run_dir}")
 
 
@@ -206,10 +206,7 @@ def latency(args: argparse.Namespace) -> None:
         "machine": machine_record(),
     }
     tag = f"_{args.tag}" if args.tag else ""
-    device = "gpu" if result["machine"].get("gpu") else "cpu"
-    out = args.out or RESULTS / f"latency_{device}_mdps{tag}.json"
-    write_json_atomic(out, result)
-    print(f"saved {out}")
+    save_record(result, RESULTS, f"latency_{{device}}_mdps{tag}.json", args.out)
 
 
 def main() -> None:

@@ -23,8 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from edgead.bench.machine import machine_record
-from edgead.config import write_json_atomic
+from edgead.bench.machine import machine_record, save_record
 from edgead.runtime.detector import Detector
 from edgead.runtime.metadata import load_metadata
 
@@ -124,10 +123,7 @@ def main() -> None:
         "rows": rows,
         "machine": machine_record(),
     }
-    device = "gpu" if result["machine"].get("gpu") else "cpu"
-    out = args.out or RESULTS / f"triton_cameras_{device}_{meta.method}.json"
-    write_json_atomic(out, result)
-    print(f"saved {out}")
+    save_record(result, RESULTS, f"triton_cameras_{{device}}_{meta.method}.json", args.out)
 
 
 if __name__ == "__main__":

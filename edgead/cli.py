@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import platform
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -81,99 +85,158 @@ def _parse_params(items: list[str]) -> dict[str, object]:
     return params
 
 
+#: Every command where a person waits shows progress with an ETA (plain lines when not on a terminal).
+OPT_PROGRESS = typer.Option(True, "--progress/--no-progress", help="Show progress (with an ETA) on standard error.")
+
+
+# ------------------------------------------------------------------------------------------------ run spec
+@dataclass(frozen=True)
+class SpecOption:
+    """One command-line option that sets a field of ``edgead.spec.RunSpec`` (``train.<name>``: of its
+    ``TrainConfig``); declared once here, added to ``train`` and ``tune`` by :func:`spec_options`."""
+
+    name: str
+    annotation: object
+    option: typer.models.OptionInfo
+    field: str
+    convert: Callable[[Any], Any] | None = None
+
+
+SPEC_OPTIONS: tuple[SpecOption, ...] = (
+    SpecOption("config", Path | None, typer.Option(
+        None, "--config", help="Start from a spec file (JSON or YAML; a run's config.json repeats that run); options "
+        "given here override its settings."), ""),
+    SpecOption("data", list[Path], typer.Option(
+        [], "--data", help="Normal images: an MVTec-layout root (<data>/train/good) or a plain folder; repeat it to "
+        "train one unified model on several data sets."), "data", lambda v: [str(p) for p in v]),
+    SpecOption("preset", str | None, typer.Option(
+        None, "--preset", help="Network size of methods with a U-Net: tiny (tests), small (default; edge, CPU), "
+        "paper."), "preset"),
+    SpecOption("image_size", int | None, typer.Option(
+        None, "--image-size", help="Square input size in pixels (default: the method's)."), "image_size"),
+    SpecOption("channels", int, typer.Option(3, "--channels", help="3 for RGB, 1 to train on grayscale."), "channels"),
+    SpecOption("steps", int, typer.Option(
+        20000, "--steps", help="Optimiser steps (methods that train a network)."), "train.steps"),
+    SpecOption("batch_size", int, typer.Option(
+        16, "--batch-size", help="Images per step (per process under torchrun)."), "train.batch_size"),
+    SpecOption("lr", float, typer.Option(1e-4, "--lr", help="AdamW learning rate."), "train.lr"),
+    SpecOption("weight_decay", float, typer.Option(
+        1e-3, "--weight-decay", help="AdamW weight decay."), "train.weight_decay"),
+    SpecOption("lr_schedule", str, typer.Option(
+        "multistep", "--lr-schedule", help="multistep (x0.1 at 1/3, 2/3), cosine or constant."), "train.lr_schedule"),
+    SpecOption("warmup_steps", int, typer.Option(
+        0, "--warmup-steps", help="Linear learning-rate warm-up steps."), "train.warmup_steps"),
+    SpecOption("ema_decay", float, typer.Option(
+        0.9999, "--ema-decay", help="EMA decay of the weights used for evaluation."), "train.ema_decay"),
+    SpecOption("grad_clip", float, typer.Option(
+        1.0, "--grad-clip", help="Gradient norm clip (0 disables)."), "train.grad_clip"),
+    SpecOption("seed", int, typer.Option(0, "--seed", help="Seed for weights, batches and noise."), "train.seed"),
+    SpecOption("max_time", float | None, typer.Option(
+        None, "--max-time", help="Stop training after this many seconds even if steps remain."), "train.max_time_s"),
+    SpecOption("checkpoint_every", int, typer.Option(
+        1000, "--checkpoint-every", help="Save a resumable checkpoint every N steps."), "train.checkpoint_every"),
+    SpecOption("val_fraction", float, typer.Option(
+        0.1, "--val-fraction", help="Normal images held out for threshold calibration and pseudo-validation."),
+        "val_fraction"),
+    SpecOption("device", str | None, typer.Option(
+        None, "--device", help="cpu or cuda (default: cuda when available)."), "device"),
+    SpecOption("no_amp", bool, typer.Option(False, "--no-amp", help="Disable mixed precision on CUDA."), "train.amp",
+               lambda v: not v),
+    SpecOption("param", list[str], typer.Option(
+        [], "--param", help="Method hyperparameter KEY=VALUE (JSON value), repeatable, e.g. --param n_draws=5."),
+        "params"),
+    SpecOption("runs_root", Path, typer.Option(
+        Path("runs"), "--runs-root", help="Where default run directories go."), "runs_root", str),
+    SpecOption("progress", bool, OPT_PROGRESS, ""),
+)  # fmt: skip
+
+
+def spec_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Add every :data:`SPEC_OPTIONS` option to ``command``'s signature (typer reads the signature); the
+    command receives them as keyword arguments (``**options``)."""
+    signature = inspect.signature(command)
+    own = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    added = [
+        inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, default=o.option, annotation=o.annotation)
+        for o in SPEC_OPTIONS
+    ]
+    command.__signature__ = signature.replace(parameters=own + added)  # type: ignore[attr-defined]
+    return command
+
+
+def _build_spec(ctx: typer.Context, options: dict[str, Any], method: str | None, default_method: str) -> Any:
+    """The run spec of a ``train`` / ``tune`` call: the --config file's (or the defaults), then every option
+    the user typed; ``--param`` pairs update the file's hyperparameters key by key."""
+    from edgead.spec import RunSpec
+
+    config = options.get("config")
+    spec = RunSpec.load(config) if config is not None else RunSpec(method=default_method)
+    if method is not None:
+        spec.method = method
+    for option in SPEC_OPTIONS:
+        if not option.field:
+            continue
+        value = options[option.name]
+        # by name: typer may bring its own copy of click, whose enum is another class
+        source = ctx.get_parameter_source(option.name)
+        typed = getattr(source, "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")
+        if config is not None and not typed:
+            continue
+        if option.name == "param":
+            spec.params = {**spec.params, **_parse_params(value)}
+            continue
+        value = option.convert(value) if option.convert is not None else value
+        if option.field.startswith("train."):
+            setattr(spec.train, option.field.removeprefix("train."), value)
+        else:
+            setattr(spec, option.field, value)
+    spec.validate()
+    return spec
+
+
 @app.command()
+@spec_options
 def train(
-    data: list[Path] = typer.Option(
-        [],
-        "--data",
-        help="Normal images: an MVTec-layout root (<data>/train/good) or a plain folder; repeat it to train "
-        "one unified model on several data sets. Not needed with --resume (the run records its data).",
-    ),
+    ctx: typer.Context,
     method: str | None = typer.Option(
         None, "--method", help=f"Detection method to fit: {METHODS} (default score-resilience; --resume: the run's)."
     ),
-    preset: str | None = typer.Option(
-        None, "--preset", help="Network size of methods with a U-Net: tiny (tests), small (default; edge, CPU), paper."
-    ),
-    image_size: int | None = typer.Option(
-        None, "--image-size", help="Square input size in pixels (default: the method's, 192 or 224 for gaussian)."
-    ),
-    channels: int = typer.Option(3, "--channels", help="3 for RGB, 1 to train on grayscale."),
-    steps: int = typer.Option(20000, "--steps", help="Optimiser steps."),
-    batch_size: int = typer.Option(16, "--batch-size", help="Images per step (per process under torchrun)."),
-    lr: float = typer.Option(1e-4, "--lr", help="AdamW learning rate."),
-    weight_decay: float = typer.Option(1e-3, "--weight-decay", help="AdamW weight decay."),
-    lr_schedule: str = typer.Option(
-        "multistep", "--lr-schedule", help="multistep (x0.1 at 1/3, 2/3), cosine or constant."
-    ),
-    warmup_steps: int = typer.Option(0, "--warmup-steps", help="Linear learning-rate warm-up steps."),
-    ema_decay: float = typer.Option(0.9999, "--ema-decay", help="EMA decay of the weights used for evaluation."),
-    grad_clip: float = typer.Option(1.0, "--grad-clip", help="Gradient norm clip (0 disables)."),
-    seed: int = typer.Option(0, "--seed", help="Seed for weights, batches and noise."),
-    max_time: float | None = typer.Option(
-        None, "--max-time", help="Stop after this many seconds even if steps remain."
-    ),
-    checkpoint_every: int = typer.Option(1000, "--checkpoint-every", help="Save a resumable checkpoint every N steps."),
-    val_fraction: float = typer.Option(0.1, "--val-fraction", help="Normal images held out for threshold calibration."),
-    device: str | None = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
-    no_amp: bool = typer.Option(False, "--no-amp", help="Disable mixed precision on CUDA."),
-    param: list[str] = typer.Option(
-        [], "--param", help="Method hyperparameter KEY=VALUE (JSON value), repeatable, e.g. --param n_draws=5."
-    ),
     out: Path | None = typer.Option(None, "--out", help="Run directory (default runs/<method>/<timestamp>)."),
-    runs_root: Path = typer.Option(Path("runs"), "--runs-root", help="Where default run directories go."),
     resume: Path | None = typer.Option(
         None, "--resume", help="Continue an interrupted run directory with the settings and data it recorded."
     ),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+    **options: Any,
 ) -> None:
     """Fit a method on defect-free images; save weights, config and the held-out normal images (for export)."""
-    from edgead.config import TrainConfig
-
     try:
         # Everything a user can get wrong is checked before torch is imported (that takes seconds).
-        if not data and resume is None:
-            raise ValueError("--data is required: the folder of normal training images (or --resume RUN)")
-        if data and resume is not None:
-            raise ValueError("--resume continues on the data the run recorded; leave --data out")
         if resume is not None:
+            if options["data"]:
+                raise ValueError("--resume continues on the data the run recorded; leave --data out")
+            if options["config"] is not None:
+                raise ValueError("--resume continues with the settings the run recorded; leave --config out")
             from edgead.config import RunConfig
+            from edgead.spec import RunSpec
 
-            method = method or RunConfig.load(resume).method
-        method = _known_method(method or "score-resilience")
-        _check_folders(data, "data directory")
-        params = _parse_params(param)
-        cfg = TrainConfig(
-            steps=steps,
-            batch_size=batch_size,
-            lr=lr,
-            weight_decay=weight_decay,
-            lr_schedule=lr_schedule,
-            warmup_steps=warmup_steps,
-            ema_decay=ema_decay,
-            grad_clip=grad_clip,
-            seed=seed,
-            max_time_s=max_time,
-            checkpoint_every=checkpoint_every,
-            amp=not no_amp,
-        )
-        cfg.validate()
+            recorded = RunConfig.load(resume)
+            if method is not None and method != recorded.method:
+                raise ValueError(f"{resume} is a {recorded.method} run, not {method}")
+            spec = RunSpec(method=recorded.method, device=options["device"], out=str(resume))
+        else:
+            spec = _build_spec(ctx, options, method, "score-resilience")
+            if out is not None:
+                spec.out = str(out)
+            if not spec.data:
+                raise ValueError("--data is required: the folder of normal training images (or --config FILE, "
+                                 "or --resume RUN)")  # fmt: skip
+        _known_method(spec.method)
+        _check_folders(spec.data_paths, "data directory")
         from edgead.pipeline import train_run
 
         run_dir, summary = train_run(
-            method,
-            data,
-            preset=preset,
-            image_size=image_size,
-            channels=channels,
-            train_cfg=cfg,
-            method_params=params,
-            run_dir=out,
-            runs_root=runs_root,
-            val_fraction=val_fraction,
-            device=device,
+            spec,
             resume=resume,
-            progress=progress,
+            progress=options["progress"],
             on_event=lambda line: err_console.print(line, markup=False, soft_wrap=True),
         )
     except USER_ERRORS as err:
@@ -206,38 +269,28 @@ def train(
 
 
 @app.command()
+@spec_options
 def tune(
-    data: Path = typer.Option(..., "--data", help="Normal images: an MVTec-layout root or a plain folder."),
-    method: str = typer.Option("gaussian", "--method", help=f"Detection method to tune: {METHODS}."),
+    ctx: typer.Context,
+    method: str | None = typer.Option(None, "--method", help=f"Method to tune: {METHODS} (default gaussian)."),
     grid: list[str] = typer.Option(
         [], "--grid", help="KEY=V1,V2,... candidates of one parameter, repeatable (default: the method's grid)."
     ),
-    param: list[str] = typer.Option([], "--param", help="Fixed hyperparameter KEY=VALUE (JSON value), repeatable."),
-    preset: str | None = typer.Option(None, "--preset", help="Network size of methods with a U-Net (default small)."),
-    image_size: int | None = typer.Option(None, "--image-size", help="Square input size (default: the method's)."),
-    channels: int = typer.Option(3, "--channels", help="3 for RGB, 1 for grayscale."),
-    steps: int = typer.Option(20000, "--steps", help="Optimiser steps of each fit (methods that train)."),
-    batch_size: int = typer.Option(16, "--batch-size", help="Images per step."),
-    lr: float = typer.Option(1e-4, "--lr", help="AdamW learning rate."),
-    seed: int = typer.Option(0, "--seed", help="Seed of every fit."),
-    val_fraction: float = typer.Option(0.1, "--val-fraction", help="Normal images held out for pseudo-validation."),
-    device: str | None = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
-    runs_root: Path = typer.Option(Path("runs"), "--runs-root", help="Where the chosen run goes."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+    **options: Any,
 ) -> None:
     """Choose free settings on held-out normals + pseudo-anomalies (no test data); keep the best as the run."""
-    from edgead.config import TrainConfig
-    from edgead.methods import get_method
-    from edgead.tune import parse_grid, tune_run
-
     try:
-        candidates = parse_grid(grid, get_method(method))
-        cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed)
-        run_dir, record = tune_run(
-            method, data, candidates, preset=preset, image_size=image_size, channels=channels, train_cfg=cfg,
-            method_params=_parse_params(param), runs_root=runs_root, val_fraction=val_fraction, device=device,
-            progress=progress, log=lambda line: console.print(line, soft_wrap=True, markup=False),
-        )  # fmt: skip
+        spec = _build_spec(ctx, options, method, "gaussian")
+        if not spec.data:
+            raise ValueError("--data is required: the folder of normal images (or --config FILE)")
+        _known_method(spec.method)
+        _check_folders(spec.data_paths, "data directory")
+        from edgead.methods import get_method
+        from edgead.tune import parse_grid, tune_run
+
+        candidates = parse_grid(grid, get_method(spec.method))
+        log = lambda line: console.print(line, soft_wrap=True, markup=False)  # noqa: E731
+        run_dir, record = tune_run(spec, candidates, progress=options["progress"], log=log)
     except USER_ERRORS as err:
         _fail(err)
     console.print(
@@ -271,6 +324,7 @@ def evaluate(
         None, "--export", help="Report at the threshold this export deploys (its edgead.json)."
     ),
     runs_root: Path = typer.Option(Path("runs"), "--runs-root", help="Where to look for the latest run."),
+    progress: bool = OPT_PROGRESS,
 ) -> None:
     """Evaluate a run on a test split: metrics table, metrics.json, ROC curve and heatmap overlays."""
     from edgead.config import resolve_latest
@@ -288,12 +342,14 @@ def evaluate(
 
         if len(data) == 1:
             metrics, report = evaluate_run(
-                run_dir, data[0], out, batch_size=batch_size, device=device, top_k=top_k, threshold=threshold
-            )
+                run_dir, data[0], out, batch_size=batch_size, device=device, top_k=top_k, threshold=threshold,
+                progress=progress,
+            )  # fmt: skip
         else:
             results, report = evaluate_runs(
-                run_dir, data, out, batch_size=batch_size, device=device, top_k=top_k, threshold=threshold
-            )
+                run_dir, data, out, batch_size=batch_size, device=device, top_k=top_k, threshold=threshold,
+                progress=progress,
+            )  # fmt: skip
     except USER_ERRORS as err:
         _fail(err)
     if len(data) == 1:
@@ -318,7 +374,7 @@ def demo(
     steps: int = typer.Option(1500, "--steps", help="Training steps of the tiny model."),
     max_time: float = typer.Option(240.0, "--max-time", help="Upper bound on training time in seconds."),
     seed: int = typer.Option(0, "--seed", help="Seed of the dataset and the training."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+    progress: bool = OPT_PROGRESS,
 ) -> None:
     """Generate a synthetic defect dataset, train a tiny score-resilience model on the CPU, evaluate it."""
     from edgead.demo import next_commands, run_demo
@@ -531,6 +587,7 @@ def predict(
     threshold: float | None = typer.Option(None, "--threshold", help="Override the calibrated threshold."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images instead of stopping."),
     exports_root: Path = typer.Option(Path("exports"), "--exports-root", help="Where to look for the newest export."),
+    progress: bool = OPT_PROGRESS,
 ) -> None:
     """Score every image of a folder, an image or a video: per-image CSV and JSON, overlays, a summary line."""
     import time
@@ -548,7 +605,9 @@ def predict(
             on_event=say,
         )  # fmt: skip
         say(f"predicting with {_running(detector.describe())}")
-        summary = predict_source(detector, source, target, save=save, skip_bad=skip_bad, on_event=say)
+        summary = predict_source(
+            detector, source, target, save=save, skip_bad=skip_bad, on_event=say, progress=progress
+        )
     except (*USER_ERRORS, SourceError, BackendError) as err:
         _fail(err)
     skipped = f", {summary.skipped} skipped" if summary.skipped else ""
@@ -572,6 +631,7 @@ def verify(
     runs: int = typer.Option(50, "--runs", help="Timed inference calls after warm-up."),
     json_path: Path | None = typer.Option(None, "--json", help="Write the report as JSON."),
     exports_root: Path = typer.Option(Path("exports"), "--exports-root", help="Where to look for the newest export."),
+    progress: bool = OPT_PROGRESS,
 ) -> None:
     """Prove an export on this device: its verification set against the PyTorch reference, then latency.
 
@@ -580,7 +640,7 @@ def verify(
 
     try:
         target = export_dir or _latest_export(exports_root)
-        report = verify_export(target, backend=backend, precision=precision, runs=runs)
+        report = verify_export(target, backend=backend, precision=precision, runs=runs, progress=progress)
     except VerifyUnavailable as err:
         err_console.print(f"cannot verify here: {err}", markup=False, soft_wrap=True)
         raise typer.Exit(code=2) from None
@@ -616,9 +676,9 @@ def verify(
     for line in lines:
         console.print(line, markup=False, soft_wrap=True, highlight=False)
     if json_path is not None:
-        from edgead.data.io import write_bytes_atomic
+        from edgead.data.io import write_json_atomic
 
-        write_bytes_atomic(json_path, (json.dumps(report, indent=2) + "\n").encode("utf-8"))
+        write_json_atomic(json_path, report)
     if not report["passed"]:
         for failure in report["failures"]:
             err_console.print(f"FAIL {failure}", markup=False, soft_wrap=True)

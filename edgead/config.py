@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from edgead import __version__
-from edgead.data.io import write_bytes_atomic
+from edgead.data.io import write_bytes_atomic, write_json_atomic  # write_json_atomic: the one JSON writer
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "weights.safetensors"
@@ -85,6 +85,8 @@ class RunConfig:
     train: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
     state: dict[str, Any] = field(default_factory=dict)
+    #: the run spec it was made from (``edgead.spec.RunSpec.recorded``); empty for runs made before edgead 0.1.1
+    spec: dict[str, Any] = field(default_factory=dict)
     edgead_version: str = __version__
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
 
@@ -114,11 +116,6 @@ class RunConfig:
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}: not valid JSON ({err})") from err
         return cls.from_dict(data)
-
-
-def write_json_atomic(path: Path, data: Any) -> Path:
-    """Write JSON to a temporary file in the same directory, then rename over ``path``."""
-    return write_bytes_atomic(path, (json.dumps(data, indent=2) + "\n").encode(), durable=True)
 
 
 def new_run_dir(method: str, runs_root: Path = DEFAULT_RUNS_DIR) -> Path:

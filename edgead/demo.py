@@ -7,6 +7,7 @@ from pathlib import Path
 from edgead.config import TrainConfig
 from edgead.data.synthetic import generate_dataset
 from edgead.pipeline import evaluate_run, train_run
+from edgead.spec import RunSpec
 
 #: Settings of the demo and of the end-to-end test: a tiny U-Net at 64x64 that trains in minutes on a CPU.
 DEMO_IMAGE_SIZE = 64
@@ -36,18 +37,17 @@ def run_demo(
     """Run the whole demo in ``out``; return the metrics and the path of ``metrics.json``."""
     out = Path(out)
     data = generate_dataset(out / "data", category=DEMO_CATEGORY, size=DEMO_IMAGE_SIZE, seed=seed)
-    run_dir, _ = train_run(
-        "score-resilience",
-        data,
+    spec = RunSpec(
+        method="score-resilience",
+        data=[str(data)],
         preset="tiny",
         image_size=DEMO_IMAGE_SIZE,
-        channels=3,
-        train_cfg=demo_train_config(steps, max_time_s, seed),
-        run_dir=out / "run",
-        runs_root=out / "runs",
+        train=demo_train_config(steps, max_time_s, seed),
+        out=str(out / "run"),
+        runs_root=str(out / "runs"),
         device="cpu",
-        progress=progress,
     )
+    run_dir, _ = train_run(spec, progress=progress)
     return evaluate_run(run_dir, data, out / "report", device="cpu")
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from edgead.config import DEFAULT_RUNS_DIR, RunConfig, TrainConfig, mark_latest, new_run_dir
+from edgead.config import RunConfig, TrainConfig, mark_latest, new_run_dir
 from edgead.data.holdout import save_holdout
 from edgead.data.io import LockBusyError, exclusive_lock, list_images, read_image
 from edgead.data.mvtec import (
@@ -28,6 +28,8 @@ from edgead.data.mvtec import (
 from edgead.data.preprocess import PreprocessConfig, resize_image
 from edgead.methods import get_method, load_method
 from edgead.methods.base import FitContext, run_graph
+from edgead.progress import Progress
+from edgead.spec import RunSpec
 from edgead.train.distributed import init_distributed, shutdown
 
 
@@ -51,37 +53,31 @@ def training_samples(data_root: Path) -> list[Sample]:
 
 
 def train_run(
-    method_name: str,
-    data_root: Path | list[Path],
+    spec: RunSpec,
     *,
-    preset: str | None = None,
-    image_size: int | None = None,
-    channels: int = 3,
-    train_cfg: TrainConfig | None = None,
-    method_params: dict[str, Any] | None = None,
-    run_dir: Path | None = None,
-    runs_root: Path = DEFAULT_RUNS_DIR,
-    val_fraction: float = 0.1,
-    device: str | None = None,
     resume: Path | None = None,
     progress: bool = True,
     on_event: Callable[[str], None] | None = None,
 ) -> tuple[Path | None, dict[str, Any]]:
-    """Fit ``method_name`` on the normal images of ``data_root`` and save the run.
+    """Fit the method of ``spec`` on the normal images of its data roots and save the run; with ``resume``, continue
+    that run with the settings and data it recorded (only ``spec.device`` is taken from ``spec``).
 
     ``on_event`` receives warnings before training starts (e.g. images smaller than the training size); they
     are also kept in the summary's ``warnings``.
 
     Several roots train one unified model on all of them (LafitE's multi-class setting); each root gives
-    its own share of held-out images.
+    its own share of held-out images. The run's ``config.json`` records ``spec`` (``edgead train --config
+    RUN/config.json`` starts the same run again).
 
     Returns ``(run_dir, summary)``; ``run_dir`` is None on non-zero DDP ranks, which do not write.
     """
+    method_name = spec.method
     method_cls = get_method(method_name)
+    preset = spec.preset
     if preset is not None and not method_cls.uses_preset:
         raise ValueError(f"--preset {preset}: the {method_name} method trains no network to size; leave --preset out")
     preset = preset or "small"
-    dist_info = init_distributed(device)
+    dist_info = init_distributed(spec.device)
     locks = contextlib.ExitStack()
     try:
         if resume is not None:
@@ -90,24 +86,28 @@ def train_run(
                 raise ValueError(f"{resume} is a {config.method} run, not {method_name}")
             train_cfg = TrainConfig.from_dict(config.train)
             data_root = [Path(r) for r in config.data.get("roots", [config.data["root"]])]
+            val_fraction = config.spec.get("val_fraction", spec.val_fraction) if config.spec else spec.val_fraction
             run_dir = Path(resume)
             if dist_info.is_main:
                 _lock_run(locks, run_dir)
         else:
-            train_cfg = train_cfg or TrainConfig()
-            params = method_cls.parse_params(method_params)
-            model = method_cls.model_config(preset, channels, params)
+            spec.validate()
+            train_cfg, data_root, val_fraction = spec.train, spec.data_paths, spec.val_fraction
+            run_dir = Path(spec.out) if spec.out is not None else None
+            params = method_cls.parse_params(spec.params)
+            model = method_cls.model_config(preset, spec.channels, params)
             config = RunConfig(
                 method=method_name,
                 preprocess=PreprocessConfig(
-                    image_size=image_size or method_cls.default_image_size, channels=channels
+                    image_size=spec.image_size or method_cls.default_image_size, channels=spec.channels
                 ).to_dict(),
                 method_params=params.to_dict(),
                 model=model,
                 train=asdict(train_cfg),
+                spec=spec.recorded(),
             )
         train_cfg.validate()
-        roots = [Path(r) for r in data_root] if isinstance(data_root, list | tuple) else [Path(data_root)]
+        roots = list(data_root)
         if not roots:
             raise ValueError("no data root given")
         if len({r.resolve() for r in roots}) < len(roots):
@@ -125,7 +125,7 @@ def train_run(
             for warning in warnings:
                 on_event(f"warning: {warning}")
         if dist_info.is_main and resume is None:
-            run_dir = Path(run_dir) if run_dir is not None else new_run_dir(method_name, runs_root)
+            run_dir = run_dir if run_dir is not None else new_run_dir(method_name, Path(spec.runs_root))
             run_dir.mkdir(parents=True, exist_ok=True)
             _lock_run(locks, run_dir)
             config.data = {
@@ -204,8 +204,10 @@ def evaluate_run(
     device: str = "cpu",
     top_k: int = 8,
     threshold: float | None = None,
+    progress: bool = False,
 ) -> tuple[dict[str, float], Path]:
-    """Score the test split of ``data_root`` with the run's inference graph and write the report.
+    """Score the test split of ``data_root`` with the run's inference graph and write the report (``progress``:
+    the images scored so far, with an ETA).
 
     With ``threshold`` (e.g. the deployed export's), the report also says what that threshold does on the
     test set: false alarms, misses and the decision of every image (``decisions.csv``).
@@ -221,7 +223,8 @@ def evaluate_run(
     graph = method.build_graph()
     images = load_images(samples, pre)
     start = time.perf_counter()
-    maps, scores = run_graph(graph, images, batch_size=batch_size, device=device)
+    with Progress(f"eval {Path(data_root).name}", len(images), unit="images", enabled=progress) as bar:
+        maps, scores = run_graph(graph, images, batch_size=batch_size, device=device, on_batch=bar.advance)
     seconds = time.perf_counter() - start
     map_size = maps.shape[-1]
     masks = load_masks(samples, map_size)
@@ -258,6 +261,7 @@ def evaluate_runs(
     device: str = "cpu",
     top_k: int = 8,
     threshold: float | None = None,
+    progress: bool = False,
 ) -> tuple[dict[str, dict[str, float]], Path]:
     """:func:`evaluate_run` on each data set (a report each, in ``<out>/<data set name>``) and the mean of
     every metric over the data sets (LafitE's multi-class protocol), written to ``<out>/summary.json``.
@@ -272,8 +276,9 @@ def evaluate_runs(
     results: dict[str, dict[str, float]] = {}
     for name, root in zip(names, data_roots, strict=True):
         results[name], _ = evaluate_run(
-            run_dir, root, out_dir / name, batch_size=batch_size, device=device, top_k=top_k, threshold=threshold
-        )
+            run_dir, root, out_dir / name, batch_size=batch_size, device=device, top_k=top_k, threshold=threshold,
+            progress=progress,
+        )  # fmt: skip
     keys = [k for k in results[names[0]] if all(k in r for r in results.values())]
     results["mean"] = {k: float(np.mean([results[n][k] for n in names])) for k in keys if not k.endswith("threshold")}
     for name in names:

@@ -6,7 +6,6 @@ draws with it) and is re-exported here.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -18,7 +17,7 @@ import cv2
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from edgead.data.io import write_bytes_atomic
+from edgead.data.io import write_bytes_atomic, write_json_atomic
 from edgead.runtime.overlay import heatmap_overlay  # re-exported: the report and the live runtime share it
 
 _ROC_SIZE = 480
@@ -242,6 +241,5 @@ def write_report(
         ],
     }
     metrics_path = out_path / "metrics.json"
-    text = json.dumps(_to_json_value(report), indent=2, allow_nan=False)
-    write_bytes_atomic(metrics_path, (text + "\n").encode("utf-8"), durable=True)
+    write_json_atomic(metrics_path, _to_json_value(report), allow_nan=False)
     return metrics_path

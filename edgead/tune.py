@@ -13,6 +13,7 @@ across statistics-only candidates).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import shutil
@@ -22,15 +23,13 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from edgead.config import DEFAULT_RUNS_DIR, RunConfig, TrainConfig, mark_latest, new_run_dir
-from edgead.data.holdout import load_holdout
-from edgead.data.pseudo import pseudo_validation_set
+from edgead.config import RunConfig, mark_latest, new_run_dir
 from edgead.methods import get_method
-from edgead.methods.base import Method, run_graph
-from edgead.metrics import image_auroc, pixel_auroc
+from edgead.methods.base import Method
+from edgead.methods.validation import CRITERION, ranked
 from edgead.pipeline import train_run
+from edgead.progress import format_eta
+from edgead.spec import RunSpec
 
 
 def parse_grid(items: list[str], method: type[Method]) -> dict[str, list[Any]]:
@@ -64,49 +63,23 @@ def candidates(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
     return [dict(zip(keys, values, strict=True)) for values in itertools.product(*(grid[k] for k in keys))]
 
 
-def pseudo_validate(method: Method, run_dir: Path, device: str = "cpu") -> dict[str, float]:
-    """Image and pixel AUROC of ``method``'s graph on the run's held-out normals plus pseudo-anomalies."""
-    rgb, _ = load_holdout(run_dir, method.config.data.get("holdout"))
-    if len(rgb) < 2:
-        raise ValueError(f"{run_dir}: tuning needs at least two held-out normal images; train with --val-fraction > 0")
-    images, labels, masks = pseudo_validation_set(rgb, method.preprocess_config, seed=0)
-    maps, scores = run_graph(method.build_graph(), images, batch_size=8, device=device)
-    return pseudo_figures(labels, masks, maps, scores)
-
-
-def pseudo_figures(labels: np.ndarray, masks: np.ndarray, maps: np.ndarray, scores: np.ndarray) -> dict[str, Any]:
-    """Image AUROC over all images and pixel AUROC over the pseudo-anomalies (maps resized to the masks)."""
-    if maps.shape[-2:] != masks.shape[-2:]:  # a map at another size (e.g. score-resilience map_size)
-        import cv2
-
-        maps = np.stack([cv2.resize(m, masks.shape[-2:][::-1], interpolation=cv2.INTER_LINEAR) for m in maps])
-    defect = labels == 1
-    return {
-        "image_auroc": round(float(image_auroc(labels, scores)), 4),
-        "pixel_auroc": round(float(pixel_auroc(masks[defect], maps[defect])), 4),
-        "n_normal": int((~defect).sum()),
-        "n_pseudo": int(defect.sum()),
-    }
+def pseudo_validate(method: Method, run_dir: Path | None = None, device: str = "cpu") -> dict[str, Any]:
+    """Image and pixel AUROC of ``method``'s graph on its run's held-out normals plus pseudo-anomalies (the
+    methods' pseudo-validation service, ``edgead.methods.validation``; ``run_dir``: the method's own)."""
+    return method.pseudo_validation_set().evaluate(method.build_graph(), device=device)
 
 
 def tune_run(
-    method_name: str,
-    data_root: Path,
+    spec: RunSpec,
     grid: dict[str, list[Any]] | None = None,
     *,
-    preset: str | None = None,
-    image_size: int | None = None,
-    channels: int = 3,
-    train_cfg: TrainConfig | None = None,
-    method_params: dict[str, Any] | None = None,
-    runs_root: Path = DEFAULT_RUNS_DIR,
-    val_fraction: float = 0.1,
-    device: str | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> tuple[Path, dict[str, Any]]:
     """Fit and pseudo-validate every candidate of ``grid`` (default: the method's ``tune_grid``) over
-    ``method_params``; keep the best as a new run (marked latest). Returns ``(run_dir, tuning record)``."""
+    ``spec.params``; keep the best as a new run under ``spec.runs_root`` (marked latest). Returns ``(run_dir,
+    tuning record)``."""
+    method_name, runs_root, method_params = spec.method, Path(spec.runs_root), spec.params
     cls = get_method(method_name)
     grid = dict(grid if grid else cls.tune_grid)
     if not grid:
@@ -118,33 +91,37 @@ def tune_run(
     work = Path(runs_root) / method_name / f".tune-{time.strftime('%Y%m%d-%H%M%S')}"
     work.mkdir(parents=True, exist_ok=False)
     start = time.perf_counter()
+    total = len(candidates({k: grid[k] for k in fitted})) * len(candidates({k: grid[k] for k in inference}))
     rows: list[dict[str, Any]] = []
     run_dirs: list[Path] = []  # the fitted run of each row
     try:
         for fit_values in candidates({k: grid[k] for k in fitted}) if fitted else [{}]:
-            run_dir, _ = train_run(
-                method_name, data_root, preset=preset, image_size=image_size, channels=channels,
-                train_cfg=train_cfg, method_params={**base, **fit_values}, runs_root=work,
-                val_fraction=val_fraction, device=device, progress=progress,
-            )  # fmt: skip
+            fit_spec = dataclasses.replace(spec, params={**base, **fit_values}, runs_root=str(work), out=None)
+            run_dir, _ = train_run(fit_spec, progress=progress)
             config = RunConfig.load(run_dir)
+            validation = None  # one set per fitted run, shared by its inference-only candidates
             for inference_values in candidates({k: grid[k] for k in inference}) if inference else [{}]:
                 config.method_params.update(inference_values)
-                figures = pseudo_validate(cls.load(run_dir, config), run_dir)
+                method = cls.load(run_dir, config)
+                if validation is None:
+                    validation = method.pseudo_validation_set()
+                figures = validation.evaluate(method.build_graph())
                 rows.append({"params": {**fit_values, **inference_values}, **figures})
                 run_dirs.append(run_dir)
+                done, elapsed = len(rows), time.perf_counter() - start
+                eta = f", ETA {format_eta(elapsed / done * (total - done))}" if done < total else ""
                 log(
-                    f"  {json.dumps(rows[-1]['params'])}: pseudo-validation image AUROC {figures['image_auroc']:.4f}, "
-                    f"pixel AUROC {figures['pixel_auroc']:.4f}"
+                    f"  [{done}/{total}{eta}] {json.dumps(rows[-1]['params'])}: pseudo-validation image AUROC "
+                    f"{figures['image_auroc']:.4f}, pixel AUROC {figures['pixel_auroc']:.4f}"
                 )
-        best_index = max(range(len(rows)), key=lambda i: (rows[i]["image_auroc"], rows[i]["pixel_auroc"]))
+        best_index = ranked(dict(enumerate(rows)))[0]  # the service's rule: image, then pixel AUROC
         best, chosen = rows[best_index], run_dirs[best_index]
         config = RunConfig.load(chosen)
         config.method_params.update(best["params"])
         record = {
             "grid": grid,
             "base_params": base,
-            "criterion": "pseudo-validation image AUROC, then pixel AUROC",
+            "criterion": CRITERION,
             "validation": "held-out normal training images + as many pseudo-anomalies (LafitE Sec. 3.4)",
             "candidates": rows,
             "chosen": best["params"],

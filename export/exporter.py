@@ -24,7 +24,7 @@ import torch
 
 from edgead import __version__
 from edgead.config import RunConfig
-from edgead.data.holdout import load_holdout
+from edgead.data import holdout
 from edgead.data.io import read_image
 from edgead.data.mvtec import list_test, list_train
 from edgead.data.preprocess import PreprocessConfig, preprocess, resize_image
@@ -32,21 +32,15 @@ from edgead.data.pseudo import pseudo_validation_set
 from edgead.export.calibration import DEFAULT_FALSE_ALARM_RATE, pseudo_anomaly_check, threshold_from_normal_scores
 from edgead.export.fp16 import fp32_node_names, mixed_precision_graph
 from edgead.export.onnx import ExportError, export_onnx
-from edgead.export.parity import FP32_SCORE_RTOL, compare, fp32_envelope
 from edgead.export.publish import PublishError, check_target, export_lock, publish, start_version
 from edgead.methods import get_method
 from edgead.methods.base import run_graph
 from edgead.runtime.backends.base import INPUT_NAME, OUTPUT_NAMES
 from edgead.runtime.backends.onnxruntime import OnnxRuntimeBackend
 from edgead.runtime.metadata import PRECISIONS, ExportMetadata, artifact_record
+from edgead.runtime.parity import FP32_SCORE_RTOL, compare, fp32_envelope
 from edgead.runtime.verify import run_batches
 
-#: --format -> (main file suffix, builds a TensorRT engine); "triton" adds a Triton model repository (triton/).
-FORMATS: dict[str, tuple[str, bool]] = {
-    "onnx": (".onnx", False),
-    "tensorrt": (".engine", True),
-    "triton": (".onnx", False),
-}
 FP32_NAME, FP16_NAME = "model.onnx", "model.fp16.onnx"
 #: --format triton: the same graphs with a dynamic batch dimension (1..--max-batch) for Triton's batching.
 BATCHED_NAME, BATCHED_FP16_NAME = "model.batched.onnx", "model.batched.fp16.onnx"
@@ -80,6 +74,9 @@ class ExportOptions:
             raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.precision not in FORMATS[self.format].precisions:
+            allowed = ", ".join(FORMATS[self.format].precisions)
+            raise ValueError(f"--format {self.format} is made at precision {allowed}, not {self.precision!r}")
         if self.batch < 1:
             raise ValueError(f"--batch must be >= 1, got {self.batch}")
         if self.triton_raw_input and self.format != "triton":
@@ -111,6 +108,7 @@ class ExportJob:
     parity: dict[str, Any] = field(default_factory=dict)
     artifacts: dict[str, Any] = field(default_factory=dict)
     steps: list[dict[str, Any]] = field(default_factory=list)
+    total_steps: int = 0  # for the [k/N] progress of the log
 
     @property
     def all_images(self) -> np.ndarray:
@@ -129,13 +127,15 @@ Step = Callable[[ExportJob], list[Path] | None]
 
 
 def run_step(job: ExportJob, name: str, step: Step) -> None:
-    """Run one step; log and record its time and the size of the files it wrote."""
+    """Run one step; log ``[k/N] name: seconds, files (size)`` (the export's progress) and record its time and
+    the size of the files it wrote."""
     start = time.perf_counter()
     written = step(job) or []
     seconds = time.perf_counter() - start
     size = sum(p.stat().st_size for p in written if p.is_file())
     files = ", ".join(p.name for p in written)
-    job.log(f"{name}: {seconds:.1f} s" + (f", {files} ({size / 1e6:.2f} MB)" if written else ""))
+    counter = f"[{len(job.steps) + 1}/{job.total_steps}] " if job.total_steps else ""
+    job.log(f"{counter}{name}: {seconds:.1f} s" + (f", {files} ({size / 1e6:.2f} MB)" if written else ""))
     job.steps.append({"step": name, "seconds": round(seconds, 2), "files": [p.name for p in written], "bytes": size})
 
 
@@ -152,19 +152,15 @@ def load_graph(job: ExportJob) -> None:
 
 
 def _held_out_normals(job: ExportJob) -> tuple[list[np.ndarray], str]:
-    """Normal RGB images not used for training: those the run stored, else ``--data``'s normals."""
-    rgb, _ = load_holdout(job.run_dir, job.config.data.get("holdout"))
-    if rgb:
+    """Normal RGB images not used for training: those the run holds out (``edgead.data.holdout.held_out_normals``,
+    the one place that finds them), else ``--data``'s normals."""
+    rgb, origin = holdout.held_out_normals(job.run_dir, job.config.data)
+    if origin == holdout.STORED:
         stored = job.config.data["holdout"].get("image_size")
         resized = f", resized from the stored {stored} px" if stored != job.pre.image_size else ""
         return rgb, f"held-out normal training images stored in the run{resized}"
-    # Runs made before the held-out images were stored: absolute paths only (a relative path would be
-    # resolved against whatever folder export runs in, and could name other images).
-    paths = [
-        Path(p) for p in job.config.data.get("validation_paths", []) if Path(p).is_absolute() and Path(p).is_file()
-    ]
-    if paths:
-        return [read_image(p) for p in paths], "held-out normal training images (read from the dataset)"
+    if origin == holdout.DATASET:
+        return rgb, "held-out normal training images (read from the dataset)"
     data = job.options.data
     if data is not None:
         samples = [s for s in list_test(data) if s.label == 0] if (Path(data) / "test").is_dir() else []
@@ -516,6 +512,62 @@ def write_triton_repository(job: ExportJob) -> list[Path]:
     return []
 
 
+# ----------------------------------------------------------------------------------------------- the tables
+@dataclass(frozen=True)
+class ExportFormat:
+    """One ``--format``: what it adds to the export and the named steps that build it. Every format starts
+    with ``COMMON_STEPS`` and the precision's own steps (``PRECISION_STEPS``); a new format is one row here."""
+
+    name: str
+    summary: str
+    #: ``--precision`` values this format can be made at
+    precisions: tuple[str, ...]
+    #: steps run after the precision's steps, before ``edgead.json`` is written
+    steps: tuple[tuple[str, Step], ...] = ()
+    #: steps that read the written ``edgead.json`` (run before the version is published)
+    after_metadata: tuple[tuple[str, Step], ...] = ()
+
+
+#: What every export does first, in order (the first two before the target folder is locked).
+COMMON_STEPS: tuple[tuple[str, Step], ...] = (
+    ("load run", load_graph),
+    ("validation sets", build_validation_sets),
+    ("ONNX FP32", export_fp32_onnx),
+    ("PyTorch reference", reference_outputs),
+    ("threshold", calibrate_threshold),
+    ("parity FP32", check_fp32_parity),
+    ("golden data", store_golden_data),
+)
+
+#: --precision -> its steps after the FP32 graph's (e.g. the FP16 twin and its parity gate).
+PRECISION_STEPS: dict[str, tuple[tuple[str, Step], ...]] = {
+    "fp32": (),
+    "fp16": (("ONNX FP16", export_fp16_onnx),),
+}
+
+#: --format -> how it is built (ultralytics keeps its exporters in one table the same way).
+FORMATS: dict[str, ExportFormat] = {
+    fmt.name: fmt
+    for fmt in (
+        ExportFormat("onnx", "ONNX graph(s) for ONNX Runtime; engines built on the device", PRECISIONS),
+        ExportFormat(
+            "tensorrt",
+            "ONNX plus a TensorRT engine built here (NVIDIA TensorRT or TensorRT-RTX)",
+            PRECISIONS,
+            steps=(("TensorRT engine", build_tensorrt_engine),),
+        ),
+        ExportFormat(
+            "triton",
+            "ONNX plus a Triton model repository (triton/): dynamic-batch graphs, a TensorRT plan where NVIDIA "
+            "TensorRT is installed, DeepStream config",
+            PRECISIONS,
+            steps=(("ONNX batched (Triton)", export_batched_onnx), ("TensorRT plan (Triton)", build_triton_engine)),
+            after_metadata=(("Triton repository", write_triton_repository),),
+        ),
+    )
+}
+
+
 def tool_versions() -> dict[str, str | None]:
     """Versions of the libraries that produced an export."""
     versions: dict[str, str | None] = {"edgead": __version__}
@@ -572,30 +624,27 @@ def export_run(
     """Export the run in ``run_dir`` into ``out_dir``; returns the metadata written to ``edgead.json``."""
     options.validate()
     job = ExportJob(run_dir=Path(run_dir), out_dir=Path(out_dir), options=options, log=log)
-    run_step(job, "load run", load_graph)
-    run_step(job, "validation sets", build_validation_sets)
+    fmt = FORMATS[options.format]
+    job.total_steps = len(COMMON_STEPS) + len(PRECISION_STEPS[options.precision]) + len(fmt.steps)
+    job.total_steps += len(fmt.after_metadata)
+    for name, step in COMMON_STEPS[:2]:  # before the target folder is locked
+        run_step(job, name, step)
     try:
         check_target(job.out_dir)
         with export_lock(job.out_dir):
             job.staging = start_version(job.out_dir)
             try:
                 log(f"tracing {job.config.method} graph {job.input_shape} to ONNX ...")
-                run_step(job, "ONNX FP32", export_fp32_onnx)
-                run_step(job, "PyTorch reference", reference_outputs)
-                run_step(job, "threshold", calibrate_threshold)
-                run_step(job, "parity FP32", check_fp32_parity)
-                run_step(job, "golden data", store_golden_data)
-                if options.precision == "fp16":
-                    run_step(job, "ONNX FP16", export_fp16_onnx)
-                if FORMATS[options.format][1]:
-                    run_step(job, "TensorRT engine", build_tensorrt_engine)
-                if options.format == "triton":
-                    run_step(job, "ONNX batched (Triton)", export_batched_onnx)
-                    run_step(job, "TensorRT plan (Triton)", build_triton_engine)
+                for name, step in COMMON_STEPS[2:]:
+                    run_step(job, name, step)
+                for name, step in PRECISION_STEPS[options.precision]:
+                    run_step(job, name, step)
+                for name, step in fmt.steps:
+                    run_step(job, name, step)
                 meta = build_metadata(job)
                 meta.save(job.staging)  # the version is complete only with its edgead.json
-                if options.format == "triton":
-                    run_step(job, "Triton repository", write_triton_repository)
+                for name, step in fmt.after_metadata:
+                    run_step(job, name, step)
                 version = publish(job.staging, job.out_dir)
             finally:
                 shutil.rmtree(job.staging, ignore_errors=True)  # left only when the export failed
@@ -605,4 +654,4 @@ def export_run(
     return meta
 
 
-__all__ = ["FORMATS", "ExportError", "ExportOptions", "export_run"]
+__all__ = ["FORMATS", "PRECISION_STEPS", "ExportError", "ExportFormat", "ExportOptions", "export_run"]

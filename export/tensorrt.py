@@ -18,7 +18,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from edgead.data.io import atomic_output, file_sha256, write_bytes_atomic
+from edgead.data.io import atomic_output, file_sha256, write_bytes_atomic, write_json_atomic
 from edgead.export.trt_flavours import (
     PRECISIONS,
     BuildSettings,
@@ -341,6 +341,6 @@ def build_engine(
         _copy_atomic(engine_path, cached)
         # File names only: the build ran in an export's staging folder, whose path means nothing later.
         record = {**info.to_dict(), "engine_path": engine_path.name, "onnx_path": onnx.name}
-        write_bytes_atomic(cached.with_suffix(".json"), json.dumps(record, indent=2).encode("utf-8"))
+        write_json_atomic(cached.with_suffix(".json"), record)
     log(f"engine {engine_path.name} ({info.size_bytes / 1e6:.2f} MB, {layers} layers) in {seconds:.2f} s")
     return info

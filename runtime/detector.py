@@ -9,8 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from edgead.data.preprocess import PreprocessConfig, bgr_to_rgb, preprocess
+from edgead.data.preprocess import PreprocessConfig, preprocess_bgr
 from edgead.runtime.backends.base import Backend, BackendError
+from edgead.runtime.batching import padded_batches
 from edgead.runtime.decision import decision_threshold, is_anomalous
 from edgead.runtime.metadata import PRECISIONS, ExportMetadata, find_engine, load_metadata, verified_artifact
 from edgead.runtime.result import Result
@@ -141,23 +142,33 @@ class Detector:
             precision="fp16" if key == "onnx_fp16" else "fp32",
         )
 
-    def preprocess(self, frame_bgr: np.ndarray) -> np.ndarray:
-        """The training-time preprocessing (``edgead.data.preprocess.preprocess``) of a BGR frame."""
+    def preprocess(self, frame_bgr: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """The training-time preprocessing of a BGR frame (``edgead.data.preprocess.preprocess_bgr``: the same
+        model input as ``preprocess`` of the frame in RGB, with the channels swapped after the resize).
+
+        Args:
+            frame_bgr: (H, W, 3) uint8 BGR frame.
+            out: Optional float32 (C, S, S) array to write into, e.g. a row of a batch.
+        """
         if not isinstance(frame_bgr, np.ndarray):
             raise ValueError(f"expected an (H, W, 3) uint8 BGR frame (numpy array), got {type(frame_bgr).__name__}")
         if frame_bgr.ndim != 3 or frame_bgr.shape[2] != 3 or frame_bgr.dtype != np.uint8 or frame_bgr.size == 0:
             raise ValueError(f"expected an (H, W, 3) uint8 BGR frame, got {frame_bgr.shape} {frame_bgr.dtype}")
-        return preprocess(bgr_to_rgb(frame_bgr), self.preprocess_config)
+        return preprocess_bgr(frame_bgr, self.preprocess_config, out=out)
 
     def predict_batch(self, frames_bgr: Sequence[np.ndarray]) -> list[Result]:
         """Score several frames; batches are padded to the exported batch size."""
         results: list[Result] = []
-        for start in range(0, len(frames_bgr), self.batch_size):
-            chunk = frames_bgr[start : start + self.batch_size]
+        cfg = self.preprocess_config
+        batches = padded_batches(
+            frames_bgr, self.batch_size, (cfg.channels, cfg.image_size, cfg.image_size), write=self.preprocess
+        )
+        while True:
             t0 = time.perf_counter()
-            batch = np.stack([self.preprocess(f) for f in chunk])
-            if len(chunk) < self.batch_size:
-                batch = np.concatenate([batch, np.repeat(batch[-1:], self.batch_size - len(chunk), axis=0)])
+            step = next(batches, None)  # preprocesses the frames into the batch
+            if step is None:
+                break
+            batch, count = step
             t1 = time.perf_counter()
             outputs = self.backend.infer(batch)
             t2 = time.perf_counter()
@@ -169,7 +180,7 @@ class Detector:
                     is_anomaly=bool(is_anomalous(scores[i], self.threshold)),
                     threshold=self.threshold,
                 )
-                for i in range(len(chunk))
+                for i in range(count)
             ]
             t3 = time.perf_counter()
             timings = {"preprocess": (t1 - t0) * 1e3, "infer": (t2 - t1) * 1e3, "postprocess": (t3 - t2) * 1e3}

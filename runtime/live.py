@@ -189,9 +189,9 @@ def _save_anomaly(folder: Path, frame: Frame, hud_bgr: np.ndarray, anomaly_map: 
     """Writes ``<base>.png`` (the frame), ``<base>_map.png`` (the HUD) and ``<base>_map.npy`` (raw map), with
     ``<base>`` from :func:`evidence_base`; returns the three file names (the alarm's log line lists them)."""
     base = evidence_base(folder, frame)
-    # write_image_atomic takes RGB (it converts to BGR for the encoder); our frames are BGR.
-    write_image_atomic(base.with_name(base.name + ".png"), cv2.cvtColor(frame.image, cv2.COLOR_BGR2RGB))
-    write_image_atomic(base.with_name(base.name + "_map.png"), cv2.cvtColor(hud_bgr, cv2.COLOR_BGR2RGB))
+    # Frames and the HUD are BGR, the encoder's own order: written as they are.
+    write_image_atomic(base.with_name(base.name + ".png"), frame.image, bgr=True)
+    write_image_atomic(base.with_name(base.name + "_map.png"), hud_bgr, bgr=True)
     with atomic_output(base.with_name(base.name + "_map.npy")) as tmp, open(tmp, "wb") as handle:
         # Saving through a handle: np.save(path) would append ".npy" to the temporary name.
         np.save(handle, np.asarray(anomaly_map, dtype=np.float32))

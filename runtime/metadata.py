@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgead.data.io import file_sha256, write_bytes_atomic
+from edgead.data.io import file_sha256, write_json_atomic
 from edgead.data.preprocess import PreprocessConfig
 
 METADATA_NAME = "edgead.json"
@@ -128,8 +128,7 @@ class ExportMetadata:
 
     def save(self, export_dir: str | Path) -> Path:
         """Write ``edgead.json`` atomically (last, after every artifact it lists)."""
-        payload = (json.dumps(self.to_dict(), indent=2) + "\n").encode()
-        return write_bytes_atomic(Path(export_dir) / METADATA_NAME, payload, durable=True)
+        return write_json_atomic(Path(export_dir) / METADATA_NAME, self.to_dict())
 
 
 def load_metadata(export_dir: str | Path) -> ExportMetadata:

@@ -30,23 +30,26 @@ _GUI_BACKEND_KEYS = ("GTK", "QT", "WIN32", "COCOA", "WAYLAND", "FRAMEBUFFER")
 
 
 def heatmap_overlay(
-    rgb: NDArray[np.uint8], anomaly_map: NDArray, vmin: float, vmax: float, alpha: float = 0.5
+    image: NDArray[np.uint8], anomaly_map: NDArray, vmin: float, vmax: float, alpha: float = 0.5, *, bgr: bool = False
 ) -> NDArray[np.uint8]:
-    """Blends a JET-coloured anomaly map onto an RGB image.
+    """Blends a JET-coloured anomaly map onto an RGB image (or a BGR one, with ``bgr``).
 
     Args:
-        rgb: (H, W, 3) uint8 RGB image.
+        image: (H, W, 3) uint8 RGB image; BGR when ``bgr``.
         anomaly_map: (h, w) map of any size; it is resized bilinearly to (H, W).
         vmin: Map value drawn as the coldest colour (pass one global value per test set so that overlays
             are comparable between images).
         vmax: Map value drawn as the hottest colour.
         alpha: Weight of the heatmap in the blend, in [0, 1].
+        bgr: The image is in OpenCV's BGR order (a camera frame): blended with OpenCV's BGR colour map as
+            is, no conversion. The blend is per channel, so either order gives the same picture.
 
     Returns:
-        (H, W, 3) uint8 RGB image.
+        (H, W, 3) uint8 image in the order of the input.
     """
-    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-        raise ValueError(f"heatmap_overlay: expected (H, W, 3) uint8 RGB, got {rgb.shape} {rgb.dtype}")
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        order = "BGR" if bgr else "RGB"
+        raise ValueError(f"heatmap_overlay: expected (H, W, 3) uint8 {order}, got {image.shape} {image.dtype}")
     if anomaly_map.ndim != 2:
         raise ValueError(f"heatmap_overlay: expected a 2-D anomaly map, got shape {anomaly_map.shape}")
     if not 0.0 <= alpha <= 1.0:
@@ -55,12 +58,13 @@ def heatmap_overlay(
     scale = 255.0 / (vmax - vmin) if vmax > vmin else 0.0
     # Normalising before resizing is cheaper because the map is usually smaller than the frame.
     normalised = np.clip((anomaly_map.astype(np.float32) - np.float32(vmin)) * np.float32(scale), 0.0, 255.0)
-    height, width = rgb.shape[:2]
+    height, width = image.shape[:2]
     if normalised.shape != (height, width):
         normalised = cv2.resize(normalised, (width, height), interpolation=cv2.INTER_LINEAR)
-    heat_bgr = cv2.applyColorMap(normalised.astype(np.uint8), cv2.COLORMAP_JET)
-    heat_rgb = cv2.cvtColor(heat_bgr, cv2.COLOR_BGR2RGB)
-    return cv2.addWeighted(rgb, 1.0 - alpha, heat_rgb, alpha, 0.0)
+    heat = cv2.applyColorMap(normalised.astype(np.uint8), cv2.COLORMAP_JET)  # BGR
+    if not bgr:
+        heat = cv2.cvtColor(heat, cv2.COLOR_BGR2RGB)
+    return cv2.addWeighted(image, 1.0 - alpha, heat, alpha, 0.0)
 
 
 def _format_value(value: float) -> str:
@@ -128,9 +132,7 @@ def draw_hud(
     """
     if frame_bgr.ndim != 3 or frame_bgr.shape[2] != 3 or frame_bgr.dtype != np.uint8:
         raise ValueError(f"draw_hud: expected (H, W, 3) uint8 BGR, got {frame_bgr.shape} {frame_bgr.dtype}")
-    # heatmap_overlay works in RGB (report images are RGB); convert in and out so the JET colours stay right.
-    rgb = cv2.cvtColor(frame_bgr, cv2.COLOR_BGR2RGB)
-    canvas = cv2.cvtColor(heatmap_overlay(rgb, np.asarray(result.anomaly_map), vmin, vmax, alpha), cv2.COLOR_RGB2BGR)
+    canvas = heatmap_overlay(frame_bgr, np.asarray(result.anomaly_map), vmin, vmax, alpha, bgr=True)
     height, width = canvas.shape[:2]
     border = max(3, min(height, width) // 60)
     margin = 2 * border  # text starts inside the (possible) red border

@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
-from edgead.data.io import write_bytes_atomic, write_image_atomic
+from edgead.data.io import write_bytes_atomic, write_image_atomic, write_json_atomic
+from edgead.progress import Progress
 from edgead.runtime.overlay import draw_hud
 from edgead.runtime.sources import SourceError, create_source
 
@@ -55,6 +54,7 @@ def predict_source(
     save: str = "anomalies",
     skip_bad: bool = False,
     on_event: Callable[[str], None] = print,
+    progress: bool = False,
 ) -> PredictSummary:
     """Score every image of ``source`` with ``detector`` (a :class:`edgead.runtime.Detector`) into ``out_dir``.
 
@@ -75,26 +75,28 @@ def predict_source(
     used: set[str] = set()
     start = time.perf_counter()
     frames.open()
-    try:
-        while (frame := frames.read()) is not None:
-            result = detector.predict(frame.image)
-            row = {
-                "file": frame.name,
-                "frame": frame.index,
-                "score": float(result.score),
-                "is_anomaly": bool(result.is_anomaly),
-                "threshold": float(result.threshold),
-            }
-            summary.rows.append(row)
-            summary.images += 1
-            summary.anomalies += int(result.is_anomaly)
-            if save == "all" or (save == "anomalies" and result.is_anomaly):
-                hud = draw_hud(frame.image, result, None, None, 0.0, 2.0 * float(result.threshold))
-                name = _overlay_name(row, used)
-                write_image_atomic(out_dir / "overlays" / name, cv2.cvtColor(hud, cv2.COLOR_BGR2RGB))
-                row["overlay"] = f"overlays/{name}"
-    finally:
-        frames.close()
+    with Progress("predict", frames.expected_frames or 0, unit="images", enabled=progress) as bar:
+        try:
+            while (frame := frames.read()) is not None:
+                result = detector.predict(frame.image)
+                row = {
+                    "file": frame.name,
+                    "frame": frame.index,
+                    "score": float(result.score),
+                    "is_anomaly": bool(result.is_anomaly),
+                    "threshold": float(result.threshold),
+                }
+                summary.rows.append(row)
+                summary.images += 1
+                summary.anomalies += int(result.is_anomaly)
+                if save == "all" or (save == "anomalies" and result.is_anomaly):
+                    hud = draw_hud(frame.image, result, None, None, 0.0, 2.0 * float(result.threshold))
+                    name = _overlay_name(row, used)
+                    write_image_atomic(out_dir / "overlays" / name, hud, bgr=True)
+                    row["overlay"] = f"overlays/{name}"
+                bar.advance()
+        finally:
+            frames.close()
     summary.seconds = time.perf_counter() - start
     summary.skipped = int(getattr(frames, "skipped", 0))
     if summary.images == 0:
@@ -126,4 +128,4 @@ def _write_results(out_dir: Path, detector: Any, source: str, summary: PredictSu
         },
         "predictions": summary.rows,
     }
-    write_bytes_atomic(out_dir / "predictions.json", (json.dumps(record, indent=2) + "\n").encode("utf-8"))
+    write_json_atomic(out_dir / "predictions.json", record, durable=False)

@@ -18,7 +18,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from edgead.data.io import IMAGE_EXTENSIONS, ImageReadError, list_images, read_image
+from edgead.data.io import IMAGE_EXTENSIONS, ImageReadError, list_images, read_image_bgr
 
 __all__ = [
     "EventCallback",
@@ -103,7 +103,7 @@ def _as_bgr(image: np.ndarray) -> np.ndarray:
         return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
     if image.ndim == 3 and image.shape[2] == 4:
         return cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
-    return np.ascontiguousarray(image)
+    return image  # already BGR in a buffer of its own: passed on untouched (the resize is its first reader)
 
 
 class FrameSource(abc.ABC):
@@ -133,6 +133,11 @@ class FrameSource(abc.ABC):
     def read(self) -> Frame | None:
         """Returns the next frame, or None at the end (finite) or when the feed is lost (live)."""
 
+    @property
+    def expected_frames(self) -> int | None:
+        """How many frames an opened finite source will give (for progress), None when unknown or live."""
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional hook, a folder holds no handle
         """Releases the device or file handle; safe to call twice."""
 
@@ -161,6 +166,10 @@ class FolderSource(FrameSource):
         """Always False: a folder is finite and must not drop frames."""
         return False
 
+    @property
+    def expected_frames(self) -> int | None:
+        return len(self._files) or None
+
     def open(self) -> None:
         """Lists the images; raises SourceError if there are none."""
         if self.path.is_file():
@@ -185,7 +194,8 @@ class FolderSource(FrameSource):
             file = self._files[index]
             self._position += 1
             try:
-                rgb = read_image(file)
+                # Decoded as BGR, the runtime's order (every camera's): no conversion of the full frame.
+                bgr = read_image_bgr(file)
             except (ImageReadError, OSError) as exc:  # OSError: deleted or unreadable since listing
                 if not self.skip_bad:
                     raise SourceError(f"{self.label}: cannot read {file.name} as an image: {exc}") from exc
@@ -193,8 +203,6 @@ class FolderSource(FrameSource):
                 if self.on_event is not None:
                     self.on_event(f"skipping {file}: {exc}")
                 continue
-            # read_image returns RGB; the runtime works in OpenCV's BGR like every camera.
-            bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
             return Frame(image=bgr, index=index, timestamp=time.monotonic(), name=file.name)
         return None
 
@@ -292,6 +300,10 @@ class VideoCaptureSource(FrameSource):
         self._next_index += 1  # keeps counting across reconnects so indices stay unique and increasing
         name = Path(str(self.target)).name if self.kind == "video" else f"{self._frame_prefix}#{index}"
         return Frame(image=_as_bgr(image), index=index, timestamp=time.monotonic(), name=name)
+
+    @property
+    def expected_frames(self) -> int | None:
+        return self.declared_frames if self.kind == "video" and self.declared_frames > 0 else None
 
     def _check_complete(self) -> None:
         """A video file that ends well before the frame count its container declares is truncated or damaged:

@@ -29,9 +29,13 @@ from typing import Any
 
 import numpy as np
 
-from edgead.bench.machine import device_record, gpu_memory_used_mb
+from edgead.progress import Progress
+from edgead.runtime.machine import device_record, gpu_memory_used_mb
 from edgead.runtime.metadata import load_metadata, verified_artifact
+from edgead.runtime.parity import compare as parity
 
+#: Untimed inference calls before the latency runs.
+WARMUP_CALLS = 3
 #: What each precision must meet against the PyTorch FP32 reference.
 TOLERANCES: dict[str, dict[str, float]] = {
     "fp32": {"score_rel": 1e-3, "map_rel": 1e-3, "decision_flips": 0, "map_iou": 0.99, "auroc_drop": 0.0},
@@ -107,24 +111,19 @@ def _open(export_dir: Path, backend: str, precision: str | None) -> Any:
 
 def run_batches(backend: Any, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``backend`` over ``images`` in its fixed batch size (the last batch padded with its last image)."""
-    batch = int(backend.input_shape[0])
+    from edgead.runtime.batching import padded_batches
+
     maps, scores = [], []
-    for start in range(0, len(images), batch):
-        chunk = images[start : start + batch]
-        count = len(chunk)
-        if count < batch:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - count, axis=0)])
-        out = backend.infer(np.ascontiguousarray(chunk))
+    for chunk, count in padded_batches(images, int(backend.input_shape[0]), images.shape[1:], images.dtype):
+        out = backend.infer(chunk)
         maps.append(np.asarray(out["anomaly_map"], dtype=np.float32)[:count])
         scores.append(np.asarray(out["score"], dtype=np.float32)[:count])
     return np.concatenate(maps), np.concatenate(scores)
 
 
 def compare(golden: dict[str, np.ndarray], maps: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, Any]:
-    """The export's parity figures (``edgead.export.parity.compare``: map and score errors, decision flips)
+    """The export's parity figures (``edgead.runtime.parity.compare``: map and score errors, decision flips)
     plus what a device check adds: score absolute error, IoU of thresholded maps, AUROC, finiteness."""
-    from edgead.export.parity import compare as parity  # numpy only, like this module
-
     ref_maps, ref_scores, labels = (
         golden["maps"].astype(np.float64),
         golden["scores"].astype(np.float64),
@@ -226,9 +225,10 @@ def judge(report: dict[str, Any], precision: str) -> list[str]:
 
 
 def verify_export(
-    export_dir: str | Path, backend: str = "auto", precision: str | None = None, runs: int = 50
+    export_dir: str | Path, backend: str = "auto", precision: str | None = None, runs: int = 50, progress: bool = False
 ) -> dict[str, Any]:
     """Run the export's verification set on ``backend``; returns the report (``passed`` says the verdict).
+    ``progress`` shows the inference calls (verification batches, warm-up, timed runs) with an ETA.
 
     Raises:
         VerifyUnavailable: The backend or the verification set is not available here.
@@ -240,19 +240,25 @@ def verify_export(
     detector = _open(export_dir, backend, precision)
     try:
         used = detector.describe()  # names ONNX Runtime's registered providers too
-        maps, scores = run_batches(detector.backend, golden["images"])
-        report = compare(golden, maps, scores, detector.metadata.threshold_value)
-        report["polygraphy"] = polygraphy_compare(golden, maps, scores, used["precision"], used["backend"])
-        batch = golden["images"][: int(detector.backend.input_shape[0])]
-        if len(batch) < detector.backend.input_shape[0]:
-            batch = np.repeat(golden["images"][:1], detector.backend.input_shape[0], axis=0)
-        for _ in range(3):  # warm-up
-            detector.backend.infer(batch)
-        times = []
-        for _ in range(max(runs, 1)):
-            start = time.perf_counter()
-            detector.backend.infer(batch)
-            times.append((time.perf_counter() - start) * 1000.0)
+        size = int(detector.backend.input_shape[0])
+        n_batches = -(-len(golden["images"]) // size)
+        with Progress("verify", n_batches + WARMUP_CALLS + max(runs, 1), unit="calls", enabled=progress) as bar:
+            maps, scores = run_batches(detector.backend, golden["images"])
+            bar.advance(n_batches)
+            report = compare(golden, maps, scores, detector.metadata.threshold_value)
+            report["polygraphy"] = polygraphy_compare(golden, maps, scores, used["precision"], used["backend"])
+            batch = golden["images"][:size]
+            if len(batch) < size:
+                batch = np.repeat(golden["images"][:1], size, axis=0)
+            for _ in range(WARMUP_CALLS):
+                detector.backend.infer(batch)
+                bar.advance()
+            times = []
+            for _ in range(max(runs, 1)):
+                start = time.perf_counter()
+                detector.backend.infer(batch)
+                times.append((time.perf_counter() - start) * 1000.0)
+                bar.advance()
         gpu = used["backend"] == "tensorrt" or any(p != "CPUExecutionProvider" for p in used.get("providers", []))
         memory = gpu_memory_used_mb() if gpu else {"used_mb": None, "reason": "runs on the CPU"}
     finally:

@@ -8,6 +8,7 @@ from edgead.config import TrainConfig
 from edgead.data.synthetic import generate_dataset
 from edgead.demo import DEMO_CATEGORY, DEMO_IMAGE_SIZE, demo_train_config
 from edgead.pipeline import train_run
+from edgead.spec import RunSpec
 
 
 def make_tiny_run(root: Path, image_size: int = 32, steps: int = 5) -> tuple[Path, Path]:
@@ -15,16 +16,10 @@ def make_tiny_run(root: Path, image_size: int = 32, steps: int = 5) -> tuple[Pat
     data = generate_dataset(root / "data", size=image_size, n_train=24, n_test_good=6, n_test_defect=6, seed=3)
     cfg = TrainConfig(steps=steps, batch_size=4, lr=1e-3, checkpoint_every=steps)
     run_dir, _ = train_run(
-        "score-resilience",
-        data,
-        preset="tiny",
-        image_size=image_size,
-        train_cfg=cfg,
-        runs_root=root / "runs",
-        device="cpu",
+        RunSpec(method="score-resilience", data=[data], preset="tiny", image_size=image_size, train=cfg,
+                params={"n_draws": 2}, runs_root=root / "runs", device="cpu"),
         progress=False,
-        method_params={"n_draws": 2},
-    )
+    )  # fmt: skip
     return data, run_dir
 
 
@@ -34,7 +29,8 @@ def train_on_demo_data(method: str, root: Path, steps: int = 600) -> tuple[Path,
     data = generate_dataset(root / "data", category=DEMO_CATEGORY, size=DEMO_IMAGE_SIZE, seed=0)
     cfg = demo_train_config(steps=steps, max_time_s=None, seed=0)
     run_dir, summary = train_run(
-        method, data, preset="tiny", image_size=DEMO_IMAGE_SIZE, train_cfg=cfg, runs_root=root / "runs",
-        device="cpu", progress=False,
+        RunSpec(method=method, data=[data], preset="tiny", image_size=DEMO_IMAGE_SIZE, train=cfg,
+                runs_root=root / "runs", device="cpu"),
+        progress=False,
     )  # fmt: skip
     return data, run_dir, summary

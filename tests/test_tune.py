@@ -12,6 +12,7 @@ from edgead.config import RunConfig, TrainConfig, resolve_latest
 from edgead.data.synthetic import generate_dataset
 from edgead.methods import get_method
 from edgead.methods.gaussian import method as gaussian_module
+from edgead.spec import RunSpec
 from edgead.tune import parse_grid, tune_run
 
 
@@ -27,8 +28,8 @@ def test_gaussian_grid_reuses_features_and_keeps_the_best(data: Path, tmp_path: 
     monkeypatch.setattr(gaussian_module, "collect_features", lambda *a, **k: calls.append(1) or original(*a, **k))
     gaussian_module._FEATURE_CACHE.clear()
     grid = parse_grid(["opca_fraction=0.05,0.2", "image_score=pooled,topk_mean"], get_method("gaussian"))
-    run_dir, record = tune_run("gaussian", data, grid, image_size=32, runs_root=tmp_path, device="cpu",
-                               progress=False, log=lambda _: None)  # fmt: skip
+    spec = RunSpec(method="gaussian", data=[data], image_size=32, runs_root=tmp_path, device="cpu")
+    run_dir, record = tune_run(spec, grid, progress=False, log=lambda _: None)
     assert len(calls) == 1, "statistics-only candidates must reuse the backbone features"
     assert len(record["candidates"]) == 4
     best = max(record["candidates"], key=lambda r: (r["image_auroc"], r["pixel_auroc"]))
@@ -43,8 +44,9 @@ def test_gaussian_grid_reuses_features_and_keeps_the_best(data: Path, tmp_path: 
 
 def test_inference_only_grid_trains_once(data: Path, tmp_path: Path) -> None:
     cfg = TrainConfig(steps=5, batch_size=4, lr=1e-3, checkpoint_every=5)
-    run_dir, record = tune_run("score-resilience", data, None, preset="tiny", image_size=32, train_cfg=cfg,
-                               runs_root=tmp_path, device="cpu", progress=False, log=lambda _: None)  # fmt: skip
+    spec = RunSpec(method="score-resilience", data=[data], preset="tiny", image_size=32, train=cfg,
+                   runs_root=tmp_path, device="cpu")  # fmt: skip
+    run_dir, record = tune_run(spec, None, progress=False, log=lambda _: None)
     assert [r["params"]["image_score"] for r in record["candidates"]] == ["max", "topk_mean", "interior_max"]
     assert len(list((tmp_path / "score-resilience").iterdir())) == 2  # the chosen run and `latest`
 

@@ -1,4 +1,8 @@
-"""Describe the machine a benchmark ran on, for the record that goes into benchmarks/results/."""
+"""Describe the machine a benchmark ran on, and save a benchmark's record into benchmarks/results/.
+
+The torch-free part (CPU and GPU names, device memory) lives in ``edgead.runtime.machine``, which the runtime
+owns; this module adds torch's view of the machine and the record-and-save tail every benchmark script shares.
+"""
 
 from __future__ import annotations
 
@@ -6,22 +10,14 @@ import datetime as dt
 import os
 import platform
 import shlex
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+from edgead.data.io import write_json_atomic
+from edgead.runtime.machine import cpu_name, device_record, gpu_memory_used_mb, gpu_name
 
-def cpu_name() -> str:
-    """The CPU model (Linux ``/proc/cpuinfo``), else what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+__all__ = ["cpu_name", "device_record", "gpu_memory_used_mb", "gpu_name", "machine_record", "portable", "save_record"]
 
 
 def portable(text: str) -> str:
@@ -53,50 +49,16 @@ def machine_record() -> dict[str, Any]:
     return record
 
 
-def gpu_memory_used_mb(pid: int | None = None) -> dict[str, Any]:
-    """Device memory this process holds now, from ``nvidia-smi --query-compute-apps`` (TensorRT and ONNX
-    Runtime keep their pools once allocated, so after a run this is its peak). Returns ``{"used_mb": float,
-    "source": "nvidia-smi"}``, or ``{"used_mb": None, "reason": ...}`` where nothing reports it (no NVIDIA GPU,
-    no nvidia-smi: Jetson reports memory through ``tegrastats`` instead).
+def save_record(record: dict[str, Any], results_dir: Path, name: str, out: Path | None = None) -> Path:
+    """The common tail of every benchmark script: add the machine (when the record has none yet), write the
+    record atomically to ``out`` or ``results_dir / name``, print where it went and return that path.
+
+    ``name`` may contain ``{device}``, replaced by ``gpu`` when torch saw a GPU for this record, else ``cpu``
+    (``latency_{device}_gaussian.json``), so CPU and GPU figures never overwrite each other.
     """
-    pid = os.getpid() if pid is None else pid
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        return {"used_mb": None, "reason": "nvidia-smi not found (no NVIDIA driver here, or a Jetson: use tegrastats)"}
-    query = [smi, "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"]
-    try:
-        done = subprocess.run(query, capture_output=True, text=True, timeout=20, check=True)
-    except (OSError, subprocess.SubprocessError) as err:
-        return {"used_mb": None, "reason": f"nvidia-smi failed: {err}"}
-    for line in done.stdout.splitlines():
-        fields = [field.strip() for field in line.split(",")]
-        if len(fields) == 2 and fields[0] == str(pid):
-            try:
-                return {"used_mb": float(fields[1]), "source": "nvidia-smi"}
-            except ValueError:
-                return {"used_mb": None, "reason": f"nvidia-smi reported {fields[1]!r} (not available on this GPU)"}
-    return {"used_mb": None, "reason": "nvidia-smi lists no device memory for this process"}
-
-
-def gpu_name() -> str | None:
-    """The first NVIDIA GPU's name from ``nvidia-smi`` (torch-free), or None."""
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        return None
-    try:
-        done = subprocess.run([smi, "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True,
-                              timeout=20, check=True)  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return None
-    names = [line.strip() for line in done.stdout.splitlines() if line.strip()]
-    return names[0] if names else None
-
-
-def device_record() -> dict[str, Any]:
-    """Date, CPU and GPU of this machine for a report made without torch (``edgead verify``)."""
-    return {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "cpu": cpu_name(),
-        "cpu_cores": os.cpu_count(),
-        "gpu": gpu_name(),
-    }
+    record.setdefault("machine", machine_record())
+    device = "gpu" if record["machine"].get("gpu") else "cpu"
+    path = Path(out) if out is not None else Path(results_dir) / name.format(device=device)
+    write_json_atomic(path, record)
+    print(f"saved {path}")
+    return path

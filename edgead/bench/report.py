@@ -6,14 +6,12 @@ Works on a runtime-only device (no torch): the baseline is then skipped and the 
 from __future__ import annotations
 
 import importlib.util
-import json
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edgead.bench.machine import cpu_name, gpu_name
 from edgead.bench.timing import (
     bench_camera_loop,
     bench_detector,
@@ -21,8 +19,9 @@ from edgead.bench.timing import (
     resident_memory_mb,
     write_bench_video,
 )
-from edgead.data.io import write_bytes_atomic
+from edgead.data.io import write_json_atomic
 from edgead.runtime.detector import Detector
+from edgead.runtime.machine import cpu_name, gpu_name
 
 #: The generated frame's size when no --video is given: a 720p camera, so preprocessing includes a real downscale.
 DEFAULT_FRAME_SIZE = (1280, 720)
@@ -164,7 +163,7 @@ def run_bench(
     report["table"] = "\n".join(lines)
     detector.close()
     if json_path is not None:
-        write_bytes_atomic(json_path, (json.dumps(report, indent=2) + "\n").encode())
+        write_json_atomic(json_path, report)
     return report
 
 

@@ -10,8 +10,9 @@ archive, read with ``allow_pickle=False``), with their source file names.
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -19,6 +20,8 @@ from edgead.data.io import file_sha256, read_image, write_bytes_atomic
 from edgead.data.preprocess import PreprocessConfig, resize_image
 
 HOLDOUT_NAME = "holdout.npz"
+#: Where :func:`held_out_normals` found a run's held-out images.
+STORED, DATASET = "stored", "dataset"
 
 
 class HoldoutError(ValueError):
@@ -62,3 +65,26 @@ def load_holdout(run_dir: Path, record: dict[str, object] | None) -> tuple[list[
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or len(names) != len(images):
         raise HoldoutError(f"{path}: expected uint8 images (N, S, S, 3) with N names, got {images.shape}")
     return list(images), [str(n) for n in names]
+
+
+def held_out_normals(run_dir: Path, data: Mapping[str, Any]) -> tuple[list[np.ndarray], str]:
+    """The normal images a run held out from training (uint8 RGB) and where they came from: ``STORED``, the
+    run's ``holdout.npz`` (at the size it was stored at), else ``DATASET``, for runs made before it existed,
+    the files of ``data["validation_paths"]`` that still exist (absolute paths only: a relative one would be
+    resolved against whatever folder the caller runs in, and could name other images); ``([], "")`` for
+    neither. The one place that finds them (pseudo-validation, export's calibration).
+
+    Args:
+        run_dir: The run directory.
+        data: The run's ``config.data``.
+
+    Raises:
+        HoldoutError: the stored archive is missing, changed, or not an image archive.
+    """
+    rgb, _ = load_holdout(run_dir, data.get("holdout"))
+    if rgb:
+        return rgb, STORED
+    paths = [Path(p) for p in data.get("validation_paths", []) if Path(p).is_absolute() and Path(p).is_file()]
+    if paths:
+        return [read_image(p) for p in paths], DATASET
+    return [], ""

@@ -10,10 +10,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -25,11 +27,13 @@ __all__ = [
     "ImageReadError",
     "list_images",
     "read_image",
+    "read_image_bgr",
     "read_mask",
     "atomic_output",
     "file_sha256",
     "write_bytes_atomic",
     "write_image_atomic",
+    "write_json_atomic",
 ]
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -124,21 +128,38 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
         FileNotFoundError: The file does not exist.
         ImageReadError: The file is empty, truncated, not an image, or has an unsupported type.
     """
+    return _read_colour(path, bgr=False)
+
+
+def read_image_bgr(path: str | os.PathLike[str]) -> np.ndarray:
+    """Reads an image file as 8-bit BGR, OpenCV's order (what a camera delivers), like :func:`read_image`
+    otherwise: ``read_image_bgr(p)`` equals ``read_image(p)`` with its channels reversed.
+
+    A colour file is decoded as stored (no conversion); gray is replicated, alpha dropped, 16 bit rescaled.
+
+    Returns:
+        uint8 array of shape (H, W, 3) in BGR order.
+
+    Raises:
+        FileNotFoundError: The file does not exist.
+        ImageReadError: The file is empty, truncated, not an image, or has an unsupported type.
+    """
+    return _read_colour(path, bgr=True)
+
+
+def _read_colour(path: str | os.PathLike[str], bgr: bool) -> np.ndarray:
+    """Decodes a file into 8-bit (H, W, 3) RGB, or BGR when ``bgr``; see :func:`read_image`."""
     file_path = Path(path)
     pixels = _to_uint8(_decode(file_path), file_path)
-    if pixels.ndim == 3 and pixels.shape[2] == 1:
-        pixels = pixels[:, :, 0]
+    if pixels.ndim == 3 and pixels.shape[2] in (1, 2):  # gray, gray + alpha
+        pixels = np.ascontiguousarray(pixels[:, :, 0])
     if pixels.ndim == 2:
-        rgb = cv2.cvtColor(pixels, cv2.COLOR_GRAY2RGB)
-    elif pixels.ndim == 3 and pixels.shape[2] == 2:  # gray + alpha
-        rgb = cv2.cvtColor(np.ascontiguousarray(pixels[:, :, 0]), cv2.COLOR_GRAY2RGB)
-    elif pixels.ndim == 3 and pixels.shape[2] == 3:
-        rgb = cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB)
-    elif pixels.ndim == 3 and pixels.shape[2] == 4:
-        rgb = cv2.cvtColor(pixels, cv2.COLOR_BGRA2RGB)
-    else:
-        raise ImageReadError(f"unsupported image shape {pixels.shape} in {file_path}: expected 1-4 channels")
-    return np.ascontiguousarray(rgb)
+        return cv2.cvtColor(pixels, cv2.COLOR_GRAY2BGR if bgr else cv2.COLOR_GRAY2RGB)
+    if pixels.ndim == 3 and pixels.shape[2] == 3:
+        return pixels if bgr else cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB)
+    if pixels.ndim == 3 and pixels.shape[2] == 4:
+        return cv2.cvtColor(pixels, cv2.COLOR_BGRA2BGR if bgr else cv2.COLOR_BGRA2RGB)
+    raise ImageReadError(f"unsupported image shape {pixels.shape} in {file_path}: expected 1-4 channels")
 
 
 def read_mask(path: str | os.PathLike[str]) -> np.ndarray:
@@ -267,13 +288,30 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes, durable: bool 
     return Path(path)
 
 
-def write_image_atomic(path: str | os.PathLike[str], image: np.ndarray, durable: bool = False) -> None:
+def write_json_atomic(
+    path: str | os.PathLike[str], data: Any, durable: bool = True, allow_nan: bool = True, **dumps: Any
+) -> Path:
+    """The one way edgead writes a JSON file: ``json.dumps(data, indent=2)`` plus a newline, through
+    :func:`atomic_output` (fsynced unless ``durable=False``); a reader sees the old file or the new one.
+
+    ``allow_nan=False`` refuses NaN / infinity (strict JSON for reports other tools read); ``dumps`` passes
+    further ``json.dumps`` options (e.g. ``sort_keys``, ``ensure_ascii``).
+    """
+    text = json.dumps(data, indent=dumps.pop("indent", 2), allow_nan=allow_nan, **dumps)
+    return write_bytes_atomic(path, (text + "\n").encode("utf-8"), durable=durable)
+
+
+def write_image_atomic(
+    path: str | os.PathLike[str], image: np.ndarray, durable: bool = False, *, bgr: bool = False
+) -> None:
     """Encodes an image by the file extension and writes it atomically.
 
     Args:
         path: Destination; its extension (one of ``IMAGE_EXTENSIONS``) selects the codec.
         image: uint8 (H, W) grayscale or (H, W, 3) RGB; bool masks are written as 0/255.
         durable: Also fsync before the rename.
+        bgr: ``image`` is in OpenCV's BGR order (a camera frame, a drawn overlay): encoded as is, where RGB
+            is converted for the encoder first. The file is the same either way.
 
     Raises:
         ValueError: Unsupported extension, dtype or shape, or the encoder failed.
@@ -288,7 +326,8 @@ def write_image_atomic(path: str | os.PathLike[str], image: np.ndarray, durable:
     if pixels.dtype != np.uint8:
         raise ValueError(f"cannot write {target}: expected uint8 pixels, got {pixels.dtype}")
     if pixels.ndim == 3 and pixels.shape[2] == 3:
-        pixels = cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR)  # OpenCV encoders expect BGR
+        if not bgr:
+            pixels = cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR)  # OpenCV encoders expect BGR
     elif pixels.ndim != 2:
         raise ValueError(f"cannot write {target}: expected (H, W) or (H, W, 3) array, got {pixels.shape}")
     ok, encoded = cv2.imencode(suffix, np.ascontiguousarray(pixels))

@@ -3,12 +3,18 @@
 It is torch-free and deterministic: the same uint8 input and config give a bit-identical
 float32 tensor on every call, so a score threshold calibrated during training stays valid on
 the device. Keep any change here in lockstep with exported models (the config travels with them).
+
+Training reads RGB files (:func:`preprocess`); cameras deliver OpenCV's BGR (:func:`preprocess_bgr`). Both
+resize first, in the order the pixels come in, and put the channels in the model's RGB order only on the
+small image: resizing treats every channel alike, so resizing then swapping equals swapping then resizing,
+bit for bit, and the full-size frame is touched once, by the resize.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import cv2
@@ -20,6 +26,7 @@ __all__ = [
     "bgr_to_rgb",
     "preprocess",
     "preprocess_batch",
+    "preprocess_bgr",
     "resize_image",
     "resize_mask",
 ]
@@ -118,13 +125,14 @@ class PreprocessConfig:
         return cls(**kwargs)
 
 
-def _check_uint8_image(image: np.ndarray, what: str) -> np.ndarray:
-    """Validates a uint8 (H, W) or (H, W, 3) array and returns it as an ndarray."""
+def _check_uint8_image(image: np.ndarray, what: str, channels: tuple[int, ...] = (3,)) -> np.ndarray:
+    """Validates a uint8 (H, W) or (H, W, C) array with C in ``channels`` and returns it as an ndarray."""
     pixels = np.asarray(image)
     if pixels.dtype != np.uint8:
         raise ValueError(f"{what} must be uint8, got dtype {pixels.dtype}")
-    if not (pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[2] == 3)):
-        raise ValueError(f"{what} must have shape (H, W, 3) or (H, W), got {pixels.shape}")
+    if not (pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[2] in channels)):
+        shapes = " or ".join(f"(H, W, {count})" for count in channels)
+        raise ValueError(f"{what} must have shape {shapes} or (H, W), got {pixels.shape}")
     if pixels.shape[0] == 0 or pixels.shape[1] == 0:
         raise ValueError(f"{what} is empty, shape {pixels.shape}")
     return pixels
@@ -132,6 +140,8 @@ def _check_uint8_image(image: np.ndarray, what: str) -> np.ndarray:
 
 def resize_image(rgb: np.ndarray, size: int, interpolation: str) -> np.ndarray:
     """Resizes an image to ``size`` x ``size`` (aspect ratio not preserved).
+
+    Every channel is resized alike, so the channel order (RGB or BGR) does not matter.
 
     Args:
         rgb: uint8 (H, W, 3) or (H, W) image.
@@ -148,8 +158,17 @@ def resize_image(rgb: np.ndarray, size: int, interpolation: str) -> np.ndarray:
         raise ValueError(f"size must be >= 1, got {size}")
     if pixels.shape[:2] == (size, size):
         return pixels.copy()
-    pixels = np.ascontiguousarray(pixels)
+    return _resize(pixels, size, interpolation)
+
+
+def _resize(pixels: np.ndarray, size: int, interpolation: str) -> np.ndarray:
+    """``resize_image`` without its checks; an image already ``size`` x ``size`` is returned as is (no copy).
+
+    OpenCV reads strided rows directly, so a cropped view is not copied first.
+    """
     height, width = pixels.shape[:2]
+    if (height, width) == (size, size):
+        return pixels
     if interpolation != "area" or (size <= height and size <= width):
         return cv2.resize(pixels, (size, size), interpolation=INTERPOLATIONS[interpolation])
     if size >= height and size >= width:
@@ -197,16 +216,87 @@ def preprocess(rgb: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
         ValueError: Wrong dtype or shape.
     """
     pixels = _check_uint8_image(rgb, "preprocess input")
-    if pixels.ndim == 2:
-        pixels = cv2.cvtColor(pixels, cv2.COLOR_GRAY2RGB)
-    resized = resize_image(pixels, cfg.image_size, cfg.interpolation)
+    return _model_input(_resize(pixels, cfg.image_size, cfg.interpolation), cfg, bgr=False)
+
+
+def preprocess_bgr(frame: np.ndarray, cfg: PreprocessConfig, out: np.ndarray | None = None) -> np.ndarray:
+    """Turns one uint8 OpenCV frame (BGR) into normalised model input, bit-identical to
+    ``preprocess(bgr_to_rgb(frame), cfg)``.
+
+    The frame is resized as it comes (BGR, BGRA or gray); the channels are reordered, or converted to gray,
+    on the S x S image, so no full-size copy of the frame is made.
+
+    Args:
+        frame: uint8 (H, W, 3) BGR, (H, W, 4) BGRA (alpha ignored), or (H, W) / (H, W, 1) grayscale.
+        cfg: Preprocessing configuration.
+        out: Optional float32 (C, S, S) array to write into (e.g. a row of a batch).
+
+    Returns:
+        ``out``, or a new C-contiguous float32 array of shape (C, S, S).
+
+    Raises:
+        ValueError: Wrong dtype or shape.
+    """
+    pixels = _check_uint8_image(frame, "preprocess input", channels=(1, 3, 4))
+    if pixels.ndim == 3 and pixels.shape[2] == 1:
+        pixels = pixels[:, :, 0]
+    return _model_input(_resize(pixels, cfg.image_size, cfg.interpolation), cfg, bgr=True, out=out)
+
+
+@lru_cache(maxsize=16)
+def _normalisation_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """``(v / 255 - mean[c]) / std[c]`` in float32 for every uint8 value v: a (C, 256) table.
+
+    Computed with the same float32 operations as on an image, one element at a time, so looking a pixel up
+    gives exactly the value the arithmetic on the whole image would.
+    """
+    values = np.arange(256, dtype=np.uint8)[:, None].astype(np.float32) / np.float32(255.0)
+    table = (values - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    table = np.ascontiguousarray(table.T, dtype=np.float32)
+    table.flags.writeable = False
+    return table
+
+
+# cvtColor codes that turn a resized image of (channel order, channels) into the gray plane.
+_GRAY_CODES = {
+    (False, 3): cv2.COLOR_RGB2GRAY,
+    (True, 3): cv2.COLOR_BGR2GRAY,
+    (True, 4): cv2.COLOR_BGRA2GRAY,
+}
+
+
+def _model_input(small: np.ndarray, cfg: PreprocessConfig, bgr: bool, out: np.ndarray | None = None) -> np.ndarray:
+    """The model input of an S x S uint8 image: RGB order (or gray), divided by 255, ``(x - mean) / std``.
+
+    Args:
+        small: uint8 (S, S) gray, (S, S, 3) RGB or BGR, or (S, S, 4) BGRA image.
+        cfg: Preprocessing configuration.
+        bgr: The colour channels of ``small`` are in OpenCV's BGR order.
+        out: Optional float32 (C, S, S) array to write into.
+
+    Returns:
+        float32 (C, S, S) array, C-contiguous unless ``out`` is not.
+    """
+    size = cfg.image_size
+    if out is None:
+        out = np.empty((cfg.channels, size, size), dtype=np.float32)
+    elif out.shape != (cfg.channels, size, size) or out.dtype != np.float32:
+        raise ValueError(
+            f"out must be a float32 array of shape {(cfg.channels, size, size)}, got {out.dtype} {out.shape}"
+        )
     if cfg.channels == 1:
-        resized = cv2.cvtColor(resized, cv2.COLOR_RGB2GRAY)[:, :, None]
-    scaled = resized.astype(np.float32) / np.float32(255.0)
-    mean = np.asarray(cfg.mean, dtype=np.float32)
-    std = np.asarray(cfg.std, dtype=np.float32)
-    normalised = (scaled - mean) / std
-    return np.ascontiguousarray(normalised.transpose(2, 0, 1), dtype=np.float32)
+        # A gray image replicated to three channels converts back to itself (the weights sum to one exactly).
+        planes = [small if small.ndim == 2 else cv2.cvtColor(small, _GRAY_CODES[(bgr, small.shape[2])])]
+    elif small.ndim == 2:
+        planes = [small] * 3
+    else:
+        planes = list(cv2.split(small)[:3])
+        if bgr:
+            planes.reverse()
+    table = _normalisation_table(cfg.mean, cfg.std)
+    for channel, plane in enumerate(planes):
+        out[channel] = cv2.LUT(plane, table[channel])
+    return out
 
 
 def preprocess_batch(images: Sequence[np.ndarray], cfg: PreprocessConfig) -> np.ndarray:

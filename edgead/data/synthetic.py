@@ -18,7 +18,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from edgead.data.io import write_bytes_atomic, write_image_atomic
+from edgead.data.io import write_image_atomic, write_json_atomic
 
 __all__ = [
     "CATEGORIES",
@@ -370,7 +370,7 @@ def generate_dataset(
     if _prepare_root(root_path, marker):
         return root_path
     # The marker goes first (incomplete) so an interrupted run is recognised as ours and redone.
-    write_bytes_atomic(root_path / MARKER_NAME, json.dumps(marker, indent=2).encode("utf-8"))
+    write_json_atomic(root_path / MARKER_NAME, marker, durable=False)
 
     digits = max(3, len(str(max(n_train, n_test_good, n_test_defect))))
     for index in range(n_train):
@@ -388,5 +388,5 @@ def generate_dataset(
         write_image_atomic(root_path / "ground_truth" / kind / f"{number:0{digits}d}_mask.png", mask)
 
     marker["complete"] = True
-    write_bytes_atomic(root_path / MARKER_NAME, json.dumps(marker, indent=2).encode("utf-8"))
+    write_json_atomic(root_path / MARKER_NAME, marker, durable=False)
     return root_path

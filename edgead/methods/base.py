@@ -9,6 +9,7 @@ the registry, packaging, ``edgead info`` and every parametrised test find it.
 from __future__ import annotations
 
 import abc
+import dataclasses
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
@@ -18,10 +19,14 @@ import torch
 from torch import nn
 
 from edgead.config import RunConfig, TrainConfig
-from edgead.data.preprocess import PreprocessConfig
+from edgead.data.holdout import held_out_normals
+from edgead.data.preprocess import PreprocessConfig, resize_image
 from edgead.methods.params import MethodParams
 from edgead.methods.scoring import MapScoreParams
+from edgead.methods.validation import Choice, PseudoValidationSet, run_graph
 from edgead.train.distributed import DistInfo
+
+__all__ = ["Choice", "FitContext", "InferenceGraph", "Method", "PseudoValidationSet", "run_graph"]
 
 
 @dataclass
@@ -87,6 +92,7 @@ class Method(abc.ABC):
         self.config = config
         self.run_dir = run_dir
         self.params = self.parse_params(config.method_params)
+        self._pseudo_validation: dict[int | None, PseudoValidationSet] = {}
 
     @classmethod
     def parse_params(cls, values: dict[str, Any] | None) -> Any:
@@ -107,24 +113,55 @@ class Method(abc.ABC):
     def preprocess_config(self) -> PreprocessConfig:
         return PreprocessConfig.from_dict(self.config.preprocess)
 
-    def held_out_normals(self, ctx: FitContext, limit: int) -> tuple[list[np.ndarray], str]:
-        """Up to ``limit`` normal uint8 RGB images at the input size that the fit did not train on (the
-        run's held-out split), for choices made on a pseudo-validation set; without a held-out split
-        (``--val-fraction 0``) the first training images, which the fit did see, and the source says so."""
-        from edgead.data.holdout import load_holdout
+    def held_out_normals(self, ctx: FitContext | None = None, limit: int | None = None) -> tuple[list[np.ndarray], str]:
+        """Up to ``limit`` normal uint8 RGB images at the input size that the fit did not train on (the run's
+        held-out split, :func:`edgead.data.holdout.held_out_normals`) and where they came from.
 
-        rgb, _ = load_holdout(self.run_dir, self.config.data.get("holdout")) if self.run_dir else ([], [])
-        if len(rgb) >= 2:
-            rgb = rgb[:limit]
-            return rgb, f"{len(rgb)} held-out normal images"
+        With fewer than two held-out images (``--val-fraction 0``) and a ``ctx``, the first training images,
+        which the fit did see, and the source says so; without a ``ctx`` that is an error.
+        """
         pre = self.preprocess_config
-        count = min(len(ctx.images), limit)
+        rgb, _ = held_out_normals(self.run_dir, self.config.data) if self.run_dir else ([], "")
+        if len(rgb) >= 2:
+            rgb = [resize_image(image, pre.image_size, pre.interpolation) for image in rgb[:limit]]
+            return rgb, f"{len(rgb)} held-out normal images"
+        if ctx is None:
+            raise ValueError(
+                f"{self.run_dir}: pseudo-validation needs at least two held-out normal images; "
+                "train with --val-fraction > 0"
+            )
+        count = len(ctx.images) if limit is None else min(len(ctx.images), limit)
         pixels = ctx.images[:count].numpy().transpose(0, 2, 3, 1)
         if pixels.shape[-1] == 1:
             pixels = np.repeat(pixels, 3, axis=-1)
         mean, std = np.array(pre.mean), np.array(pre.std)
         rgb = [np.clip((p * std + mean) * 255.0 + 0.5, 0, 255).astype(np.uint8) for p in pixels]
         return rgb, f"{count} training images (no held-out split)"
+
+    def pseudo_validation_set(self, ctx: FitContext | None = None, limit: int | None = None) -> PseudoValidationSet:
+        """The set every automatic choice and ``edgead tune`` score candidates on (LafitE Sec. 3.4): up to
+        ``limit`` of :meth:`held_out_normals` plus as many pseudo-anomalies made from them (seed 0). Built
+        once per method object and ``limit``; see :mod:`edgead.methods.validation` for the candidates,
+        figures and choice."""
+        if limit not in self._pseudo_validation:
+            rgb, source = self.held_out_normals(ctx, limit)
+            self._pseudo_validation[limit] = PseudoValidationSet.from_normals(rgb, self.preprocess_config, source)
+        return self._pseudo_validation[limit]
+
+    def resolve_params(self, values: dict[str, Any]) -> None:
+        """Make ``values`` (parameter -> concrete value, e.g. an "auto" resolved) the run's: in ``self.params``
+        (``dataclasses.replace``: the config is not parsed again) and in ``config.method_params``, which
+        holds what the run uses (``load``, export's metadata and the benchmarks read it)."""
+        self.params = dataclasses.replace(self.params, **values)
+        self.config.method_params.update(values)
+
+    def record_choice(self, key: str, record: dict[str, Any], chosen: dict[str, Any] | None = None) -> None:
+        """Record an automatic choice in the run's state: ``record`` (the set, every candidate's figures,
+        the choice) under ``config.state[key]``; ``chosen`` parameter values, if any, become the run's
+        (:meth:`resolve_params`)."""
+        self.config.state[key] = record
+        if chosen:
+            self.resolve_params(chosen)
 
     @abc.abstractmethod
     def fit(self, ctx: FitContext) -> dict[str, Any]:
@@ -138,21 +175,3 @@ class Method(abc.ABC):
     @abc.abstractmethod
     def load(cls, run_dir: Path, config: RunConfig) -> Method:
         """Rebuild the fitted method from a run directory."""
-
-
-@torch.no_grad()
-def run_graph(
-    graph: nn.Module, images: np.ndarray | torch.Tensor, batch_size: int = 8, device: str | torch.device = "cpu"
-) -> tuple[np.ndarray, np.ndarray]:
-    """Run an inference graph over preprocessed images in batches; return ``(maps (N,H,W), scores (N,))``."""
-    graph = graph.to(device).eval()
-    tensor = torch.as_tensor(images)
-    maps, scores = [], []
-    for start in range(0, len(tensor), batch_size):
-        batch = tensor[start : start + batch_size].to(device)
-        anomaly_map, score = graph(batch)
-        maps.append(anomaly_map.float().cpu().numpy())
-        scores.append(score.float().cpu().numpy())
-    if not maps:
-        raise ValueError("no images to run")
-    return np.concatenate(maps), np.concatenate(scores)

@@ -74,6 +74,12 @@ def input_normalisation(name: str, weights: str | Path) -> str:
     return "imagenet"
 
 
+def resolve_input_scaling(scaling: str, name: str, weights: str | Path) -> str:
+    """A method's ``input_scaling`` parameter made concrete: ``"auto"`` becomes what backbone ``name`` with
+    ``weights`` was trained on (:func:`input_normalisation`); any other value is kept."""
+    return input_normalisation(name, weights) if scaling == "auto" else scaling
+
+
 def is_efficientnet_family(model: nn.Module) -> bool:
     """True for timm models built as stem (``conv_stem``, ``bn1``) + staged ``blocks`` (+ ``conv_head``)."""
     return all(hasattr(model, name) for name in ("conv_stem", "bn1", "blocks")) and isinstance(
@@ -284,6 +290,13 @@ class InputAdapter(nn.Module):
         mean, std = torch.tensor(in_mean, dtype=torch.float64), torch.tensor(in_std, dtype=torch.float64)
         self.register_buffer("scale", (pre_s / std).float().view(1, 3, 1, 1))
         self.register_buffer("shift", ((pre_m - mean) / std).float().view(1, 3, 1, 1))
+
+    @classmethod
+    def for_scaling(cls, pre_mean: Sequence[float], pre_std: Sequence[float], scaling: str) -> InputAdapter:
+        """The adapter from the shared preprocessing to a named input scaling (a key of ``INPUT_SCALINGS``)."""
+        if scaling not in INPUT_SCALINGS:
+            raise ValueError(f"input scaling must be one of {', '.join(INPUT_SCALINGS)}, got {scaling!r}")
+        return cls(pre_mean, pre_std, *INPUT_SCALINGS[scaling])
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         if self.gray:  # decided at construction, so the traced graph has no data-dependent branch

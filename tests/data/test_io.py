@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from edgead.data.io import ImageReadError, list_images, read_image, read_mask, write_image_atomic
+from edgead.data.io import ImageReadError, list_images, read_image, read_image_bgr, read_mask, write_image_atomic
 from edgead.data.preprocess import (
     PreprocessConfig,
     bgr_to_rgb,
@@ -47,6 +47,22 @@ def test_read_rgba_drops_alpha(tmp_path: Path) -> None:
     rgb = _rgb()
     bgra = np.dstack([cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), np.full(rgb.shape[:2], 7, np.uint8)])
     np.testing.assert_array_equal(read_image(_write_cv2(tmp_path / "a.png", bgra)), rgb)
+
+
+@pytest.mark.parametrize("kind", ["gray", "gray16", "bgr", "bgra", "bgr16"])
+def test_read_image_bgr_is_read_image_with_its_channels_reversed(tmp_path: Path, kind: str) -> None:
+    bgr = cv2.cvtColor(_rgb(), cv2.COLOR_RGB2BGR)
+    pixels = {
+        "gray": bgr[:, :, 0],
+        "gray16": bgr[:, :, 0].astype(np.uint16) * 251,
+        "bgr": bgr,
+        "bgra": np.dstack([bgr, np.full(bgr.shape[:2], 7, np.uint8)]),
+        "bgr16": bgr.astype(np.uint16) * 257 + 3,
+    }[kind]
+    path = _write_cv2(tmp_path / f"{kind}.png", pixels)
+    image = read_image_bgr(path)
+    assert image.shape == (20, 30, 3) and image.dtype == np.uint8
+    np.testing.assert_array_equal(image, read_image(path)[:, :, ::-1])
 
 
 def test_read_16bit_scales_to_8bit(tmp_path: Path) -> None:

@@ -172,8 +172,8 @@ def test_failed_parity_leaves_the_previous_export_intact(
     data, run_dir, out = tiny
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     monkeypatch.setattr(exporter_module, "FP32_SCORE_RTOL", -1.0)
-    monkeypatch.setattr("edgead.export.parity.FP32_SCORE_RTOL", -1.0)
-    monkeypatch.setattr("edgead.export.parity.FP32_ENVELOPE_FACTOR", 0.0)
+    monkeypatch.setattr("edgead.runtime.parity.FP32_SCORE_RTOL", -1.0)
+    monkeypatch.setattr("edgead.runtime.parity.FP32_ENVELOPE_FACTOR", 0.0)
     with pytest.raises(ExportError, match="not written"):
         export_run(run_dir, out, ExportOptions(data=data), log=lambda _: None)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before

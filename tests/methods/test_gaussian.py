@@ -213,10 +213,11 @@ def test_input_scaling_follows_the_weights() -> None:
 def test_auto_settings_are_resolved_and_recorded(tmp_path: Path) -> None:
     from edgead.data.synthetic import generate_dataset
     from edgead.pipeline import train_run
+    from edgead.spec import RunSpec
 
     data = generate_dataset(tmp_path / "data", size=32, n_train=30, n_test_good=2, n_test_defect=2, seed=3)
-    run_dir, summary = train_run("gaussian", data, image_size=32, runs_root=tmp_path / "runs", device="cpu",
-                                 progress=False)  # fmt: skip
+    spec = RunSpec(method="gaussian", data=[data], image_size=32, runs_root=tmp_path / "runs", device="cpu")
+    run_dir, summary = train_run(spec, progress=False)
     config = RunConfig.load(run_dir)
     selection = config.state["opca_selection"]
     assert config.method_params["input_scaling"] == "inception" and summary["input_scaling"] == "inception"
@@ -225,3 +226,29 @@ def test_auto_settings_are_resolved_and_recorded(tmp_path: Path) -> None:
     assert selection["pseudo_validation_image_auroc"][str(selection["selected"])] == best
     assert config.method_params["opca_fraction"] == selection["selected"]
     assert selection["n_normal"] == selection["n_pseudo"] == 3
+
+    # The choice the pseudo-validation service made is the one the former hand-written loop made: the same
+    # set (held-out normals + pseudo-anomalies, seed 0), eq. 4's pooled score per candidate, image AUROC
+    # rounded to four digits, the earlier candidate on ties.
+    from edgead.data.holdout import load_holdout
+    from edgead.data.pseudo import pseudo_validation_set
+    from edgead.methods import load_method
+    from edgead.methods.gaussian.method import _FEATURE_CACHE, collect_features
+    from edgead.metrics import image_auroc
+
+    graph = load_method(run_dir).build_graph()
+    rgb, _ = load_holdout(run_dir, config.data["holdout"])
+    images, labels, _ = pseudo_validation_set(rgb, PreprocessConfig.from_dict(config.preprocess), seed=0)
+    pooled_train = _FEATURE_CACHE["value"][0]  # the fit's training features
+    pooled_val, _, _ = collect_features(graph.adapter, graph.backbone, torch.from_numpy(images),
+                                        batch_size=TrainConfig().batch_size,
+                                        device=torch.device("cpu"), max_map_vectors=0, seed=0)  # fmt: skip
+    candidates = [0.01, 0.02, 0.05, 0.1]
+    figures = {}
+    for fraction in candidates:
+        scores = sum(
+            fit_gaussian(t, "opca", fraction).distances(v) for t, v in zip(pooled_train, pooled_val, strict=True)
+        )
+        figures[str(fraction)] = round(float(image_auroc(labels, scores)), 4)
+    assert selection["pseudo_validation_image_auroc"] == figures
+    assert selection["selected"] == max(candidates, key=lambda f: figures[str(f)])

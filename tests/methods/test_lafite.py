@@ -22,6 +22,7 @@ from edgead.methods.lafite.memory import FeatureEditor, edit_weights, greedy_cor
 from edgead.methods.lafite.method import LafitE
 from edgead.metrics import image_auroc
 from edgead.pipeline import evaluate_run, evaluate_runs, train_run
+from edgead.spec import RunSpec
 
 
 def _edit(coreset: list[list[float]], query: list[float], k: int, weighting: str = "paper") -> np.ndarray:
@@ -111,8 +112,9 @@ def _train(data: Path | list[Path], root: Path, steps: int = 400) -> Path:
     cfg = TrainConfig(steps=steps, batch_size=16, lr=2e-3, lr_schedule="cosine", warmup_steps=10, ema_decay=0.99)
     params = {"grid": 16, "tau_candidates": [100, 300], "k_candidates": [2, 3], "coreset_max": 512}
     run_dir, _ = train_run(
-        "lafite", data, preset="tiny", image_size=64, train_cfg=cfg, method_params=params,
-        runs_root=root / "runs", device="cpu", progress=False,
+        RunSpec(method="lafite", data=data if isinstance(data, list) else [data], preset="tiny", image_size=64,
+                train=cfg, params=params, runs_root=root / "runs", device="cpu"),
+        progress=False,
     )  # fmt: skip
     return run_dir
 

@@ -26,6 +26,7 @@ from edgead.metrics import image_auroc
 from edgead.nn.backbones import INPUT_SCALINGS, FeatureExtractor, InputAdapter
 from edgead.nn.unet import ScoreUNet
 from edgead.pipeline import evaluate_run, train_run
+from edgead.spec import RunSpec
 
 SIZE = 32
 
@@ -198,8 +199,9 @@ def test_tiny_training_detects_generated_defects_and_beats_vanilla_ddim(defects:
     "grain" category (measured: 1.000 vs 0.987); "print" and "woven" are too easy to tell them apart (1.0 both)."""
     cfg = TrainConfig(steps=400, batch_size=16, lr=2e-3, lr_schedule="cosine", warmup_steps=10, ema_decay=0.99)
     run_dir, _ = train_run(
-        "mdps", defects, preset="tiny", image_size=64, train_cfg=cfg, method_params={"steps": 5},
-        runs_root=tmp_path / "runs", device="cpu", progress=False,
+        RunSpec(method="mdps", data=[defects], preset="tiny", image_size=64, train=cfg, params={"steps": 5},
+                runs_root=tmp_path / "runs", device="cpu"),
+        progress=False,
     )  # fmt: skip
     metrics, _ = evaluate_run(run_dir, defects, tmp_path / "eval")
     assert metrics["image_auroc"] >= 0.9, metrics

@@ -127,18 +127,15 @@ def test_a_new_folder_needs_no_edit_elsewhere(throwaway: Path, tmp_path: Path) -
     from edgead.export.exporter import ExportOptions, export_run
     from edgead.pipeline import train_run
     from edgead.runtime.detector import Detector
+    from edgead.spec import RunSpec
 
     assert "pixel-gaussian" in implemented_methods()
     data = generate_dataset(tmp_path / "data", size=32, n_train=20, n_test_good=2, n_test_defect=2, seed=1)
     run_dir, summary = train_run(
-        "pixel-gaussian",
-        data,
-        image_size=32,
-        runs_root=tmp_path / "runs",
-        device="cpu",
+        RunSpec(method="pixel-gaussian", data=[data], image_size=32, runs_root=tmp_path / "runs", device="cpu",
+                params={"variance_floor": 0.01}),
         progress=False,
-        method_params={"variance_floor": 0.01},
-    )
+    )  # fmt: skip
     assert summary["n_images"] == 18
     meta = export_run(run_dir, tmp_path / "export", ExportOptions(), log=lambda _: None)
     assert meta.parity["torch_vs_onnxruntime_fp32"]["score_max_rel_error"] < 1e-4

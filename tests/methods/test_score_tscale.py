@@ -21,6 +21,7 @@ from edgead.methods.score_tscale.method import ScoreTScale, rank_feature_maps
 from edgead.metrics import compute_metrics
 from edgead.nn.unet import ScoreUNet, UNetConfig
 from edgead.pipeline import evaluate_run, train_run
+from edgead.spec import RunSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from integration_helpers import train_on_demo_data  # noqa: E402
@@ -245,17 +246,9 @@ def test_bad_parameters_are_named(tmp_path: Path) -> None:
         ({"feature_maps": []}, "feature_maps"),
     ):
         with pytest.raises(ValueError, match=match):
-            train_run(
-                "score-tscale",
-                data,
-                preset="tiny",
-                image_size=32,
-                train_cfg=cfg,
-                method_params=params,
-                runs_root=tmp_path / "runs",
-                device="cpu",
-                progress=False,
-            )
+            spec = RunSpec(method="score-tscale", data=[data], preset="tiny", image_size=32, train=cfg,
+                           params=params, runs_root=tmp_path / "runs", device="cpu")  # fmt: skip
+            train_run(spec, progress=False)
 
 
 @pytest.mark.slow

@@ -268,6 +268,7 @@ def test_predict_writes_csv_json_and_overlays_and_never_overwrites(
     result = CliRunner().invoke(app, args, env={"COLUMNS": "300"})
     assert result.exit_code == 0, result.output
     assert f"{n_images} images, {n_images} anomalous" in result.output  # threshold 0: every image is flagged
+    assert f"predict: {n_images}/{n_images} images (100 %)" in result.output  # progress, as lines off a terminal
     rows = list(csv.DictReader((target / "predictions.csv").open()))
     assert [r["file"] for r in rows] == sorted(p.name for p in folder.glob("*.png"))
     assert all(r["is_anomaly"] == "True" and float(r["threshold"]) == 0.0 for r in rows)

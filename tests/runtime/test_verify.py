@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -48,6 +49,7 @@ def test_verify_passes_on_onnxruntime(export_fp16: Path, precision: str, tmp_pat
     result = runner.invoke(app, [*args, "--json", str(report_path)], env={"COLUMNS": "300"})
     assert result.exit_code == 0, result.output
     assert "PASS" in result.output and f"({precision})" in result.output and "tolerances" in result.output
+    assert re.search(r"verify: (\d+)/\1 calls \(100 %\)", result.output)  # progress with the timed runs
     report = json.loads(report_path.read_text())
     assert report["passed"] and report["parity"]["decision_flips"] == 0
     assert report["backend"]["providers"] == ["CPUExecutionProvider"]
@@ -95,7 +97,7 @@ def test_tensorrt_without_an_engine_or_gpu_exits_2_with_the_reason(export_fp16: 
 def test_device_memory_is_read_from_nvidia_smi_for_this_process(tmp_path: Path, monkeypatch) -> None:
     """The per-process figure comes from `nvidia-smi --query-compute-apps` (a stand-in script prints what the
     driver's tool prints); without the tool the reason is given instead of a number."""
-    from edgead.bench.machine import gpu_memory_used_mb
+    from edgead.runtime.machine import gpu_memory_used_mb
 
     monkeypatch.setenv("PATH", str(tmp_path))
     assert gpu_memory_used_mb(1234)["used_mb"] is None and "nvidia-smi not found" in gpu_memory_used_mb(1234)["reason"]

@@ -17,6 +17,7 @@ from edgead.data.synthetic import generate_dataset
 from edgead.methods.score_resilience.method import dsm_loss
 from edgead.nn.unet import ScoreUNet, UNetConfig
 from edgead.pipeline import TRAIN_LOCK_NAME, RunBusyError, train_run
+from edgead.spec import RunSpec
 from edgead.train.checkpoint import (
     MANIFEST_NAME,
     TRAINING_STATE_DIR,
@@ -118,12 +119,11 @@ def test_a_second_training_into_the_same_run_is_refused(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     cfg = TrainConfig(steps=2, batch_size=4, checkpoint_every=2)
+    spec = RunSpec(data=[data], preset="tiny", image_size=32, train=cfg, out=run_dir, device="cpu")
     with exclusive_lock(run_dir / TRAIN_LOCK_NAME), pytest.raises(RunBusyError, match="another training process"):
-        train_run("score-resilience", data, preset="tiny", image_size=32, train_cfg=cfg, run_dir=run_dir,
-                  device="cpu", progress=False)  # fmt: skip
+        train_run(spec, progress=False)
     assert not (run_dir / "config.json").exists()  # refused before writing anything
-    run, _ = train_run("score-resilience", data, preset="tiny", image_size=32, train_cfg=cfg, run_dir=run_dir,
-                       device="cpu", progress=False)  # fmt: skip
+    run, _ = train_run(spec, progress=False)
     assert (run / "weights.safetensors").is_file()
     with exclusive_lock(run_dir / TRAIN_LOCK_NAME), pytest.raises(RunBusyError):
-        train_run("score-resilience", None, resume=run_dir, device="cpu", progress=False)
+        train_run(RunSpec(device="cpu"), resume=run_dir, progress=False)

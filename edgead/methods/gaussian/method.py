@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,19 +18,17 @@ from sklearn.covariance import LedoitWolf
 from torch import nn
 
 from edgead.config import RunConfig
-from edgead.data.pseudo import pseudo_validation_set
 from edgead.methods.base import FitContext, Method
 from edgead.methods.gaussian.graph import GaussianGraph, StageGaussian
 from edgead.methods.params import at_least, param
 from edgead.methods.scoring import AGGREGATIONS, MapScore, MapScoreParams
-from edgead.metrics import image_auroc
 from edgead.nn.backbones import (
     DEFAULT_BACKBONE,
     DEFAULT_STAGES,
     INPUT_SCALINGS,
     FeatureExtractor,
     InputAdapter,
-    input_normalisation,
+    resolve_input_scaling,
 )
 from edgead.train.checkpoint import load_weights, save_weights
 
@@ -249,14 +247,11 @@ class GaussianOPCA(Method):
         size = self.preprocess_config.image_size
         return None if self.params.image_score == "pooled" else self.params.map_score((size, size))
 
-    def input_scaling(self) -> str:
-        """The concrete input scaling: the parameter, with "auto" resolved from the backbone's weights."""
-        p = self.params
-        return input_normalisation(p.backbone, p.weights) if p.input_scaling == "auto" else p.input_scaling
-
     def build_adapter(self) -> InputAdapter:
-        pre = self.preprocess_config
-        return InputAdapter(pre.mean, pre.std, *INPUT_SCALINGS[self.input_scaling()])
+        p, pre = self.params, self.preprocess_config
+        return InputAdapter.for_scaling(
+            pre.mean, pre.std, resolve_input_scaling(p.input_scaling, p.backbone, p.weights)
+        )
 
     def build_backbone(self, weights: str | Path | None = None) -> FeatureExtractor:
         p = self.params
@@ -274,8 +269,8 @@ class GaussianOPCA(Method):
             raise ValueError(f"the gaussian method needs at least 2 training images, got {len(train_images)}")
         start = time.perf_counter()
         # The run records the concrete scaling, so it does not depend on how "auto" resolves later.
-        self.config.method_params["input_scaling"] = self.input_scaling()
-        self.params = p = self.parse_params(self.config.method_params)
+        self.resolve_params({"input_scaling": resolve_input_scaling(p.input_scaling, p.backbone, p.weights)})
+        p = self.params
         torch.manual_seed(train_cfg.seed)  # makes weights="random" reproducible
         adapter, backbone = self.build_adapter(), self.build_backbone()
         pooled_mode = p.map_statistics == "pooled"
@@ -301,9 +296,8 @@ class GaussianOPCA(Method):
         summary_extra: dict[str, Any] = {}
         if p.opca_fraction == "auto":
             selection = self.select_opca_fraction(ctx, adapter, backbone, pooled)
-            self.config.state["opca_selection"] = selection
-            self.config.method_params["opca_fraction"] = selection["selected"]
-            self.params = p = self.parse_params(self.config.method_params)
+            self.record_choice("opca_selection", selection, {"opca_fraction": selection["selected"]})
+            p = self.params
             summary_extra["opca_selection"] = selection
         projection, fraction = p.projection, float(p.opca_fraction)
         image_fits = [fit_gaussian(vectors, projection, fraction) for vectors in pooled]
@@ -346,27 +340,29 @@ class GaussianOPCA(Method):
         self, ctx: FitContext, adapter: nn.Module, backbone: nn.Module, pooled_train: list[np.ndarray]
     ) -> dict[str, Any]:
         """``opca_fraction="auto"``: the candidate whose image score (eq. 4 on pooled features) best separates
-        the held-out normal images from pseudo-anomalies made from them (LafitE Sec. 3.4); ties go to the
-        earlier candidate. On magnetic_tile this ranking matched the test ranking (README)."""
+        the held-out normal images from pseudo-anomalies made from them (LafitE Sec. 3.4; the shared
+        pseudo-validation service, ``edgead.methods.validation``: image AUROC, earlier candidates win exact
+        ties). The validation features are computed once; each candidate only refits the Gaussians. On
+        magnetic_tile this ranking matched the test ranking (README)."""
         p = self.params
-        rgb, source = self.held_out_normals(ctx, limit=10**6)
-        if len(rgb) < 2:
-            return {"selected": 0.05, "reason": "fewer than two normal images: the paper's 0.05"}
-        images, labels, _ = pseudo_validation_set(rgb, self.preprocess_config, seed=0)
+        validation = self.pseudo_validation_set(ctx)
         pooled_val, _, _ = collect_features(
-            adapter.to(ctx.dist.device), backbone.to(ctx.dist.device), torch.from_numpy(images),
+            adapter.to(ctx.dist.device), backbone.to(ctx.dist.device), torch.from_numpy(validation.images),
             batch_size=ctx.train.batch_size, device=ctx.dist.device, max_map_vectors=0, seed=ctx.train.seed,
         )  # fmt: skip
-        figures = {}
-        for fraction in p.opca_candidates:
-            scores = np.zeros(len(images))
-            for train, val in zip(pooled_train, pooled_val, strict=True):
-                fit = fit_gaussian(train, p.projection, fraction)
-                scores += fit.distances(val)
-            figures[str(fraction)] = round(float(image_auroc(labels, scores)), 4)
-        best = max(p.opca_candidates, key=lambda f: figures[str(f)])
-        return {"selected": best, "pseudo_validation_image_auroc": figures, "validation": source,
-                "n_normal": int((labels == 0).sum()), "n_pseudo": int(labels.sum())}  # fmt: skip
+
+        def pooled_scores(fraction: float) -> Callable[[np.ndarray], tuple[None, np.ndarray]]:
+            def scores(images: np.ndarray) -> tuple[None, np.ndarray]:
+                total = np.zeros(len(images))
+                for train, val in zip(pooled_train, pooled_val, strict=True):
+                    total += fit_gaussian(train, p.projection, fraction).distances(val)
+                return None, total
+
+            return scores
+
+        choice = validation.choose({fraction: pooled_scores(fraction) for fraction in p.opca_candidates})
+        figures = {name: row["image_auroc"] for name, row in choice.by_name().items()}
+        return {"selected": choice.best, "pseudo_validation_image_auroc": figures, **validation.describe()}
 
     def build_graph(self) -> GaussianGraph:
         if self.graph is None:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -19,7 +21,13 @@ from edgead.methods.lafite.memory import EDIT_WEIGHTINGS, FeatureEditor, greedy_
 from edgead.methods.params import at_least, open_unit, param, positive
 from edgead.methods.score_unet import ScoreUNetMethod
 from edgead.methods.scoring import MapScoreParams
-from edgead.nn.backbones import DEFAULT_BACKBONE, INPUT_SCALINGS, FeatureExtractor, InputAdapter, input_normalisation
+from edgead.nn.backbones import (
+    DEFAULT_BACKBONE,
+    INPUT_SCALINGS,
+    FeatureExtractor,
+    InputAdapter,
+    resolve_input_scaling,
+)
 from edgead.nn.unet import UNetConfig
 from edgead.train.checkpoint import load_tensors, save_tensors_atomic
 
@@ -191,16 +199,11 @@ class LafitE(ScoreUNetMethod):
             raise ValueError(f"--param grid={params.grid}: the {preset} U-Net needs a multiple of {factor}")
         return config
 
-    def alpha_bar(self) -> torch.Tensor:
-        return make_alpha_bar(self.params.schedule, self.params.diffusion_steps)
-
-    def input_scaling(self) -> str:
-        p = self.params
-        return input_normalisation(p.backbone, p.weights) if p.input_scaling == "auto" else p.input_scaling
-
     def build_feature_side(self, weights: str | Path | None = None) -> None:
         p, pre = self.params, self.preprocess_config
-        self.adapter = InputAdapter(pre.mean, pre.std, *INPUT_SCALINGS[self.input_scaling()])
+        self.adapter = InputAdapter.for_scaling(
+            pre.mean, pre.std, resolve_input_scaling(p.input_scaling, p.backbone, p.weights)
+        )
         self.backbone = FeatureExtractor(p.backbone, p.stages, p.weights if weights is None else weights)
 
     # -- fit -----------------------------------------------------------------------------------------------
@@ -244,8 +247,8 @@ class LafitE(ScoreUNetMethod):
         if len(ctx.images) < 2:
             raise ValueError(f"lafite needs at least 2 training images, got {len(ctx.images)}")
         start = time.perf_counter()
-        self.config.method_params["input_scaling"] = self.input_scaling()
-        self.params = self.parse_params(self.config.method_params)
+        p = self.params
+        self.resolve_params({"input_scaling": resolve_input_scaling(p.input_scaling, p.backbone, p.weights)})
         torch.manual_seed(ctx.train.seed)  # makes weights="random" reproducible
         self.build_feature_side()
         raw = self.raw_features(ctx.images, ctx.train.batch_size, ctx.dist.device)
@@ -265,55 +268,41 @@ class LafitE(ScoreUNetMethod):
 
     def loss(self, net: nn.Module, batch: torch.Tensor) -> torch.Tensor:
         """Eq. 6 (the shared DDPM objective, ``edgead.diffusion.schedules.ddpm_eps_loss``)."""
-        return ddpm_eps_loss(net, batch, self.alpha_bar())
+        return ddpm_eps_loss(net, batch, make_alpha_bar(self.params.schedule, self.params.diffusion_steps))
 
     def after_training(self, ctx: FitContext) -> dict[str, Any]:
         """Sec. 4.5: tau first (without editing), then K (with editing), each the candidate with the best
-        pseudo-validation image AUROC (pixel AUROC breaks ties; earlier candidates win exact ties)."""
+        pseudo-validation image AUROC (the shared service, ``edgead.methods.validation``: pixel AUROC breaks
+        ties, earlier candidates win exact ties). The set's features are extracted once for every candidate."""
         p = self.params
         if p.tau != "auto" and (p.k != "auto" or not p.edit):
             return {}
-        from edgead.data.pseudo import pseudo_validation_set
-        from edgead.tune import pseudo_figures
+        validation = self.pseudo_validation_set(self._pixel_ctx, limit=200)
+        record: dict[str, Any] = validation.describe()
+        self.unet.eval()
+        x0 = self.standardiser(self.raw_features(validation.images, 16, torch.device("cpu")))
 
-        rgb, source = self.held_out_normals(self._pixel_ctx, limit=200)
-        record: dict[str, Any] = {"validation": source}
-        if len(rgb) < 2:
-            chosen = {"tau": p.tau_candidates[len(p.tau_candidates) // 2], "k": p.k_candidates[0]}
-            record["reason"] = "fewer than two normal images: the middle tau and the first K candidate"
-        else:
-            images, labels, masks = pseudo_validation_set(rgb, self.preprocess_config, seed=0)
-            record.update({"n_normal": int((labels == 0).sum()), "n_pseudo": int(labels.sum())})
-            self.unet.eval()
-            x0 = self.standardiser(self.raw_features(images, 16, torch.device("cpu")))
-
-            def evaluate(tau: int, k: int | None) -> dict[str, float]:
+        def candidate(tau: int, k: int | None) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+            @torch.no_grad()
+            def outputs(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # from x0, the images' features
                 graph = self.graph_for(tau=tau, k=k, edit=k is not None)
-                with torch.no_grad():
-                    outputs = [graph.score_features(x0[i : i + 16]) for i in range(0, len(x0), 16)]
-                maps = torch.cat([m for m, _ in outputs]).numpy()
-                return pseudo_figures(labels, masks, maps, torch.cat([s for _, s in outputs]).numpy())
+                parts = [graph.score_features(x0[i : i + 16]) for i in range(0, len(x0), 16)]
+                return torch.cat([m for m, _ in parts]).numpy(), torch.cat([s for _, s in parts]).numpy()
 
-            def best(rows: dict[int, dict[str, float]]) -> int:
-                return max(rows, key=lambda v: (rows[v]["image_auroc"], rows[v]["pixel_auroc"]))
+            return outputs
 
-            chosen = {}
-            if p.tau == "auto":
-                rows = {tau: evaluate(tau, None) for tau in p.tau_candidates}
-                record["tau"] = {str(t): r for t, r in rows.items()}
-                chosen["tau"] = best(rows)
-            tau = chosen.get("tau", p.tau)
-            if p.k == "auto" and p.edit:
-                rows = {k: evaluate(tau, k) for k in p.k_candidates if k <= len(self.coreset)}
-                record["k"] = {str(k): r for k, r in rows.items()}
-                chosen["k"] = best(rows)
+        chosen = {}
+        if p.tau == "auto":
+            choice = validation.choose({tau: candidate(tau, None) for tau in p.tau_candidates})
+            record["tau"], chosen["tau"] = choice.by_name(), choice.best
+        tau = chosen.get("tau", p.tau)
+        if p.k == "auto" and p.edit:
+            choice = validation.choose({k: candidate(tau, k) for k in p.k_candidates if k <= len(self.coreset)})
+            record["k"], chosen["k"] = choice.by_name(), choice.best
         if p.k == "auto" and not p.edit:
             chosen["k"] = p.k_candidates[0]  # unused without editing; keeps the run concrete
-        chosen = {key: value for key, value in chosen.items() if getattr(p, key) == "auto"}
         record["chosen"] = chosen
-        self.config.state["selection"] = record
-        self.config.method_params.update(chosen)
-        self.params = self.parse_params(self.config.method_params)
+        self.record_choice("selection", record, chosen)
         return {"selection": record}
 
     # -- graph ---------------------------------------------------------------------------------------------
@@ -337,7 +326,7 @@ class LafitE(ScoreUNetMethod):
             unet=self.unet,
             editor=editor,
             grid=p.grid,
-            alpha_bar=self.alpha_bar(),
+            alpha_bar=make_alpha_bar(p.schedule, p.diffusion_steps),
             tau=tau,
             ddim_steps=p.ddim_steps,
             image_size=size,

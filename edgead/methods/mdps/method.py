@@ -16,7 +16,13 @@ from edgead.methods.mdps.graph import GUIDANCE_NORMS, GUIDANCES, MDPSGraph, Pixe
 from edgead.methods.params import at_least, open_unit, param
 from edgead.methods.score_unet import ScoreUNetMethod
 from edgead.methods.scoring import AGGREGATIONS, MapScoreParams
-from edgead.nn.backbones import DEFAULT_BACKBONE, INPUT_SCALINGS, FeatureExtractor, InputAdapter, input_normalisation
+from edgead.nn.backbones import (
+    DEFAULT_BACKBONE,
+    INPUT_SCALINGS,
+    FeatureExtractor,
+    InputAdapter,
+    resolve_input_scaling,
+)
 from edgead.nn.unet import UNetConfig
 from edgead.train.checkpoint import load_tensors, save_tensors_atomic
 
@@ -159,31 +165,25 @@ class MDPS(ScoreUNetMethod):
         config.time_embedding = "sinusoidal"
         return config
 
-    def alpha_bar(self) -> torch.Tensor:
-        return make_alpha_bar(self.params.schedule, self.params.diffusion_steps)
-
     def scaler(self) -> PixelScaler:
         pre = self.preprocess_config
         return PixelScaler(pre.mean, pre.std)
 
-    def input_scaling(self) -> str:
-        p = self.params
-        return input_normalisation(p.backbone, p.weights) if p.input_scaling == "auto" else p.input_scaling
-
     def adapter(self) -> InputAdapter:
         """The model's [-1, 1] pixels -> the backbone's input scaling (grayscale replicated to RGB)."""
-        channels = self.preprocess_config.channels
-        return InputAdapter((0.5,) * channels, (0.5,) * channels, *INPUT_SCALINGS[self.input_scaling()])
+        p, channels = self.params, self.preprocess_config.channels
+        scaling = resolve_input_scaling(p.input_scaling, p.backbone, p.weights)
+        return InputAdapter.for_scaling((0.5,) * channels, (0.5,) * channels, scaling)
 
     def loss(self, net: nn.Module, batch: torch.Tensor) -> torch.Tensor:
         """Eq. 5 (the DDPM objective, ``edgead.diffusion.schedules.ddpm_eps_loss``) on [-1, 1] pixels."""
         scaler = self.scaler().to(batch.device)
-        return ddpm_eps_loss(net, scaler(batch), self.alpha_bar())
+        return ddpm_eps_loss(net, scaler(batch), make_alpha_bar(self.params.schedule, self.params.diffusion_steps))
 
     def fit(self, ctx: FitContext) -> dict[str, Any]:
         """Load the perceptual network (saved into the run), then train the prior with the shared loop."""
-        self.config.method_params["input_scaling"] = self.input_scaling()
-        self.params = self.parse_params(self.config.method_params)
+        p = self.params
+        self.resolve_params({"input_scaling": resolve_input_scaling(p.input_scaling, p.backbone, p.weights)})
         with torch.random.fork_rng(devices=[]):
             self.backbone = FeatureExtractor(self.params.backbone, self.params.stages, self.params.weights).eval()
         if self.run_dir is not None and ctx.dist.is_main:
@@ -198,7 +198,7 @@ class MDPS(ScoreUNetMethod):
             backbone=self.backbone,
             scaler=self.scaler(),
             adapter=self.adapter(),
-            alpha_bar=self.alpha_bar(),
+            alpha_bar=make_alpha_bar(p.schedule, p.diffusion_steps),
             noise_level=p.noise_level,
             steps=p.steps,
             rho=p.rho,

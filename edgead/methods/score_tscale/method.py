@@ -11,14 +11,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgead.data.pseudo import pseudo_validation_set
 from edgead.diffusion.sde import SDE, broadcast_like, perturb
 from edgead.methods.base import FitContext
 from edgead.methods.params import at_least, param, positive
 from edgead.methods.score_tscale.graph import COMBINES, SAMPLERS, ScoreTScaleGraph
 from edgead.methods.score_unet import ScoreUNetMethod
 from edgead.methods.scoring import MapScoreParams
-from edgead.metrics import image_auroc, pixel_auroc
+from edgead.methods.validation import pseudo_figures, ranked
 from edgead.nn.unet import UNetConfig
 
 SDE_KINDS = ("ve", "vp", "subvp")
@@ -97,10 +96,11 @@ def rank_feature_maps(
 ) -> tuple[list[str], dict[str, Any]]:
     """Choose feature taps on a pseudo-anomaly validation set (our addition; the paper picks by hand).
 
-    Each candidate's upsampled distance map is scored by ``(image AUROC + pixel AUROC) / 2`` on
-    held-out normal images (label 0) and pseudo-anomalies (label 1, with masks); the candidates are
-    ranked, then the best-ranked prefix of length 1..``keep`` whose combined map (``combine``) scores
-    highest is kept.
+    Each candidate's upsampled distance map, with its maximum as the image score, is scored by the shared
+    pseudo-validation figures (``edgead.methods.validation``, rule ``"mean"``: ``(image AUROC + pixel
+    AUROC) / 2``) on held-out normal images (label 0) and pseudo-anomalies (label 1, with masks); the
+    candidates are ranked, then the best-ranked prefix of length 1..``keep`` whose combined map
+    (``combine``) scores highest is kept (earlier candidates and shorter prefixes win exact ties).
 
     Args:
         maps: Candidate name -> (N, S, S) map at image size.
@@ -113,22 +113,19 @@ def rank_feature_maps(
         ``(selected names, record)``; the record holds every candidate's and prefix's validation AUROCs.
     """
 
-    def quality(m: np.ndarray) -> dict[str, float]:
-        scores = m.reshape(len(m), -1).max(axis=1)
-        img = image_auroc(labels, scores)
-        pix = pixel_auroc(masks[labels == 1], m[labels == 1])
-        return {"image_auroc": round(img, 4), "pixel_auroc": round(pix, 4), "criterion": round((img + pix) / 2, 4)}
+    def quality(m: np.ndarray) -> dict[str, Any]:
+        return pseudo_figures(labels, masks, m, m.reshape(len(m), -1).max(axis=1), rule="mean")
 
     candidates = {name: quality(m) for name, m in maps.items()}
-    ranked = sorted(candidates, key=lambda n: candidates[n]["criterion"], reverse=True)
+    order = ranked(candidates, "mean")
     prefixes = {}
-    for k in range(1, min(keep, len(ranked)) + 1):
+    for k in range(1, min(keep, len(order)) + 1):
         combined = None
-        for name in ranked[:k]:
+        for name in order[:k]:
             m = maps[name].astype(np.float64)
             combined = m if combined is None else (combined * m if combine == "product" else combined + m)
-        prefixes[",".join(ranked[:k])] = quality(combined)
-    best = max(prefixes, key=lambda key: prefixes[key]["criterion"])
+        prefixes[",".join(order[:k])] = quality(combined)
+    best = ranked(prefixes, "mean")[0]
     return best.split(","), {"candidates": candidates, "prefixes": prefixes, "selected": best.split(",")}
 
 
@@ -174,7 +171,8 @@ class ScoreTScale(ScoreUNetMethod):
             start = time.perf_counter()
             selection = self.select_feature_maps(ctx, device=ctx.dist.device)
             selection["seconds"] = round(time.perf_counter() - start, 1)
-            self.config.state["feature_selection"] = selection
+            # feature_maps stays "auto" in method_params; build_graph reads the selection from the state.
+            self.record_choice("feature_selection", selection)
             summary["feature_maps"] = selection["selected"]
             summary["feature_selection_auroc"] = selection["prefixes"][",".join(selection["selected"])]
         return summary
@@ -190,14 +188,13 @@ class ScoreTScale(ScoreUNetMethod):
 
     @torch.no_grad()
     def select_feature_maps(self, ctx: FitContext, device: str | torch.device = "cpu") -> dict[str, Any]:
-        """``feature_maps="auto"``: rank every candidate tap on pseudo-anomalies (see :func:`rank_feature_maps`)."""
+        """``feature_maps="auto"``: rank every candidate tap on pseudo-anomalies (see :func:`rank_feature_maps`);
+        one pass of the graph over the set gives every tap's map."""
         p = self.params
         candidates = p.auto_candidates or list(self.unet.feature_names())
         graph = self._graph(candidates).to(device).eval()
-        rgb, source = self.held_out_normals(ctx, limit=p.auto_pseudo)
-        if len(rgb) < 2:
-            raise ValueError('feature_maps="auto" needs at least two normal images for pseudo-anomalies')
-        images, labels, masks = pseudo_validation_set(rgb, self.preprocess_config, seed=0)
+        validation = self.pseudo_validation_set(ctx, limit=p.auto_pseudo)
+        images = validation.images
         size = images.shape[-1]
         maps: dict[str, list[np.ndarray]] = {name: [] for name in candidates}
         for start in range(0, len(images), 8):
@@ -206,8 +203,8 @@ class ScoreTScale(ScoreUNetMethod):
                 maps[name].append(graph.smooth(graph.combine_maps([d], size))[:, 0].float().cpu().numpy())
         stacked = {name: np.concatenate(parts) for name, parts in maps.items()}
         graph.cpu()
-        _, record = rank_feature_maps(stacked, labels, masks, p.combine, p.auto_keep)
-        record.update({"validation": source, "n_normal": int((labels == 0).sum()), "n_pseudo": int(labels.sum())})
+        _, record = rank_feature_maps(stacked, validation.labels, validation.masks, p.combine, p.auto_keep)
+        record.update(validation.describe())
         return record
 
     def _graph(self, feature_maps: Sequence[str]) -> ScoreTScaleGraph:

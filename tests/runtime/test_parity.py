@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgead.export.parity import FP32_SCORE_RTOL, compare, fp32_envelope
+from edgead.runtime.parity import FP32_SCORE_RTOL, compare, fp32_envelope
 
 
 def test_envelope_accepts_an_export_as_exact_as_pytorch_fp32() -> None:

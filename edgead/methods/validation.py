@@ -1,0 +1,191 @@
+"""The one pseudo-validation service: every automatic choice of a method and ``edgead tune`` go through it.
+
+A user has only normal images, so a free setting is chosen as LafitE does (Sec. 3.4, Fig. 6): on the run's
+held-out normal images (label 0) plus as many pseudo-anomalies made from them (label 1, with masks;
+:func:`edgead.data.pseudo.pseudo_validation_set`, seed 0). Never on test data.
+
+- The set is built once per choice (:meth:`edgead.methods.base.Method.pseudo_validation_set`).
+- A candidate is an inference graph (``forward(image) -> (anomaly_map, score)``) or a callable that
+  takes the set's preprocessed images and gives ``(maps or None, scores)``.
+- Its figures are computed one way (:func:`pseudo_figures`): image AUROC over all images and pixel AUROC
+  over the pseudo-anomalies (maps resized to the masks), each rounded to four digits.
+- The choice is the best candidate by a named rule (:data:`RULES`), the earlier candidate winning exact ties.
+- The record goes into the run's state (:meth:`edgead.methods.base.Method.record_choice`).
+
+Example:
+    >>> validation = method.pseudo_validation_set(ctx, limit=200)  # doctest: +SKIP
+    >>> choice = validation.choose({tau: method.graph_for(tau=tau) for tau in (50, 100)})  # doctest: +SKIP
+    >>> choice.best, choice.rows[choice.best]["image_auroc"]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgead.data.preprocess import PreprocessConfig
+from edgead.data.pseudo import pseudo_validation_set
+from edgead.metrics import image_auroc, pixel_auroc
+
+K = TypeVar("K", bound=Hashable)
+#: A candidate: an inference graph, or a callable taking the set's preprocessed images ``(N, C, S, S)`` and
+#: giving ``(maps (N, H, W) or None, scores (N,))`` (e.g. from features it computed once for every candidate).
+Candidate = nn.Module | Callable[[np.ndarray], tuple[np.ndarray | None, np.ndarray]]
+
+#: How candidates are ranked, by name -> the figures that decide, in order. ``image_then_pixel``: image
+#: AUROC, pixel AUROC breaking ties (LafitE Sec. 4.5; ``edgead tune``; a candidate without maps ranks by
+#: image AUROC alone). ``mean``: ``(image AUROC + pixel AUROC) / 2`` (score-tscale's feature maps).
+RULES: dict[str, tuple[str, ...]] = {"image_then_pixel": ("image_auroc", "pixel_auroc"), "mean": ("criterion",)}
+#: What ``edgead tune`` and the records say the default rule is.
+CRITERION = "pseudo-validation image AUROC, then pixel AUROC"
+
+
+@torch.no_grad()
+def run_graph(
+    graph: nn.Module,
+    images: np.ndarray | torch.Tensor,
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+    on_batch: Callable[[int], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Run an inference graph over preprocessed images in batches; return ``(maps (N,H,W), scores (N,))``.
+    ``on_batch`` receives the number of images of each finished batch (progress)."""
+    graph = graph.to(device).eval()
+    tensor = torch.as_tensor(images)
+    maps, scores = [], []
+    for start in range(0, len(tensor), batch_size):
+        batch = tensor[start : start + batch_size].to(device)
+        anomaly_map, score = graph(batch)
+        maps.append(anomaly_map.float().cpu().numpy())
+        scores.append(score.float().cpu().numpy())
+        if on_batch is not None:
+            on_batch(len(batch))
+    if not maps:
+        raise ValueError("no images to run")
+    return np.concatenate(maps), np.concatenate(scores)
+
+
+def pseudo_figures(
+    labels: np.ndarray, masks: np.ndarray, maps: np.ndarray | None, scores: np.ndarray, rule: str = "image_then_pixel"
+) -> dict[str, Any]:
+    """Image AUROC over all images and pixel AUROC over the pseudo-anomalies (maps resized to the masks),
+    rounded to four digits, with the set's counts; ``rule="mean"`` adds ``criterion``, the mean of the two
+    unrounded AUROCs, rounded. Without maps only the image AUROC."""
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {', '.join(RULES)}, got {rule!r}")
+    defect = labels == 1
+    image = float(image_auroc(labels, scores))
+    figures: dict[str, Any] = {"image_auroc": round(image, 4)}
+    if maps is not None:
+        if maps.shape[-2:] != masks.shape[-2:]:  # a map at another size (e.g. score-resilience map_size)
+            import cv2
+
+            maps = np.stack([cv2.resize(m, masks.shape[-2:][::-1], interpolation=cv2.INTER_LINEAR) for m in maps])
+        pixel = float(pixel_auroc(masks[defect], maps[defect]))
+        figures["pixel_auroc"] = round(pixel, 4)
+        if rule == "mean":
+            figures["criterion"] = round((image + pixel) / 2, 4)
+    figures.update({"n_normal": int((~defect).sum()), "n_pseudo": int(defect.sum())})
+    return figures
+
+
+def ranked(rows: Mapping[K, dict[str, Any]], rule: str = "image_then_pixel") -> list[K]:
+    """The candidates best first by ``rule`` (:data:`RULES`); a stable sort, so exact ties keep their order."""
+    keys = RULES[rule]
+    return sorted(rows, key=lambda name: tuple(rows[name][k] for k in keys if k in rows[name]), reverse=True)
+
+
+@dataclass(frozen=True)
+class Choice(Generic[K]):
+    """The outcome of :meth:`PseudoValidationSet.choose`: the best candidate and every candidate's figures."""
+
+    best: K
+    rows: dict[K, dict[str, Any]]
+
+    def by_name(self) -> dict[str, dict[str, Any]]:
+        """The rows keyed by ``str(candidate)``, as ``config.json`` records them."""
+        return {str(name): row for name, row in self.rows.items()}
+
+
+@dataclass(frozen=True)
+class PseudoValidationSet:
+    """Held-out normal images and as many pseudo-anomalies made from them, preprocessed, with where the
+    normal images came from (LafitE Sec. 3.4)."""
+
+    images: np.ndarray  # (N, C, S, S) float32, preprocessed
+    labels: np.ndarray  # (N,) int: 0 normal, 1 pseudo-anomaly
+    masks: np.ndarray  # (N, S, S) bool, all False for the normal images
+    source: str  # e.g. "10 held-out normal images"
+
+    @classmethod
+    def from_normals(
+        cls, normal_rgb: Sequence[np.ndarray], pre: PreprocessConfig, source: str, seed: int = 0
+    ) -> PseudoValidationSet:
+        """Build the set from at least two uint8 RGB normal images at the input size."""
+        images, labels, masks = pseudo_validation_set(normal_rgb, pre, seed=seed)
+        return cls(images, labels, masks, source)
+
+    @property
+    def n_normal(self) -> int:
+        return int((self.labels == 0).sum())
+
+    @property
+    def n_pseudo(self) -> int:
+        return int((self.labels == 1).sum())
+
+    def describe(self) -> dict[str, Any]:
+        """What a choice's record says about the set: ``validation`` (the source), ``n_normal``, ``n_pseudo``."""
+        return {"validation": self.source, "n_normal": self.n_normal, "n_pseudo": self.n_pseudo}
+
+    def figures(self, maps: np.ndarray | None, scores: np.ndarray, rule: str = "image_then_pixel") -> dict[str, Any]:
+        """:func:`pseudo_figures` of outputs on this set's images."""
+        return pseudo_figures(self.labels, self.masks, maps, np.asarray(scores), rule)
+
+    def evaluate(
+        self,
+        candidate: Candidate,
+        *,
+        rule: str = "image_then_pixel",
+        batch_size: int = 8,
+        device: str | torch.device = "cpu",
+    ) -> dict[str, Any]:
+        """Run one candidate on the set (a graph in batches of ``batch_size`` on ``device``) and return its figures."""
+        if isinstance(candidate, nn.Module):
+            maps, scores = run_graph(candidate, self.images, batch_size=batch_size, device=device)
+        else:
+            maps, scores = candidate(self.images)
+        return self.figures(maps, scores, rule)
+
+    def choose(
+        self,
+        candidates: Mapping[K, Candidate],
+        *,
+        rule: str = "image_then_pixel",
+        batch_size: int = 8,
+        device: str | torch.device = "cpu",
+    ) -> Choice[K]:
+        """Evaluate every candidate in order and choose the best by ``rule`` (earlier candidates win exact ties)."""
+        if not candidates:
+            raise ValueError("no candidates to choose from")
+        rows = {
+            name: self.evaluate(candidate, rule=rule, batch_size=batch_size, device=device)
+            for name, candidate in candidates.items()
+        }
+        return Choice(ranked(rows, rule)[0], rows)
+
+
+__all__ = [
+    "CRITERION",
+    "RULES",
+    "Candidate",
+    "Choice",
+    "PseudoValidationSet",
+    "pseudo_figures",
+    "ranked",
+    "run_graph",
+]
