@@ -452,11 +452,13 @@ def _method_info(name: str) -> None:
 
     cls = get_method(name)
     table = Table(title=f"{cls.name}: {cls.paper} - {cls.summary}")
-    for column in ("parameter", "default", "paper", "meaning"):
+    for column in ("parameter", "default", "paper", "meaning", "default from"):
         table.add_column(column, overflow="fold")
     for row in cls.Params.describe():
         meaning = row["doc"] + (f" (one of {', '.join(map(str, row['choices']))})" if row["choices"] else "")
-        table.add_row(row["name"], json.dumps(row["default"]), row["ref"], meaning)
+        origin = row["origin"] or "not stated"
+        source = origin + (f": {row['why']}" if row["why"] else "")
+        table.add_row(row["name"], json.dumps(row["default"]), row["ref"], meaning, source)
     console.print(table)
     console.print(
         f"set with `edgead train --method {cls.name} --param NAME=VALUE` (VALUE in JSON, e.g. a number, "

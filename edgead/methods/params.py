@@ -30,6 +30,15 @@ class ParamError(ValueError):
     """A method hyperparameter is unknown, of the wrong type or out of range."""
 
 
+#: Where a default may come from (issue: no default is justified by a test figure).
+ORIGINS: dict[str, str] = {
+    "paper": "the paper's value (the section is in ref)",
+    "backbone": "the pretrained backbone's own convention",
+    "pseudo-validation": "chosen per run on held-out normals + pseudo-anomalies (an 'auto' value)",
+    "engineering": "an engineering choice, reasoned or measured without test data (why says which)",
+}
+
+
 def param(
     default: Any,
     doc: str,
@@ -37,10 +46,23 @@ def param(
     *,
     choices: Sequence[Any] | None = None,
     check: Check | None = None,
+    origin: str | None = None,
+    why: str = "",
 ) -> Any:
     """A documented hyperparameter field: ``doc`` says what it is, ``ref`` where in the paper it comes
-    from (or "ours" for a choice the paper leaves open). Mutable defaults (lists) are copied per instance."""
-    metadata = {"doc": doc, "ref": ref, "choices": tuple(choices) if choices else None, "check": check}
+    from (or "ours" for a choice the paper leaves open), ``origin`` where its default comes from (one of
+    :data:`ORIGINS`) and ``why`` the reason, required unless the default is the paper's. Mutable defaults
+    (lists) are copied per instance."""
+    if origin is not None and origin not in ORIGINS:
+        raise ValueError(f"origin {origin!r}: expected one of {', '.join(ORIGINS)}")
+    metadata = {
+        "doc": doc,
+        "ref": ref,
+        "choices": tuple(choices) if choices else None,
+        "check": check,
+        "origin": origin,
+        "why": why,
+    }
     if isinstance(default, list | dict):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -160,7 +182,8 @@ class MethodParams:
 
     @classmethod
     def describe(cls) -> list[dict[str, Any]]:
-        """One row per field: name, default, meaning, paper reference, allowed values."""
+        """One row per field: name, default, meaning, paper reference, allowed values, where the default
+        comes from (``origin``, ``why``)."""
         rows = []
         for field in dataclasses.fields(cls):
             default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
@@ -171,9 +194,11 @@ class MethodParams:
                     "doc": field.metadata.get("doc", ""),
                     "ref": field.metadata.get("ref", ""),
                     "choices": field.metadata.get("choices"),
+                    "origin": field.metadata.get("origin"),
+                    "why": field.metadata.get("why", ""),
                 }
             )
         return rows
 
 
-__all__ = ["MethodParams", "ParamError", "at_least", "open_unit", "param", "positive"]
+__all__ = ["ORIGINS", "MethodParams", "ParamError", "at_least", "open_unit", "param", "positive"]
