@@ -117,6 +117,9 @@ SPEC_OPTIONS: tuple[SpecOption, ...] = (
     SpecOption("channels", int, typer.Option(3, "--channels", help="3 for RGB, 1 to train on grayscale."), "channels"),
     SpecOption("steps", int, typer.Option(
         20000, "--steps", help="Optimiser steps (methods that train a network)."), "train.steps"),
+    SpecOption("epochs", int | None, typer.Option(
+        None, "--epochs", help="Train this many passes over the images instead of --steps (steps derived from the "
+        "data set size; the score-resilience paper's recipe is 3000 epochs)."), "train.epochs"),
     SpecOption("batch_size", int, typer.Option(
         16, "--batch-size", help="Images per step (per process under torchrun)."), "train.batch_size"),
     SpecOption("lr", float, typer.Option(1e-4, "--lr", help="AdamW learning rate."), "train.lr"),
@@ -129,7 +132,8 @@ SPEC_OPTIONS: tuple[SpecOption, ...] = (
     SpecOption("ema_decay", float, typer.Option(
         0.9999, "--ema-decay", help="EMA decay of the weights used for evaluation."), "train.ema_decay"),
     SpecOption("grad_clip", float, typer.Option(
-        1.0, "--grad-clip", help="Gradient norm clip (0 disables)."), "train.grad_clip"),
+        1.0, "--grad-clip", help="Gradient norm clip (ours, in no paper: a safeguard; 0 disables)."),
+        "train.grad_clip"),
     SpecOption("seed", int, typer.Option(0, "--seed", help="Seed for weights, batches and noise."), "train.seed"),
     SpecOption("max_time", float | None, typer.Option(
         None, "--max-time", help="Stop training after this many seconds even if steps remain."), "train.max_time_s"),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -119,6 +121,17 @@ def train_run(
                 raise DatasetLayoutError(f"{root}: no training images left after holding out {val_fraction:.0%}")
             train_samples += kept
             val_samples += held
+        if resume is None and train_cfg.epochs is not None:  # a resumed run recorded its derived steps
+            per_step = train_cfg.batch_size * dist_info.world_size
+            train_cfg = dataclasses.replace(
+                train_cfg, steps=max(1, math.ceil(train_cfg.epochs * len(train_samples) / per_step))
+            )
+            config.train = asdict(train_cfg)
+            if dist_info.is_main and on_event is not None:
+                on_event(
+                    f"{train_cfg.epochs} epochs of {len(train_samples)} images at batch {per_step}: "
+                    f"{train_cfg.steps} steps"
+                )
         pre = PreprocessConfig.from_dict(config.preprocess)
         warnings = [w for w in [upscale_warning([s.path for s in train_samples], pre.image_size)] if w]
         if dist_info.is_main and on_event is not None:

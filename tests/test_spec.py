@@ -119,3 +119,18 @@ def test_train_config_errors_are_clear_and_leave_nothing(data: Path, tmp_path: P
     old = {"method": "gaussian", "preprocess": {"image_size": 32}, "method_params": {}, "data": {"root": str(data)}}
     old_style = _write(tmp_path / "config.json", json.dumps(old))
     assert RunSpec.load(old_style).data == [str(data)]  # a run made before specs were recorded
+
+
+def test_epochs_derive_the_steps_from_the_training_set(data: Path, tmp_path: Path) -> None:
+    """The score-resilience paper states its length in epochs (Sec. 5.3: 3000): steps = ceil(epochs * n / batch)."""
+    args = ["train", "--method", "gaussian", "--data", str(data), "--image-size", "32", "--param", "opca_fraction=0.05"]
+    result = runner.invoke(
+        app, [*args, "--epochs", "2", "--batch-size", "4", "--val-fraction", "0.25", "--out", str(tmp_path / "r")]
+    )
+    assert result.exit_code == 0, result.output
+    config = RunConfig.load(tmp_path / "r")
+    assert config.data["n_train"] == 9 and config.train["epochs"] == 2
+    assert config.train["steps"] == 5  # ceil(2 * 9 / 4)
+    assert "2 epochs of 9 images at batch 4: 5 steps" in " ".join(result.output.split())
+    bad = runner.invoke(app, [*args, "--epochs", "0", "--out", str(tmp_path / "r0")])
+    assert bad.exit_code == 2 and "epochs must be >= 1, got 0" in bad.output

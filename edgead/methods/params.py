@@ -38,6 +38,12 @@ ORIGINS: dict[str, str] = {
     "engineering": "an engineering choice, reasoned or measured without test data (why says which)",
 }
 
+#: ``why`` of every noise seed's default (origin "engineering").
+FIXED_SEED = (
+    "any fixed seed: the noise becomes a buffer of the graph, so PyTorch, ONNX Runtime and TensorRT compute the "
+    "same function"
+)
+
 
 def param(
     default: Any,
@@ -201,4 +207,4 @@ class MethodParams:
         return rows
 
 
-__all__ = ["ORIGINS", "MethodParams", "ParamError", "at_least", "open_unit", "param", "positive"]
+__all__ = ["FIXED_SEED", "ORIGINS", "MethodParams", "ParamError", "at_least", "open_unit", "param", "positive"]

@@ -13,7 +13,7 @@ from edgead.config import RunConfig
 from edgead.diffusion.schedules import ddpm_eps_loss, make_alpha_bar
 from edgead.methods.base import FitContext
 from edgead.methods.mdps.graph import GUIDANCE_NORMS, GUIDANCES, MDPSGraph, PixelScaler
-from edgead.methods.params import at_least, open_unit, param
+from edgead.methods.params import FIXED_SEED, at_least, open_unit, param
 from edgead.methods.score_unet import ScoreUNetMethod
 from edgead.methods.scoring import AGGREGATIONS, MapScoreParams
 from edgead.nn.backbones import (
@@ -56,30 +56,57 @@ class MDPSParams(MapScoreParams):
         "image score: the mean of the S largest pixels (topk_mean), max or interior_max",
         "Sec. 4.3",
         choices=AGGREGATIONS,
+        origin="paper",
     )
     noise_level: int = param(
-        200, "noise level T the test image is diffused to (of diffusion_steps)", "Sec. 5, Alg. 1", check=at_least(1)
+        200,
+        "noise level T the test image is diffused to (of diffusion_steps)",
+        "Sec. 5, Alg. 1",
+        check=at_least(1),
+        origin="paper",
     )
     steps: int = param(
-        10, "sampling times N: DDIM updates from T to 0, unrolled in the graph", "Sec. 5, Alg. 1", check=at_least(1)
+        10,
+        "sampling times N: DDIM updates from T to 0, unrolled in the graph",
+        "Sec. 5, Alg. 1",
+        check=at_least(1),
+        origin="paper",
     )
     rho: float = param(
         100.0,
         "guidance scale rho (0: no posterior, the 'w/o posterior' ablation)",
         "eq. 16, Sec. 5.2",
         check=at_least(0.0),
+        origin="paper",
     )
     n_samples: int = param(
-        1, "posterior samples N_s per image, batched (the paper: 1 and 16)", "eq. 19, Table 1, 5", check=at_least(1)
+        1,
+        "posterior samples N_s per image, batched (the paper: 1 and 16)",
+        "eq. 19, Table 1, 5",
+        check=at_least(1),
+        origin="paper",
     )
     mask_lambda: float = param(
-        0.3, "lambda of the mask threshold (the paper gives no value; README)", "eq. 20", check=open_unit
+        0.3,
+        "lambda of the mask threshold (the paper gives no value; README)",
+        "eq. 20",
+        check=open_unit,
+        origin="engineering",
+        why="the paper gives no value; measured on generated defects (mdps_choices_*.json), no test data",
     )
     mask: bool = param(
-        True, "two passes with eq. 20's mask (false: m = 1, the 'w/o mask' ablation)", "Sec. 4.3, Fig. 4"
+        True,
+        "two passes with eq. 20's mask (false: m = 1, the 'w/o mask' ablation)",
+        "Sec. 4.3, Fig. 4",
+        origin="paper",
     )
     eta: float = param(
-        1.0, "weight eta of the pixel-level L1 term (the paper gives no value; README)", "eq. 18", check=at_least(0.0)
+        1.0,
+        "weight eta of the pixel-level L1 term (the paper gives no value; README)",
+        "eq. 18",
+        check=at_least(0.0),
+        origin="engineering",
+        why="the paper gives no value; measured on generated defects (mdps_choices_*.json), no test data",
     )
     guidance: str = param(
         "exact",
@@ -87,38 +114,71 @@ class MDPSParams(MapScoreParams):
         "network call per step",
         "eq. 16 / ours",
         choices=GUIDANCES,
+        origin="paper",
     )
     guidance_norm: str = param(
         "l2",
         "l2: ||y - x0|| (the released code, per image, at 3x224x224); squared: eq. 16 as printed",
         "eq. 16 / released code",
         choices=GUIDANCE_NORMS,
+        origin="paper",
     )
     ddim_eta: float = param(
         0.0,
         "DDIM stochasticity of sigma_t (0: deterministic; 1: the released code)",
         "Alg. 1 l. 11",
         check=at_least(0.0),
+        origin="paper",
     )
-    schedule: str = param("linear", "noise schedule of the prior", "DDPM [Ho 2020]", choices=("linear", "cosine"))
-    diffusion_steps: int = param(1000, "diffusion steps of the prior", "Sec. 5", check=at_least(2))
+    schedule: str = param(
+        "linear", "noise schedule of the prior", "DDPM [Ho 2020]", choices=("linear", "cosine"), origin="paper"
+    )
+    diffusion_steps: int = param(1000, "diffusion steps of the prior", "Sec. 5", check=at_least(2), origin="paper")
     backbone: str = param(
-        DEFAULT_BACKBONE, "timm network of the perceptual term (the paper: Wide-ResNet-101)", "eq. 18"
+        DEFAULT_BACKBONE,
+        "timm network of the perceptual term (the paper: Wide-ResNet-101)",
+        "eq. 18",
+        origin="engineering",
+        why=(
+            "the paper's Wide-ResNet-50 weights cannot ship; EfficientNet-Lite0's "
+            "ImageNet weights are bundled (a user may pass another timm network and "
+            "weights file)"
+        ),
     )
-    weights: str = param("imagenet", '"imagenet" (the shipped Lite0 weights), "random", or a weights file', "ours")
+    weights: str = param(
+        "imagenet",
+        '"imagenet" (the shipped Lite0 weights), "random", or a weights file',
+        "ours",
+        origin="backbone",
+        why="the bundled ImageNet weights of the backbone",
+    )
     stages: list[int] = param(
-        list(DEFAULT_STAGES), "backbone stages J of eq. 18 (README)", "eq. 18: {1, 2, 3}", check=_stages
+        list(DEFAULT_STAGES),
+        "backbone stages J of eq. 18 (README)",
+        "eq. 18: {1, 2, 3}",
+        check=_stages,
+        origin="backbone",
+        why="Lite0's stages at the strides (4, 8, 16) of the paper's Wide-ResNet layers 1-3",
     )
     input_scaling: str = param(
         "auto",
         "input scaling the backbone sees: auto = what its weights were trained on",
         "ours",
         choices=("auto", *INPUT_SCALINGS),
+        origin="backbone",
+        why="auto: the scaling the backbone's weights were trained with",
     )
     smoothing_sigma: float = param(
-        4.0, "Gaussian smoothing sigma of the map at 256 px, scaled (0: none)", "ours", check=at_least(0.0)
+        4.0,
+        "Gaussian smoothing sigma of the map at 256 px, scaled (0: none)",
+        "ours",
+        check=at_least(0.0),
+        origin="engineering",
+        why="MDPS gives none; sigma 4, the smoothing of LafitE and PatchCore, reasoned not tuned",
     )
-    noise_seed: int = param(0, "seed of the fixed noise buffers in the graph", "ours")
+    noise_seed: int = param(
+        0, "seed of the fixed noise buffers in the graph", "ours", origin="engineering", why=FIXED_SEED
+    )
 
     def check(self) -> str | None:
         if self.noise_level > self.diffusion_steps:

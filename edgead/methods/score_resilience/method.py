@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from edgead.diffusion.sde import spr_sigma
-from edgead.methods.params import at_least, param, positive
+from edgead.methods.params import FIXED_SEED, at_least, param, positive
 from edgead.methods.score_resilience.graph import ScoreResilienceGraph
 from edgead.methods.score_unet import ScoreUNetMethod
 from edgead.methods.scoring import MapScoreParams
@@ -20,20 +20,32 @@ def _odd(value: int) -> str | None:
 
 @dataclass(frozen=True)
 class ScoreResilienceParams(MapScoreParams):
-    sigma: float = param(25.0, "sigma of the perturbation scale sigma_k", "Sec. 5.3", check=positive)
-    k: float = param(1e-3, "inference perturbation scale k in (0, 1]", "Sec. 5.3, Alg. 1 line 2", check=positive)
-    n_draws: int = param(3, "noise draws N averaged per image", "Sec. 5.3, Table 5", check=at_least(1))
+    sigma: float = param(25.0, "sigma of the perturbation scale sigma_k", "Sec. 5.3", check=positive, origin="paper")
+    k: float = param(
+        1e-3, "inference perturbation scale k in (0, 1]", "Sec. 5.3, Alg. 1 line 2", check=positive, origin="paper"
+    )
+    n_draws: int = param(3, "noise draws N averaged per image", "Sec. 5.3, Table 5", check=at_least(1), origin="paper")
     map_size: int | None = param(
-        None, "anomaly map size (null: the input size; the paper evaluates at 256)", "Sec. 5.3", check=at_least(1)
+        None,
+        "anomaly map size (null: the input size; the paper evaluates at 256)",
+        "Sec. 5.3",
+        check=at_least(1),
+        origin="paper",
     )
     filter_size: int | None = param(
-        None, "mean filter size (null: 31 at 256, scaled to map_size)", "Alg. 1 line 9", check=_odd
+        None, "mean filter size (null: 31 at 256, scaled to map_size)", "Alg. 1 line 9", check=_odd, origin="paper"
     )
-    noise_seed: int = param(0, "seed of the fixed noise buffer in the graph", "ours")
+    noise_seed: int = param(
+        0,
+        "seed of the fixed noise buffer in the graph",
+        "ours",
+        origin="engineering",
+        why=FIXED_SEED,
+    )
     train_k_min: float = param(
-        1e-5, "lower end of k ~ U(k_min, k_max] in training", "eq. 4, released code", check=positive
+        1e-5, "lower end of k ~ U(k_min, k_max] in training", "eq. 4, released code", check=positive, origin="paper"
     )
-    train_k_max: float = param(1.0, "upper end of k in training", "eq. 4", check=positive)
+    train_k_max: float = param(1.0, "upper end of k in training", "eq. 4", check=positive, origin="paper")
 
     def check(self) -> str | None:
         if self.train_k_min >= self.train_k_max:

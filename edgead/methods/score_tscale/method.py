@@ -13,7 +13,7 @@ from torch import nn
 
 from edgead.diffusion.sde import SDE, broadcast_like, perturb
 from edgead.methods.base import FitContext
-from edgead.methods.params import at_least, param, positive
+from edgead.methods.params import FIXED_SEED, at_least, param, positive
 from edgead.methods.score_tscale.graph import COMBINES, SAMPLERS, ScoreTScaleGraph
 from edgead.methods.score_unet import ScoreUNetMethod
 from edgead.methods.scoring import MapScoreParams
@@ -31,43 +31,90 @@ def _feature_maps(value: Any) -> str | None:
 
 @dataclass(frozen=True)
 class ScoreTScaleParams(MapScoreParams):
-    sde: str = param("ve", "forward SDE", "Table 1 (i): VE with the flow ODE is the paper's best", choices=SDE_KINDS)
-    sigma_min: float = param(0.01, "VE sigma_min", "App. B (MVTec)", check=positive)
-    sigma_max: float = param(348.0, "VE sigma_max", "App. B (MVTec)", check=positive)
-    beta_min: float = param(0.1, "VP / sub-VP beta_min", "App. B", check=positive)
-    beta_max: float = param(20.0, "VP / sub-VP beta_max", "App. B", check=positive)
-    sampler: str = param(
-        "ode", "ode: Algorithm 1 (flow ODE); sde: Algorithm 2 (reverse SDE)", "Alg. 1-2", choices=SAMPLERS
+    sde: str = param(
+        "ve", "forward SDE", "Table 1 (i): VE with the flow ODE is the paper's best", choices=SDE_KINDS, origin="paper"
     )
-    n_timesteps: int = param(2000, "diffusion time steps, dt = 1 / n_timesteps", "Sec. 5.2", check=at_least(1))
-    timesteps: list[float] = param([250, 200, 150, 100, 50], "the T scales {t} in units of 1 / n_timesteps", "Sec. 5.5")
-    r: int = param(1, "whole-score steps per T scale", "Sec. 5.5", check=at_least(1))
+    sigma_min: float = param(0.01, "VE sigma_min", "App. B (MVTec)", check=positive, origin="paper")
+    sigma_max: float = param(348.0, "VE sigma_max", "App. B (MVTec)", check=positive, origin="paper")
+    beta_min: float = param(0.1, "VP / sub-VP beta_min", "App. B", check=positive, origin="paper")
+    beta_max: float = param(20.0, "VP / sub-VP beta_max", "App. B", check=positive, origin="paper")
+    sampler: str = param(
+        "ode",
+        "ode: Algorithm 1 (flow ODE); sde: Algorithm 2 (reverse SDE)",
+        "Alg. 1-2",
+        choices=SAMPLERS,
+        origin="paper",
+    )
+    n_timesteps: int = param(
+        2000, "diffusion time steps, dt = 1 / n_timesteps", "Sec. 5.2", check=at_least(1), origin="paper"
+    )
+    timesteps: list[float] = param(
+        [250, 200, 150, 100, 50], "the T scales {t} in units of 1 / n_timesteps", "Sec. 5.5", origin="paper"
+    )
+    r: int = param(1, "whole-score steps per T scale", "Sec. 5.5", check=at_least(1), origin="paper")
     dt_timesteps: float = param(
         20,
         "step t_i - t_(i+1) in units of 1 / n_timesteps (README: FP32 conditioning)",
         "ours (Fig. 3 step)",
         check=positive,
+        origin="engineering",
+        why="the paper gives no solver step; 20 of 2000 time steps, read off its Fig. 3",
     )
     feature_maps: Any = param(
-        "auto", '"auto" (chosen on pseudo-anomalies) or a list of U-Net taps', "ours", check=_feature_maps
+        "auto",
+        '"auto" (chosen on pseudo-anomalies) or a list of U-Net taps',
+        "ours",
+        check=_feature_maps,
+        origin="pseudo-validation",
+        why="auto: the decoder taps that best separate held-out normals from pseudo-anomalies",
     )
-    auto_candidates: list[str] | None = param(None, "taps the automatic selection considers (null: every tap)", "ours")
-    auto_keep: int = param(3, "largest number of taps the automatic selection keeps", "ours", check=at_least(1))
+    auto_candidates: list[str] | None = param(
+        None,
+        "taps the automatic selection considers (null: every tap)",
+        "ours",
+        origin="engineering",
+        why="every decoder tap of the U-Net is a candidate (null)",
+    )
+    auto_keep: int = param(
+        3,
+        "largest number of taps the automatic selection keeps",
+        "ours",
+        check=at_least(1),
+        origin="engineering",
+        why=(
+            "the paper multiplies a few chosen maps (Fig. 5); three keep the "
+            "product from vanishing; not tuned on test data"
+        ),
+    )
     auto_pseudo: int = param(
         32,
         "held-out normal images (and as many pseudo-anomalies) for the selection",
         "ours, LafitE Sec. 3.4",
         check=at_least(2),
+        origin="engineering",
+        why="enough pseudo-anomalies to rank the taps while bounding the CPU cost of the choice",
     )
     combine: str = param(
-        "product", "how the T-scale maps combine", "Sec. 4.2 (product); sum is the option", choices=COMBINES
+        "product",
+        "how the T-scale maps combine",
+        "Sec. 4.2 (product); sum is the option",
+        choices=COMBINES,
+        origin="paper",
     )
     smoothing_sigma: float = param(
-        0.0, "Gaussian smoothing of the map (the paper smooths nothing)", "ours", check=at_least(0.0)
+        0.0,
+        "Gaussian smoothing of the map (the paper smooths nothing)",
+        "ours",
+        check=at_least(0.0),
+        origin="paper",
     )
-    noise_seed: int = param(0, "seed of the fixed noise buffer in the graph (Alg. 2)", "ours")
-    train_t_min: float = param(1e-5, "lower end of t ~ U(t_min, t_max) in training", "eq. 3", check=positive)
-    train_t_max: float = param(1.0, "upper end of t in training", "eq. 3", check=positive)
+    noise_seed: int = param(
+        0, "seed of the fixed noise buffer in the graph (Alg. 2)", "ours", origin="engineering", why=FIXED_SEED
+    )
+    train_t_min: float = param(
+        1e-5, "lower end of t ~ U(t_min, t_max) in training", "eq. 3", check=positive, origin="paper"
+    )
+    train_t_max: float = param(1.0, "upper end of t in training", "eq. 3", check=positive, origin="paper")
 
     def check(self) -> str | None:
         low = self.r * self.dt_timesteps
@@ -137,6 +184,8 @@ class ScoreTScale(ScoreUNetMethod):
     summary = "few-step T-scales, whole- vs self-score feature differences; maps chosen on pseudo-anomalies"
     Params = ScoreTScaleParams
     params: ScoreTScaleParams
+    #: Sec. 4.1: "All of the images [...] are resized to 256 x 256 pixels" (not score-resilience's 192)
+    default_image_size = 256
     inference_params = ScoreUNetMethod.inference_params | {"combine", "smoothing_sigma", "noise_seed", "sampler"}
     tune_grid = {"image_score": ["max", "topk_mean", "interior_max"]}
 
