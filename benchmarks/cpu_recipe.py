@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
-from edgead.bench.machine import machine_record, save_record
-from edgead.config import RunConfig, TrainConfig
+from edgead.bench.machine import machine_record, portable, save_record
+from edgead.config import RunConfig, TrainConfig, write_json_atomic
 from edgead.methods import get_method
+from edgead.metrics import auroc_standard_error
 from edgead.pipeline import evaluate_run, train_run
 from edgead.spec import RunSpec
 from edgead.tune import pseudo_validate
@@ -89,16 +91,49 @@ def measure(args: argparse.Namespace, recipe: dict, budget_s: float, tag: str) -
     return row
 
 
+#: How the recommended recipe follows from the proxies, fixed before any test figure is read: candidates whose
+#: pseudo-validation image AUROC is within one standard error (Hanley & McNeil) of the best are tied (the set
+#: cannot tell them apart); among the tied, the fewest seconds per step wins (more steps in the same budget).
+RULE = (
+    "tied = pseudo-validation image AUROC within one Hanley-McNeil standard error of the best; "
+    "recommended = the tied candidate with the fewest seconds per step"
+)
+
+
+def recommend(candidates: list[dict]) -> dict:
+    """The recommendation of :data:`RULE` from the proxies' pseudo-validation figures (no test figure)."""
+    best = max(candidates, key=lambda r: r["pseudo_validation"]["image_auroc"])["pseudo_validation"]
+    error = auroc_standard_error(best["image_auroc"], best["n_pseudo"], best["n_normal"])
+    tied = [r for r in candidates if best["image_auroc"] - r["pseudo_validation"]["image_auroc"] <= error]
+    chosen = min(tied, key=lambda r: r["seconds_per_step"])
+    return {
+        "rule": RULE,
+        "standard_error": round(error, 4),
+        "tied": [r["recipe"] for r in tied],
+        "recommended": chosen["recipe"],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--method", required=True)
-    parser.add_argument("--data", required=True, type=Path)
+    parser.add_argument("--method", help="method to recommend a recipe for (not with --analyse)")
+    parser.add_argument("--data", type=Path, help="MVTec-layout data set (not with --analyse)")
     parser.add_argument("--channels", type=int, default=3)
     parser.add_argument("--proxy-minutes", type=float, default=3.0)
     parser.add_argument("--budget-minutes", type=float, default=20.0)
     parser.add_argument("--work", type=Path, default=Path("runs/cpu_recipe"))
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--analyse", type=Path, default=None, help="add the recommendation to a recorded JSON")
     args = parser.parse_args()
+    if args.analyse is not None:
+        record = json.loads(args.analyse.read_text())
+        record["recommendation"] = recommend(record["candidates"])
+        record["recommendation"]["command"] = portable(" ".join(["python", *sys.argv]))
+        write_json_atomic(args.out or args.analyse, record)
+        print(json.dumps(record["recommendation"], indent=1))
+        return
+    if args.method is None or args.data is None:
+        parser.error("--method and --data are required (or --analyse FILE)")
     get_method(args.method)  # fail early on a wrong name
 
     proxies = [measure(args, recipe, args.proxy_minutes * 60, "proxy") for recipe in CANDIDATES]
@@ -114,6 +149,7 @@ def main() -> None:
         "budget_minutes": args.budget_minutes,
         "candidates": proxies,
         "chosen": best["recipe"],
+        "recommendation": recommend(proxies),
         "final": final,
         "test_best_proxy": max(proxies, key=lambda r: r["test"]["image_auroc"])["recipe"],
         "machine": machine_record(),

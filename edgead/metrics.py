@@ -74,6 +74,15 @@ def image_auroc(labels: ArrayLike, scores: ArrayLike) -> float:
     return float(roc_auc_score(*_check_binary_problem(labels, scores, "image_auroc")))
 
 
+def auroc_standard_error(auroc: float, n_positive: int, n_negative: int) -> float:
+    """Hanley & McNeil (1982), eq. 2: the standard error of an AUROC measured on ``n_positive`` anomalous and
+    ``n_negative`` normal images; two candidates closer than this are not told apart by the set."""
+    a = min(max(float(auroc), 0.0), 1.0)
+    q1, q2 = a / (2.0 - a), 2.0 * a * a / (1.0 + a)
+    variance = a * (1 - a) + (n_positive - 1) * (q1 - a * a) + (n_negative - 1) * (q2 - a * a)
+    return float(np.sqrt(max(variance, 0.0) / (n_positive * n_negative)))
+
+
 def image_ap(labels: ArrayLike, scores: ArrayLike) -> float:
     """Average precision of image-level anomaly scores (anomalous is the positive class)."""
     from sklearn.metrics import average_precision_score
