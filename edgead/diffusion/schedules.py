@@ -8,9 +8,10 @@ References:
 Indexing: every schedule is a ``torch.float64`` tensor of length ``T`` and entry ``i`` (0-based)
 belongs to diffusion step ``t = i + 1`` of the papers, so ``betas[i] = beta_{i+1}`` and
 ``alpha_bar[i] = alpha_bar_{i+1} = prod_{s <= i+1} (1 - beta_s)``. ``alpha_bar_0 = 1`` (clean data) is
-not stored. A network conditioned on step ``i`` receives ``t_index = i`` (as in the DDPM reference
-code). The step functions take ``alpha_bar`` values that are floats or (B,)/0-d tensors and cast them
-to the dtype of the images.
+not stored. A network at entry ``i`` receives the time ``(i + 1) / T`` (the paper's step ``t = i + 1``,
+scaled to (0, 1]), in training (:func:`ddpm_eps_loss`) and in every inference graph alike
+(``tests/methods/test_losses.py`` checks the pairing). The step functions take ``alpha_bar`` values that
+are floats or (B,)/0-d tensors and cast them to the dtype of the images.
 """
 
 from __future__ import annotations

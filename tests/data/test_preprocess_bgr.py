@@ -119,7 +119,8 @@ def test_out_receives_the_input_and_is_checked() -> None:
     cfg = PreprocessConfig(24)
     frame = _frame(40, 60, 3, seed=1)
     batch = np.zeros((2, 3, 24, 24), dtype=np.float32)
-    assert preprocess_bgr(frame, cfg, out=batch[1]) is not None
+    returned = preprocess_bgr(frame, cfg, out=batch[1])
+    assert returned.shape == batch[1].shape and np.shares_memory(returned, batch[1])  # out itself is returned
     assert np.array_equal(batch[1], _expected(frame, cfg)) and not batch[0].any()
     with pytest.raises(ValueError, match="out must be a float32 array"):
         preprocess_bgr(frame, cfg, out=np.zeros((1, 24, 24), np.float32))

@@ -31,18 +31,27 @@ from edgead.spec import RunSpec
 SIZE = 32
 
 
-def _graph(dtype: torch.dtype = torch.float32, unet: nn.Module | None = None, **overrides: object) -> MDPSGraph:
+def _backbone() -> FeatureExtractor:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return FeatureExtractor("efficientnet_lite0", [2, 3, 5], "random").eval()
+
+
+def _graph(
+    dtype: torch.dtype = torch.float32,
+    unet: nn.Module | None = None,
+    backbone: nn.Module | None = None,
+    **overrides: object,
+) -> MDPSGraph:
     torch.manual_seed(0)
     settings: dict[str, object] = dict(
         noise_level=200, steps=3, rho=100.0, n_samples=2, lam=0.3, eta=1.0, guidance="exact", guidance_norm="l2",
         mask_pass=True, ddim_eta=0.0, smoothing_sigma=0.0, noise_seed=0,
     )  # fmt: skip
     settings.update(overrides)
-    with torch.random.fork_rng(devices=[]):
-        backbone = FeatureExtractor("efficientnet_lite0", [2, 3, 5], "random").eval()
     graph = MDPSGraph(
         unet=unet if unet is not None else ScoreUNet(MDPS.unet_config("tiny", 3, None)).eval(),
-        backbone=backbone,
+        backbone=backbone if backbone is not None else _backbone(),
         scaler=PixelScaler((0.0,) * 3, (1.0,) * 3),
         adapter=InputAdapter((0.5,) * 3, (0.5,) * 3, *INPUT_SCALINGS["inception"]),
         alpha_bar=make_alpha_bar("linear", 1000),
@@ -88,51 +97,92 @@ def test_eq20_mask_on_a_constructed_map() -> None:
     assert flat.sum() == 0  # a constant map masks nothing (strict >)
 
 
-def _algorithm_1(graph: MDPSGraph, y: torch.Tensor, m: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """Algorithm 1 for ONE sample of ONE image, line by line (y: (1, C, S, S), m: (1, 1, S, S))."""
-    T, N = graph.noise_level, len(graph.timesteps)
-    eps = noise  # line 1 (the graph's seeded draw for this sample)
-    x = math.sqrt(graph.ab(T)) * y + math.sqrt(1 - graph.ab(T)) * eps  # line 2
+#: The reference's own schedule: Ho et al.'s linear betas 1e-4 .. 0.02 over 1000 steps, ``alpha_t = prod (1 - beta)``
+#: in float64 (DDIM's and MDPS's ``alpha_t`` is DDPM's ``alpha_bar_t``; ``alpha_0 = 1``).
+_ALPHA = np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000))
+
+
+def _alpha(t: int) -> float:
+    return 1.0 if t == 0 else float(_ALPHA[t - 1])
+
+
+def _reference_noise(
+    seed: int, n_samples: int, steps: int, ddim_eta: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Lines 1 and 10, drawn here from the seed: ``eps`` for each sample, then (if ``sigma_t > 0``) ``eps_t`` for
+    each step and sample, in that order."""
+    generator = torch.Generator().manual_seed(seed)
+    eps = torch.randn(n_samples, 3, SIZE, SIZE, generator=generator)
+    step_eps = torch.randn(steps, n_samples, 3, SIZE, SIZE, generator=generator) if ddim_eta > 0 else None
+    return eps, step_eps
+
+
+def _algorithm_1(
+    unet: nn.Module, y: torch.Tensor, m: torch.Tensor, eps: torch.Tensor, step_eps: list[torch.Tensor] | None,
+    *, T: int, N: int, rho: float, ddim_eta: float,
+) -> torch.Tensor:  # fmt: skip
+    """Algorithm 1 for ONE sample of ONE image, line by line (y: (1, C, S, S), m: (1, 1, S, S)); the network
+    gets ``t / 1000``, eq. 16's norm is taken at the reference size 3 x 224 x 224 (see the README)."""
+    norm_scale = math.sqrt(y.numel() / (3 * 224 * 224))
+    x = math.sqrt(_alpha(T)) * y + math.sqrt(1 - _alpha(T)) * eps  # lines 1-2
     for n in range(N, 0, -1):  # line 3
         t, s = round(T * n / N), round(T * (n - 1) / N)  # line 4
-        a_t, a_s = graph.ab(t), graph.ab(s)
-        t_in = torch.full((1,), t / graph.total)
+        a_t, a_s = _alpha(t), _alpha(s)
         with torch.enable_grad():
             xt = x.detach().requires_grad_(True)
-            e_theta = graph.unet(xt, t_in)
+            e_theta = unet(xt, torch.full((1,), t / 1000))
             x0_prior = (xt - math.sqrt(1 - a_t) * e_theta) / math.sqrt(a_t)  # line 5
-            norm = torch.sqrt(((y - x0_prior) ** 2).sum() + 1e-12) * graph.norm_scale
+            norm = torch.sqrt(((y - x0_prior) ** 2).sum() + 1e-12) * norm_scale
             (grad,) = torch.autograd.grad(norm, xt)
-        eps_m = e_theta.detach() + graph.rho * math.sqrt(1 - a_t) * grad  # line 6
+        eps_m = e_theta.detach() + rho * math.sqrt(1 - a_t) * grad  # line 6
         eps_mbar = (x - math.sqrt(a_t) * y) / math.sqrt(1 - a_t)  # line 7
         eps_phi = (1 - m) * eps_mbar + m * eps_m  # line 8
         x0_hat = (x - math.sqrt(1 - a_t) * eps_phi) / math.sqrt(a_t)  # line 9
-        sigma = 0.0  # line 10-11 with eta = 0
-        x = math.sqrt(a_s) * x0_hat + math.sqrt(1 - a_s - sigma**2) * eps_phi
+        sigma = ddim_eta * math.sqrt((1 - a_s) / (1 - a_t)) * math.sqrt(1 - a_t / a_s)  # eq. 4's sigma_t
+        x = math.sqrt(a_s) * x0_hat + math.sqrt(max(1 - a_s - sigma**2, 0.0)) * eps_phi  # line 11
+        if sigma > 0:
+            x = x + sigma * step_eps[N - n]  # line 10's eps_t
     return x  # line 13
 
 
-def _eq18(graph: MDPSGraph, x0: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    d = graph.eta * (y - x0).abs().sum(dim=1, keepdim=True)
-    for fx, fy in zip(graph.features(x0), graph.features(y), strict=True):
+def _eq18(backbone: nn.Module, x0: torch.Tensor, y: torch.Tensor, eta: float) -> torch.Tensor:
+    """Eq. 18 with the backbone called here: [-1, 1] pixels -> [0, 1] -> the inception scaling ``(p - 0.5) / 0.5``."""
+
+    def features(x: torch.Tensor) -> list[torch.Tensor]:
+        return list(backbone(((x * 0.5 + 0.5) - 0.5) / 0.5))
+
+    d = eta * (y - x0).abs().sum(dim=1, keepdim=True)
+    for fx, fy in zip(features(x0), features(y), strict=True):
         cos = (fx * fy).sum(1, keepdim=True) / (fx.norm(dim=1, keepdim=True) * fy.norm(dim=1, keepdim=True))
         d = d + F.interpolate(1 - cos, size=y.shape[-2:], mode="bilinear", align_corners=False)
     return d
 
 
-def test_batched_graph_equals_algorithm_1_line_by_line() -> None:
-    graph = _graph()
+@pytest.mark.parametrize("ddim_eta", [0.0, 1.0])
+def test_batched_graph_equals_algorithm_1_line_by_line(ddim_eta: float) -> None:
+    """The graph against Algorithm 1 and eq. 18-20 written out with their own schedule, noise draws, time steps
+    ``t = round(T n / N)`` (T = 200, N = 3: 200, 133, 67), pixel scaling and feature calls; only the two networks
+    are shared. ``ddim_eta = 1`` adds line 10's noise."""
+    T, N, rho, lam, eta, n_s, seed = 200, 3, 100.0, 0.3, 1.0, 2, 0
+    torch.manual_seed(0)
+    unet, backbone = ScoreUNet(MDPS.unet_config("tiny", 3, None)).eval(), _backbone()
+    graph = _graph(unet=unet, backbone=backbone, noise_level=T, steps=N, rho=rho, lam=lam, eta=eta, n_samples=n_s,
+                   ddim_eta=ddim_eta, noise_seed=seed)  # fmt: skip
     images = torch.rand(2, 3, SIZE, SIZE)
     with torch.no_grad():
         maps, scores = graph(images)
+    eps, step_eps = _reference_noise(seed, n_s, N, ddim_eta)
+
+    def sample(y: torch.Tensor, m: torch.Tensor, j: int) -> torch.Tensor:
+        steps = None if step_eps is None else [step_eps[i, j : j + 1] for i in range(N)]
+        return _algorithm_1(unet, y, m, eps[j : j + 1], steps, T=T, N=N, rho=rho, ddim_eta=ddim_eta)
+
     for b in range(2):
-        y = images[b : b + 1] * 2 - 1
+        y = images[b : b + 1] * 2 - 1  # PixelScaler with mean 0, std 1
         ones = torch.ones(1, 1, SIZE, SIZE)
-        first = [_eq18(graph, _algorithm_1(graph, y, ones, graph.noise[j : j + 1]), y) for j in range(2)]
-        d1 = sum(first) / 2  # eq. 19
-        m = (d1 > d1.min() + graph.lam * (d1.max() - d1.min())).float()  # eq. 20
-        second = [_eq18(graph, _algorithm_1(graph, y, m, graph.noise[j : j + 1]), y) for j in range(2)]
-        d2 = (sum(second) / 2)[0, 0]
+        d1 = sum(_eq18(backbone, sample(y, ones, j), y, eta) for j in range(n_s)) / n_s  # eq. 19
+        m = (d1 > d1.min() + lam * (d1.max() - d1.min())).float()  # eq. 20
+        d2 = (sum(_eq18(backbone, sample(y, m, j), y, eta) for j in range(n_s)) / n_s)[0, 0]
         torch.testing.assert_close(maps[b], d2, rtol=1e-4, atol=1e-4)
         k = round(500 / 256**2 * SIZE * SIZE)
         assert float(scores[b]) == pytest.approx(float(d2.flatten().topk(k).values.mean()), rel=1e-4)

@@ -43,7 +43,7 @@ class ScoreResilienceParams(MapScoreParams):
         why=FIXED_SEED,
     )
     train_k_min: float = param(
-        1e-5, "lower end of k ~ U(k_min, k_max] in training", "eq. 4, released code", check=positive, origin="paper"
+        1e-5, "lower end of k ~ U[k_min, k_max) in training", "eq. 4, released code", check=positive, origin="paper"
     )
     train_k_max: float = param(1.0, "upper end of k in training", "eq. 4", check=positive, origin="paper")
 
@@ -56,7 +56,7 @@ class ScoreResilienceParams(MapScoreParams):
 def dsm_loss(net: nn.Module, x: torch.Tensor, sigma: float, k_min: float, k_max: float) -> torch.Tensor:
     """Denoising score matching, eq. 4: ``E ||s(x + sigma_k z, k) - (x - x_tilde) / sigma_k||^2``.
 
-    ``k ~ U(k_min, k_max]`` (the paper: U(0, 1], the released code keeps ``k >= 1e-5``). Since
+    ``k ~ U[k_min, k_max)`` (the paper: U(0, 1], the released code keeps ``k >= 1e-5``). Since
     ``(x - x_tilde) / sigma_k = -z`` the target is ``-z``; the squared error is summed over pixels and
     averaged over the batch, as in the released code.
     """
