@@ -25,7 +25,7 @@ from edgead.data.io import read_image, read_mask
 from edgead.data.mvtec import list_test, list_train, load_masks, split_validation
 from edgead.data.preprocess import PreprocessConfig, preprocess, resize_image
 from edgead.data.pseudo import pseudo_validation_set
-from edgead.methods.gaussian.method import fit_gaussian
+from edgead.methods.gaussian.method import FIT_ORDERS, fit_gaussian
 from edgead.metrics import image_auroc, pixel_auroc
 from edgead.nn.backbones import IMAGENET_MEAN, IMAGENET_STD, FeatureExtractor
 
@@ -70,7 +70,12 @@ def topk_mean(maps: np.ndarray, fraction: float) -> np.ndarray:
 
 
 def evaluate(
-    feats: dict[str, list[np.ndarray]], stages: list[int], fraction: float, size: int, rng_seed: int = 0
+    feats: dict[str, list[np.ndarray]],
+    stages: list[int],
+    fraction: float,
+    size: int,
+    fit_order: str,
+    rng_seed: int = 0,
 ) -> dict[str, dict[str, float]]:
     """Fit on train, score the other splits; every image score variant at once."""
     index = [ALL_STAGES.index(s) for s in stages]
@@ -80,11 +85,11 @@ def evaluate(
     pooled_fits, map_fits = [], []
     for i in index:
         train = feats["train"][i]
-        pooled_fits.append(fit_gaussian(train.mean(axis=(2, 3)), "opca", fraction))
+        pooled_fits.append(fit_gaussian(train.mean(axis=(2, 3)), "opca", fraction, fit_order))
         vectors = train.transpose(0, 2, 3, 1).reshape(-1, train.shape[1])
         if len(vectors) > 200_000:
             vectors = vectors[rng.choice(len(vectors), 200_000, replace=False)]
-        map_fits.append(fit_gaussian(vectors, "opca", fraction))
+        map_fits.append(fit_gaussian(vectors, "opca", fraction, fit_order))
     for split in ("val", "test"):
         pooled = np.zeros(len(feats[split][0]))
         total = np.zeros((len(feats[split][0]), size, size), np.float32)
@@ -154,6 +159,9 @@ def main() -> None:
     parser.add_argument("--aspect", default="squash", choices=["squash", "letterbox"], help="how images become square")
     parser.add_argument("--pseudo-kinds", default="paste", help="pseudo-anomaly kinds, comma-separated (KINDS)")
     parser.add_argument("--factors", default=None, help="vary only these factors (default: all)")
+    parser.add_argument(
+        "--fit-order", default="full", choices=list(FIT_ORDERS), help="gaussian's fit_order (the records: full)"
+    )
     parser.add_argument("--analyse", type=Path, default=None, help="only add the ranking report to this record")
     args = parser.parse_args()
     if args.analyse:
@@ -225,7 +233,7 @@ def main() -> None:
                 settings.append({**default, key: value})
     for setting in settings:
         fs = feature_set(setting["norm"], setting["size"])
-        result = evaluate(fs["feats"], setting["stages"], setting["fraction"], setting["size"])
+        result = evaluate(fs["feats"], setting["stages"], setting["fraction"], setting["size"], args.fit_order)
         defect = fs["val_labels"] == 1
         row = {"setting": setting, "pseudo_val": {}, "test": {}}
         for name in result["scores"]["test"]:
@@ -243,6 +251,7 @@ def main() -> None:
         "dataset": dataset,
         "pseudo_kinds": args.pseudo_kinds.split(","),
         "aspect": args.aspect,
+        "fit_order": args.fit_order,
         "default": default,
         "grid": grid,
         "rows": rows,

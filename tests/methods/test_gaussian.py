@@ -73,7 +73,7 @@ def test_opca_recovers_the_least_variance_subspace_of_a_known_covariance() -> No
     eigenvalues = np.array([60.0, 24.0, 8.0, 4.0, 2.0, 1.2, 0.5, 0.3])
     basis, _ = np.linalg.qr(rng.normal(size=(8, 8)))
     samples = rng.normal(size=(20000, 8)) * np.sqrt(eigenvalues) @ basis.T + 3.0
-    fit = fit_gaussian(samples, "opca", 0.05)
+    fit = fit_gaussian(samples, "opca", 0.05, "full")
     assert fit.kept.size == 5 and fit.shrinkage < 0.01
     true_kept = basis[:, 3:]  # eigenvalues 4, 2, 1.2, 0.5, 0.3
     recovered = fit.whitening / np.linalg.norm(fit.whitening, axis=0)
@@ -96,10 +96,53 @@ def test_mahalanobis_matches_a_float64_reference(projection: str) -> None:
         lam, vec = np.linalg.eigh(lw.covariance_)
         kept = select_components(lam, projection, 0.05)
         expected = np.sqrt(((centred @ vec[:, kept]) ** 2 / lam[kept]).sum(-1))
-    gaussian = fit_gaussian(train, projection, 0.05).module()
+    gaussian = fit_gaussian(train, projection, 0.05, "full").module()
     got = gaussian(torch.tensor(test, dtype=torch.float32)).double().numpy()
     assert got.shape == (2, 5)
     np.testing.assert_allclose(got, expected, rtol=1e-4)
+
+
+def test_paper_fit_order_fits_the_shrinkage_gaussian_in_the_kept_subspace() -> None:
+    # Few samples for the channels: strong shrinkage, where the two orders part.
+    rng = np.random.default_rng(2)
+    mixing = rng.normal(size=(40, 40)) * np.linspace(0.1, 3.0, 40)
+    train = rng.normal(size=(60, 40)) @ mixing.T + 1.0
+    test = rng.normal(size=(7, 40)) @ mixing.T * 1.3 + 1.0
+    # Hand computation of the paper's order: eq. 2's sample covariance, its least-variance components
+    # (Sec. 3.2), then Ledoit-Wolf on the projected features (Sec. 3.3) and eq. 3 in the kept subspace.
+    mean = train.mean(axis=0)
+    lam, vec = np.linalg.eigh(np.cov(train, rowvar=False))
+    kept = select_components(lam, "opca", 0.05)
+    lw = LedoitWolf(assume_centered=True).fit((train - mean) @ vec[:, kept])
+    projected = (test - mean) @ vec[:, kept]
+    expected = np.sqrt(np.einsum("ni,ij,nj->n", projected, np.linalg.inv(lw.covariance_), projected))
+    paper = fit_gaussian(train, "opca", 0.05, order="paper")
+    np.testing.assert_allclose(paper.distances(test), expected, rtol=1e-9)
+    np.testing.assert_array_equal(paper.kept, kept)
+    assert paper.shrinkage == pytest.approx(lw.shrinkage_)
+    got = paper.module()(torch.tensor(test, dtype=torch.float32)).double().numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4)
+    # The full order shrinks all 40 eigenvalues towards their mean first: the smallest grow, so the 5 % share
+    # covers fewer of them and the kept variances are larger (smaller distances). Same shape contract.
+    full = fit_gaussian(train, "opca", 0.05, order="full")
+    assert full.kept.size < paper.kept.size
+    assert np.all(full.distances(test) < paper.distances(test))
+    assert full.whitening.shape[0] == paper.whitening.shape[0] == 40
+    with pytest.raises(ValueError, match="fit_order"):
+        fit_gaussian(train, "opca", 0.05, order="reverse")
+
+
+def test_both_fit_orders_agree_without_shrinkage() -> None:
+    # Many samples, few channels: Ledoit-Wolf barely shrinks, so the two orders give the same Gaussian
+    # (up to sklearn's 1/m against eq. 2's 1/(m - 1), a constant factor on every distance).
+    rng = np.random.default_rng(3)
+    train = rng.normal(size=(20000, 6)) * np.array([2.0, 1.5, 1.2, 1.0, 0.8, 0.6])
+    test = rng.normal(size=(5, 6))
+    paper = fit_gaussian(train, "opca", 0.05, order="paper")
+    full = fit_gaussian(train, "opca", 0.05, order="full")
+    assert paper.shrinkage < 0.01 and full.shrinkage < 0.01
+    np.testing.assert_array_equal(paper.kept, full.kept)
+    np.testing.assert_allclose(paper.distances(test), full.distances(test), rtol=5e-3)
 
 
 def test_graph_sums_stage_distances_and_averages_upsampled_maps(fitted: GaussianOPCA) -> None:
@@ -226,6 +269,15 @@ def test_auto_settings_are_resolved_and_recorded(tmp_path: Path) -> None:
     assert selection["pseudo_validation_image_auroc"][str(selection["selected"])] == best
     assert config.method_params["opca_fraction"] == selection["selected"]
     assert selection["n_normal"] == selection["n_pseudo"] == 3
+    assert config.method_params["fit_order"] == "paper"
+    # map_statistics="auto": both candidates' graphs scored by the service; the run keeps the better one.
+    maps = config.state["map_statistics_selection"]
+    assert set(maps["pseudo_validation"]) == {"positions", "pooled"}
+    assert config.method_params["map_statistics"] == maps["selected"] == summary["map_statistics_selection"]["selected"]
+    rows = maps["pseudo_validation"]
+    assert rows["positions"]["image_auroc"] == rows["pooled"]["image_auroc"], "eq. 4 does not use the map"
+    best = max(rows, key=lambda name: (rows[name]["image_auroc"], rows[name]["pixel_auroc"]))
+    assert rows[maps["selected"]] == rows[best]
 
     # The choice the pseudo-validation service made is the one the former hand-written loop made: the same
     # set (held-out normals + pseudo-anomalies, seed 0), eq. 4's pooled score per candidate, image AUROC
@@ -247,7 +299,8 @@ def test_auto_settings_are_resolved_and_recorded(tmp_path: Path) -> None:
     figures = {}
     for fraction in candidates:
         scores = sum(
-            fit_gaussian(t, "opca", fraction).distances(v) for t, v in zip(pooled_train, pooled_val, strict=True)
+            fit_gaussian(t, "opca", fraction, config.method_params["fit_order"]).distances(v)
+            for t, v in zip(pooled_train, pooled_val, strict=True)
         )
         figures[str(fraction)] = round(float(image_auroc(labels, scores)), 4)
     assert selection["pseudo_validation_image_auroc"] == figures

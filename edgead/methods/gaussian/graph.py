@@ -89,11 +89,17 @@ class GaussianGraph(InferenceGraph):
         }
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        size = (image.shape[-2], image.shape[-1])
-        score = image.new_zeros(image.shape[0])
-        anomaly_map = image.new_zeros(image.shape[0], 1, size[0], size[1])
+        return self.from_features(self.stage_features(image), (image.shape[-2], image.shape[-1]))
+
+    def from_features(
+        self, features: Sequence[torch.Tensor], size: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Steps 3-4 on given stage features (what ``forward`` does after the backbone), so automatic
+        choices can score several sets of statistics on features computed once."""
+        score = features[0].new_zeros(features[0].shape[0], dtype=torch.float32)
+        anomaly_map = features[0].new_zeros(features[0].shape[0], 1, size[0], size[1], dtype=torch.float32)
         for feature, image_gaussian, map_gaussian in zip(
-            self.stage_features(image), self.image_gaussians, self.map_gaussians, strict=True
+            features, self.image_gaussians, self.map_gaussians, strict=True
         ):
             feature = feature.float()
             score = score + image_gaussian(feature.mean(dim=(2, 3)))  # eq. 4: sum of the stages' eq. 3

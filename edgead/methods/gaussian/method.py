@@ -20,20 +20,11 @@ from torch import nn
 from edgead.config import RunConfig
 from edgead.methods.base import FitContext, Method
 from edgead.methods.gaussian.graph import GaussianGraph, StageGaussian
-from edgead.methods.params import at_least, param
-from edgead.methods.scoring import AGGREGATIONS, MapScore, MapScoreParams
-from edgead.nn.backbones import (
-    DEFAULT_BACKBONE,
-    DEFAULT_STAGES,
-    INPUT_SCALINGS,
-    FeatureExtractor,
-    InputAdapter,
-    resolve_input_scaling,
-)
+from edgead.methods.gaussian.params import FIT_ORDERS, PROJECTIONS, GaussianParams
+from edgead.methods.scoring import MapScore
+from edgead.nn.backbones import FeatureExtractor, InputAdapter, resolve_input_scaling
 from edgead.train.checkpoint import load_weights, save_weights
 
-PROJECTIONS = ("opca", "pca", "none")
-MAP_STATISTICS = ("positions", "pooled")
 # Shares within this relative tolerance of the threshold count as reaching it (float round-off).
 _SHARE_TOLERANCE = 1e-9
 
@@ -71,57 +62,6 @@ def select_components(eigenvalues: np.ndarray, projection: str, fraction: float)
     return np.arange(kept) if projection == "opca" else np.arange(count - kept, count)
 
 
-def _fraction_or_auto(value: Any) -> str | None:
-    if value == "auto" or (isinstance(value, int | float) and not isinstance(value, bool) and 0.0 < value < 1.0):
-        return None
-    return '"auto" or a value in (0, 1)'
-
-
-@dataclass(frozen=True)
-class GaussianParams(MapScoreParams):
-    backbone: str = param(DEFAULT_BACKBONE, "timm backbone (the paper: EfficientNet-b4; see the README)", "Sec. 4.1")
-    weights: str = param("imagenet", '"imagenet" (the shipped weights), "random", or a weights file', "ours")
-    stages: list[int] = param(list(DEFAULT_STAGES), "backbone stages, indexed from 0 (0 = stem)", "Sec. 3.1")
-    input_scaling: str = param(
-        "auto",
-        "input scaling the backbone sees: auto = what its weights were trained on ([-1, 1] for the bundled "
-        "TensorFlow Lite0 weights), imagenet (mean/std) or inception ([-1, 1]); a fitted run records the "
-        "resolved value",
-        "ours (README: measured)",
-        choices=("auto", *INPUT_SCALINGS),
-    )
-    projection: str = param("opca", "opca; pca and none for the ablation", "Sec. 3.2, 4.5.1", choices=PROJECTIONS)
-    opca_fraction: Any = param(
-        "auto",
-        'variance share of the kept least-variance components; "auto": the opca_candidates value that best '
-        "separates held-out normals from pseudo-anomalies (the fitted run records the choice)",
-        "Sec. 4.1 (the paper: 0.05) / ours",
-        check=_fraction_or_auto,
-    )
-    opca_candidates: list[float] = param(
-        [0.01, 0.02, 0.05, 0.1],
-        'what opca_fraction="auto" chooses from',
-        "Sec. 4.5.1 (the paper's sweep) / ours",
-        check=lambda v: None if v and all(0.0 < f < 1.0 for f in v) else "a non-empty list of values in (0, 1)",
-    )
-    map_statistics: str = param(
-        "positions",
-        "positions: one Gaussian over all spatial vectors; pooled: reuse the image Gaussian for the map",
-        "ours",
-        choices=MAP_STATISTICS,
-    )
-    image_score: str = param(
-        "pooled",
-        "pooled: sum over stages of the Mahalanobis distance of the pooled features (eq. 4); max, topk_mean, "
-        "interior_max: aggregate the anomaly map instead (scoring.py)",
-        "eq. 4 / ours",
-        choices=("pooled", *AGGREGATIONS),
-    )
-    max_map_vectors: int | None = param(
-        200_000, "spatial vectors per stage the map Gaussian is fitted on (null: all)", "ours", check=at_least(2)
-    )
-
-
 #: The last fit's backbone features and their key (one entry: bounded memory).
 _FEATURE_CACHE: dict[str, Any] = {}
 
@@ -135,8 +75,8 @@ class FittedGaussian:
     """One stage's Gaussian (section 3.3) with its kept subspace (section 3.2)."""
 
     mean: np.ndarray  # (C,)
-    whitening: np.ndarray  # (C, K): kept eigenvectors divided by sqrt(eigenvalue)
-    eigenvalues: np.ndarray  # (C,) ascending, of the shrunk covariance
+    whitening: np.ndarray  # (C, K): maps centred features to whitened coordinates in the kept subspace
+    eigenvalues: np.ndarray  # (C,) ascending, of the covariance the components are chosen on
     kept: np.ndarray  # (K,) indices into eigenvalues
     shrinkage: float
     samples: int
@@ -151,24 +91,55 @@ class FittedGaussian:
         return StageGaussian(mean, whitening)
 
 
-def fit_gaussian(features: np.ndarray, projection: str, fraction: float) -> FittedGaussian:
-    """Fit eq. 1's parameters to ``features (m, C)`` and keep the components ``projection`` selects.
+def fit_gaussian(features: np.ndarray, projection: str, fraction: float, order: str) -> FittedGaussian:
+    """Fit eq. 1's parameters to ``features (m, C)`` in the subspace of the components ``projection`` keeps.
 
-    The mean is the empirical mean; the covariance is Ledoit-Wolf shrinkage of the sample covariance
-    (eq. 2; sklearn normalises by ``m``, not ``m - 1``, which only rescales all distances by a constant
-    factor). Its eigendecomposition gives the principal components; Mahalanobis distance in the kept
-    subspace is ``||(x - mu) V_k diag(lambda_k)^(-1/2)||``, so the graph needs only ``mu`` and that matrix.
+    The mean is the empirical mean and the covariance a Ledoit-Wolf shrinkage estimate [31] (Sec. 3.3;
+    sklearn normalises by ``m``, not eq. 2's ``m - 1``, which only rescales all distances by a constant
+    factor). ``order`` says where the shrinkage happens:
+
+    - ``"paper"`` (Sec. 3.2, then 3.3; Fig. 1): the principal components are those of the sample covariance
+      (eq. 2); the kept ones ``V_k`` project the centred features, and the shrinkage Gaussian is fitted to
+      the projections ``z = (x - mu) V_k`` in the kept subspace, ``Sigma_k = U diag(lambda) U^T``.
+    - ``"full"``: Ledoit-Wolf on all ``C`` channels first, then the kept components of the shrunk covariance.
+      Shrinkage pulls every eigenvalue towards their mean, so it raises exactly the smallest ones, which OPCA
+      keeps, and the 5 % share then covers fewer components.
+
+    Either way the Mahalanobis distance in the kept subspace (eq. 3) is ``||(x - mu) W||`` with one matrix
+    ``W`` (``V_k diag(lambda_k)^(-1/2)``, or ``V_k U diag(lambda)^(-1/2)``), so the graph needs only ``mu``
+    and ``W``.
     """
     x = np.asarray(features, dtype=np.float64)
     if x.ndim != 2 or x.shape[0] < 2:
         raise ValueError(f"need at least 2 feature vectors of shape (m, C) to fit a Gaussian, got {x.shape}")
-    lw = LedoitWolf(store_precision=False, assume_centered=False).fit(x)
-    eigenvalues, eigenvectors = np.linalg.eigh(lw.covariance_)
-    # Shrinkage keeps the covariance positive definite; the floor only guards all-constant features.
-    eigenvalues = np.maximum(eigenvalues, 1e-12 + 1e-9 * max(float(eigenvalues[-1]), 0.0))
+    if order not in FIT_ORDERS:
+        raise ValueError(f"fit_order must be one of {FIT_ORDERS}, got {order!r}")
+    if order == "full":
+        lw = LedoitWolf(store_precision=False, assume_centered=False).fit(x)
+        eigenvalues, eigenvectors = np.linalg.eigh(lw.covariance_)
+        eigenvalues = _floored(eigenvalues, float(eigenvalues[-1]))
+        kept = select_components(eigenvalues, projection, fraction)
+        whitening = eigenvectors[:, kept] / np.sqrt(eigenvalues[kept])
+        return FittedGaussian(lw.location_, whitening, eigenvalues, kept, float(lw.shrinkage_), x.shape[0])
+    mean = x.mean(axis=0)
+    eigenvalues, eigenvectors = np.linalg.eigh(np.cov(x, rowvar=False).reshape(x.shape[1], x.shape[1]))  # eq. 2
+    eigenvalues = np.maximum(eigenvalues, 0.0)  # round-off below zero; select_components needs a valid share
+    if eigenvalues[-1] <= 0.0:
+        eigenvalues = np.full_like(eigenvalues, 1e-12)
     kept = select_components(eigenvalues, projection, fraction)
-    whitening = eigenvectors[:, kept] / np.sqrt(eigenvalues[kept])
-    return FittedGaussian(lw.location_, whitening, eigenvalues, kept, float(lw.shrinkage_), x.shape[0])
+    projected = (x - mean) @ eigenvectors[:, kept]
+    lw = LedoitWolf(store_precision=False, assume_centered=True).fit(projected)
+    sub_eigenvalues, rotation = np.linalg.eigh(lw.covariance_)
+    # With m <= C the least-variance components are directions the training features do not span (variance
+    # 0): the floor, relative to the largest sample variance, keeps the distance finite there.
+    sub_eigenvalues = _floored(sub_eigenvalues, float(eigenvalues[-1]))
+    whitening = eigenvectors[:, kept] @ rotation / np.sqrt(sub_eigenvalues)
+    return FittedGaussian(mean, whitening, eigenvalues, kept, float(lw.shrinkage_), x.shape[0])
+
+
+def _floored(eigenvalues: np.ndarray, largest: float) -> np.ndarray:
+    """Eigenvalues kept positive: shrinkage already does so; the floor guards all-constant features."""
+    return np.maximum(eigenvalues, 1e-12 + 1e-9 * max(largest, 0.0))
 
 
 @torch.no_grad()
@@ -238,7 +209,12 @@ class GaussianOPCA(Method):
     summary = "pretrained EfficientNet-Lite0 features, opposite PCA, Ledoit-Wolf Gaussian, Mahalanobis"
     Params = GaussianParams
     params: GaussianParams
-    default_image_size = 224  # EfficientNet-Lite0's native resolution (README: 224 beat 288 on the test data)
+    #: Backbone convention: EfficientNet-Lite0's native input (224 x 224, also one of the paper's sizes in
+    #: Sec. 4.1). Images are resized to the square without keeping the aspect ratio, as Sec. 4.1 does ("all
+    #: images ... are resized to a specific resolution"); the shared preprocessing has no other mode. Neither
+    #: is chosen per run: the input size fixes the preprocessing before the fit, and every candidate size
+    #: would need its own feature pass (README: Input size and aspect).
+    default_image_size = 224
     tune_grid = {"opca_fraction": [0.01, 0.02, 0.05, 0.1]}
     graph: GaussianGraph | None = None  # set by ``fit`` or ``load``
 
@@ -273,7 +249,7 @@ class GaussianOPCA(Method):
         p = self.params
         torch.manual_seed(train_cfg.seed)  # makes weights="random" reproducible
         adapter, backbone = self.build_adapter(), self.build_backbone()
-        pooled_mode = p.map_statistics == "pooled"
+        pooled_mode = p.map_statistics == "pooled"  # "auto" needs the position statistics as a candidate
         images = torch.as_tensor(train_images)
         max_vectors = 0 if pooled_mode else p.max_map_vectors
         # Candidates that differ only in their statistics (edgead tune) reuse the features of the last fit.
@@ -294,21 +270,25 @@ class GaussianOPCA(Method):
             _FEATURE_CACHE["key"] = key
         pooled, positions, sizes = _FEATURE_CACHE["value"]
         summary_extra: dict[str, Any] = {}
+        automatic = p.opca_fraction == "auto" or p.map_statistics == "auto"
+        val_features = self.validation_features(ctx, adapter, backbone) if automatic else []
         if p.opca_fraction == "auto":
-            selection = self.select_opca_fraction(ctx, adapter, backbone, pooled)
+            selection = self.select_opca_fraction(ctx, pooled, val_features)
             self.record_choice("opca_selection", selection, {"opca_fraction": selection["selected"]})
             p = self.params
             summary_extra["opca_selection"] = selection
-        projection, fraction = p.projection, float(p.opca_fraction)
-        image_fits = [fit_gaussian(vectors, projection, fraction) for vectors in pooled]
-        map_fits = image_fits if pooled_mode else [fit_gaussian(vectors, projection, fraction) for vectors in positions]
-        self.graph = GaussianGraph(
-            adapter.cpu(),
-            backbone.cpu(),
-            [fit.module() for fit in image_fits],
-            [fit.module() for fit in map_fits],
-            map_score=self.map_score(),
-        ).eval()
+        projection, fraction, order = p.projection, float(p.opca_fraction), p.fit_order
+        image_fits = [fit_gaussian(vectors, projection, fraction, order) for vectors in pooled]
+        map_fits = image_fits if pooled_mode else [fit_gaussian(v, projection, fraction, order) for v in positions]
+        if p.map_statistics == "auto":
+            candidates = {"positions": map_fits, "pooled": image_fits}
+            graphs = {name: self._graph(adapter, backbone, image_fits, fits) for name, fits in candidates.items()}
+            selection = self.select_map_statistics(ctx, graphs, val_features)
+            self.record_choice("map_statistics_selection", selection, {"map_statistics": selection["selected"]})
+            p = self.params
+            summary_extra["map_statistics_selection"] = selection
+            map_fits = candidates[p.map_statistics]
+        self.graph = self._graph(adapter, backbone, image_fits, map_fits)
         if self.run_dir is not None:
             # config.json (saved by the caller after fit) records the id, so a kill in between is detected.
             self.config.state["weights_id"] = save_weights(self.graph.state_dict(), self.run_dir)
@@ -336,26 +316,35 @@ class GaussianOPCA(Method):
         }
 
     @torch.no_grad()
+    def validation_features(self, ctx: FitContext, adapter: nn.Module, backbone: nn.Module) -> list[torch.Tensor]:
+        """The stage features ``(N, C, h, w)`` of the pseudo-validation images (:meth:`pseudo_validation_set`),
+        computed once for every automatic choice of the fit."""
+        images = torch.from_numpy(self.pseudo_validation_set(ctx).images)
+        adapter, backbone, batch = adapter.to(ctx.dist.device), backbone.to(ctx.dist.device), ctx.train.batch_size
+        chunks = [
+            [f.float().cpu() for f in backbone(adapter(images[start : start + batch].to(ctx.dist.device)))]
+            for start in range(0, len(images), batch)
+        ]
+        adapter.cpu()
+        backbone.cpu()
+        return [torch.cat(stage) for stage in zip(*chunks, strict=True)]
+
     def select_opca_fraction(
-        self, ctx: FitContext, adapter: nn.Module, backbone: nn.Module, pooled_train: list[np.ndarray]
+        self, ctx: FitContext, pooled_train: list[np.ndarray], val_features: list[torch.Tensor]
     ) -> dict[str, Any]:
         """``opca_fraction="auto"``: the candidate whose image score (eq. 4 on pooled features) best separates
         the held-out normal images from pseudo-anomalies made from them (LafitE Sec. 3.4; the shared
         pseudo-validation service, ``edgead.methods.validation``: image AUROC, earlier candidates win exact
-        ties). The validation features are computed once; each candidate only refits the Gaussians. On
-        magnetic_tile this ranking matched the test ranking (README)."""
+        ties). The validation features are computed once; each candidate only refits the Gaussians."""
         p = self.params
         validation = self.pseudo_validation_set(ctx)
-        pooled_val, _, _ = collect_features(
-            adapter.to(ctx.dist.device), backbone.to(ctx.dist.device), torch.from_numpy(validation.images),
-            batch_size=ctx.train.batch_size, device=ctx.dist.device, max_map_vectors=0, seed=ctx.train.seed,
-        )  # fmt: skip
+        pooled_val = [feature.mean(dim=(2, 3)).numpy() for feature in val_features]
 
         def pooled_scores(fraction: float) -> Callable[[np.ndarray], tuple[None, np.ndarray]]:
             def scores(images: np.ndarray) -> tuple[None, np.ndarray]:
                 total = np.zeros(len(images))
                 for train, val in zip(pooled_train, pooled_val, strict=True):
-                    total += fit_gaussian(train, p.projection, fraction).distances(val)
+                    total += fit_gaussian(train, p.projection, fraction, p.fit_order).distances(val)
                 return None, total
 
             return scores
@@ -363,6 +352,43 @@ class GaussianOPCA(Method):
         choice = validation.choose({fraction: pooled_scores(fraction) for fraction in p.opca_candidates})
         figures = {name: row["image_auroc"] for name, row in choice.by_name().items()}
         return {"selected": choice.best, "pseudo_validation_image_auroc": figures, **validation.describe()}
+
+    @torch.no_grad()
+    def select_map_statistics(
+        self, ctx: FitContext, graphs: dict[str, GaussianGraph], val_features: list[torch.Tensor]
+    ) -> dict[str, Any]:
+        """``map_statistics="auto"``: Sec. 3.4 does not say which Gaussian scores each position, so each
+        candidate graph scores the pseudo-validation set (its distances, maps and image score on the features
+        computed once) and the shared service chooses (image AUROC, then pixel AUROC over the pseudo-anomalies;
+        with eq. 4's pooled score the image AUROC is the same for both and the pixel AUROC decides; earlier
+        candidates win exact ties)."""
+        validation = self.pseudo_validation_set(ctx)
+        size = (validation.images.shape[-2], validation.images.shape[-1])
+
+        def outputs(graph: GaussianGraph) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+            def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # the set's images: val_features
+                anomaly_map, score = graph.from_features(val_features, size)
+                return anomaly_map.numpy(), score.numpy()
+
+            return run
+
+        choice = validation.choose({name: outputs(graph) for name, graph in graphs.items()})
+        return {"selected": choice.best, "pseudo_validation": choice.by_name(), **validation.describe()}
+
+    def _graph(
+        self,
+        adapter: nn.Module,
+        backbone: nn.Module,
+        image_fits: list[FittedGaussian],
+        map_fits: list[FittedGaussian],
+    ) -> GaussianGraph:
+        return GaussianGraph(
+            adapter.cpu(),
+            backbone.cpu(),
+            [fit.module() for fit in image_fits],
+            [fit.module() for fit in map_fits],
+            map_score=self.map_score(),
+        ).eval()
 
     def build_graph(self) -> GaussianGraph:
         if self.graph is None:
