@@ -57,7 +57,10 @@ class TestSet:
     def score(self, method: Any, full: bool = False, **settings: Any) -> dict[str, float]:
         p = method.params
         graph = method.graph_for(
-            tau=settings.get("tau", p.tau), k=settings.get("k", p.k), edit=settings.get("edit", p.edit)
+            tau=settings.get("tau", p.tau),
+            k=settings.get("k", p.k),
+            edit=settings.get("edit", p.edit),
+            weighting=settings.get("weighting"),
         )
         with torch.no_grad():
             outputs = [graph.score_features(self.x0[i : i + 16]) for i in range(0, len(self.x0), 16)]
@@ -146,13 +149,24 @@ def accuracy(args: argparse.Namespace) -> None:
         }
         if args.sweeps:
             tau_test = {str(t): test.score(method, tau=t, edit=False) for t in p.tau_candidates}
-            k_test = {str(k): test.score(method, k=k, edit=True) for k in p.k_candidates}
+            joint = "edit_rule" in selection  # runs before the joint selection: K alone, a flat table
+            weightings = p.edit_weighting_candidates if joint else [p.edit_weighting]
+            k_test = {
+                w: {str(k): test.score(method, k=k, edit=True, weighting=w) for k in p.k_candidates} for w in weightings
+            }
+            k_test = k_test if joint else k_test[p.edit_weighting]
             record["tau_sweep"] = {"pseudo": selection.get("tau"), "test": tau_test}
             record["k_sweep"] = {"pseudo": selection.get("k"), "test": k_test}
             if selection.get("tau"):
                 record["tau_sweep"]["agreement"] = agreement(selection["tau"], tau_test)
-            if selection.get("k"):
+            if selection.get("k") and not joint:
                 record["k_sweep"]["agreement"] = agreement(selection["k"], k_test)
+            elif selection.get("k"):  # over every (weighting, K) pair, then per weighting
+                flat = lambda table: {f"{w}/{k}": row for w, rows in table.items() for k, row in rows.items()}  # noqa: E731
+                record["k_sweep"]["agreement"] = {
+                    "all": agreement(flat(selection["k"]), flat(k_test)),
+                    **{w: agreement(selection["k"][w], k_test[w]) for w in k_test if w in selection["k"]},
+                }
         steps = {}
         for n in args.ddim_steps:
             method.params = method.parse_params({**method.config.method_params, "ddim_steps": n})

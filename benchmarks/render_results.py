@@ -27,6 +27,8 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+from edgead.metrics import auroc_standard_error
+
 RESULTS = Path(__file__).resolve().parent / "results"
 README = RESULTS / "README.md"
 BLOCK = re.compile(r"<!-- (table|text): ([\w-]+) -->\n.*?<!-- /\1 -->", re.S)
@@ -413,8 +415,8 @@ def gaussian_projection(*records: Record) -> str:
 )
 def gaussian_map_statistics(*records: Record) -> str:
     rows = [
-        [r["dataset"], r["method_params"].get("map_statistics", "positions (default)"), *_metric_cells(r["metrics"])]
-        + [date(r)]
+        [r["dataset"], r["method_params"].get("map_statistics", "positions (then the default)")]
+        + [*_metric_cells(r["metrics"]), date(r)]
         for r in records
     ]
     return table(["dataset", "map statistics", "image AUROC", "pixel AUROC", "AUPRO", "date"], rows)
@@ -582,6 +584,47 @@ def lafite_sweeps(*records: Record) -> str:
             rows[-len(sweep["test"])][0] += f" (Spearman {num(sweep['agreement']['spearman'], 2)})"
     header = ["data set", "candidate", "pseudo-validation image AUROC", "test image AUROC"]
     return table([*header, "test pixel AUROC, defective images only"], rows)
+
+
+LAFITE_SELECTION = ("lafite_magnetic_tile_selection.json",)  # bsdata: not measured yet (README)
+
+
+@renders("lafite-selection-runs", *LAFITE_SELECTION)
+def lafite_selection_runs(*records: Record) -> str:
+    rows = []
+    for r in records:
+        (dataset,) = r["datasets"]
+        s, res = r["selection"], r["results"][dataset]
+        rule, agree = s["edit_rule"], res["k_sweep"]["agreement"]["all"]
+        best = "{}, K = {}".format(*rule["best"])
+        margin = f"+{num(rule['margin'], 3)} vs {num(rule['standard_error'], 3)}" if "margin" in rule else "-"
+        chosen = f"{s['chosen']['edit_weighting']}, K = {s['chosen']['k']}"
+        rows.append(
+            [dataset, _training(r["train"]), s["chosen"]["tau"], chosen]
+            + [best, margin, auroc(res["lafite"]["image_auroc"]), agree["best_on_test"].replace("/", ", K = ")]
+            + [auroc(agree["best_test_image_auroc"]), num(agree["spearman"], 2)]
+        )
+    header = ["data set", "training steps, time", "tau chosen", "weighting, K chosen", "best on pseudo-validation"]
+    header += ["its margin vs one standard error", "test image AUROC (chosen)", "best on test", "its test image AUROC"]
+    return table([*header, "Spearman, pseudo vs test, 14 candidates"], rows)
+
+
+@renders("lafite-selection", *LAFITE_SELECTION)
+def lafite_selection(*records: Record) -> str:
+    rows = []
+    for r in records:
+        (dataset,) = r["datasets"]
+        pseudo, test = r["selection"]["k"], r["results"][dataset]["k_sweep"]["test"]
+        chosen = (r["selection"]["chosen"]["edit_weighting"], str(r["selection"]["chosen"]["k"]))
+        for weighting, rows_k in pseudo.items():
+            for k, row in rows_k.items():
+                mark = " (chosen)" if (weighting, k) == chosen else ""
+                rows.append(
+                    [dataset, weighting, f"{k}{mark}", auroc(row["image_auroc"]), auroc(row["pixel_auroc"])]
+                    + [auroc(test[weighting][k]["image_auroc"]), auroc(test[weighting][k]["pixel_auroc"])]
+                )
+    header = ["data set", "weighting", "K", "pseudo-validation image AUROC", "pseudo-validation pixel AUROC"]
+    return table([*header, "test image AUROC", "test pixel AUROC, defective images only"], rows)
 
 
 # mdps.
@@ -924,6 +967,116 @@ def frame_path(record: Record) -> str:
         "`predict` after ms",
     ]
     return table(header, rows) + f"\n\n{width}x{height} frame; {record['machine']['cpu']}, {record['machine']['date']}."
+
+
+def _recipe_flags(recipe: Record) -> str:
+    return (
+        f"--preset {recipe['preset']} --image-size {recipe['image_size']} --batch-size {recipe['batch_size']} "
+        f"--lr {recipe['lr']:g}"
+    )
+
+
+def recipe_rule(record: Record) -> str:
+    """The recommendation of benchmarks/cpu_recipe.py's rule (no test figure) from the recorded proxies."""
+    rec = record["recommendation"]
+    tied = "; ".join(_recipe_flags(r) for r in rec["tied"])
+    return wrap(
+        f"Rule (fixed before reading any test figure): {rec['rule']}. One standard error here is "
+        f"{num(rec['standard_error'], 3)}; tied: {tied}. Recommended: `{_recipe_flags(rec['recommended'])}` "
+        f"(`{rec['command']}`)."
+    )
+
+
+@renders("cpu-recipe-score-resilience-rule", "cpu_recipe_score-resilience_magnetic_tile.json")
+def cpu_recipe_score_resilience_rule(record: Record) -> str:
+    return recipe_rule(record)
+
+
+@renders("cpu-recipe-score-tscale-rule", "cpu_recipe_score-tscale_magnetic_tile.json")
+def cpu_recipe_score_tscale_rule(record: Record) -> str:
+    return recipe_rule(record)
+
+
+# gaussian: fit order (paper vs full) and the pseudo-validation choices of the defaults.
+
+FIT_ORDER_FILES = tuple(
+    f"accuracy_gaussian_{d}_{tag}.json" for d in ("magnetic_tile", "bsdata") for tag in ("defaults", "fit_full")
+)
+
+
+def _pseudo_image(record: Record) -> float:
+    """Pseudo-validation image AUROC of the OPCA fraction the run chose (eq. 4's pooled score)."""
+    selection = record["train"]["opca_selection"]
+    return selection["pseudo_validation_image_auroc"][str(selection["selected"])]
+
+
+def _pseudo_pixel(record: Record) -> float:
+    selection = record["train"]["map_statistics_selection"]
+    return selection["pseudo_validation"][selection["selected"]]["pixel_auroc"]
+
+
+@renders("gaussian-fit-order", *FIT_ORDER_FILES)
+def gaussian_fit_order(*records: Record) -> str:
+    header = ["dataset", "fit_order", "OPCA fraction", "pseudo-val image AUROC", "map statistics"]
+    header += ["pseudo-val pixel AUROC", "test image AUROC", "test pixel AUROC", "test AUPRO", "date"]
+    rows = []
+    for r in records:
+        selection = r["train"]["map_statistics_selection"]
+        rows.append(
+            [r["dataset"], r["method_params_resolved"]["fit_order"], r["train"]["opca_selection"]["selected"]]
+            + [num(_pseudo_image(r), 4), selection["selected"], num(_pseudo_pixel(r), 4)]
+            + [num(r["metrics"][k], 4) for k in ("image_auroc", "pixel_auroc", "aupro")]
+            + [date(r)]
+        )
+    return table(header, rows)
+
+
+@renders("gaussian-fit-order-rule", *FIT_ORDER_FILES)
+def gaussian_fit_order_rule(*records: Record) -> str:
+    """The rule for the default: paper unless full's pseudo-validation image AUROC is higher by more than one
+    standard error on both data sets. Fails when the defaults records disagree with the rule's outcome."""
+    parts, full_wins = [], []
+    for paper, full in zip(records[::2], records[1::2], strict=True):
+        orders = (paper["method_params_resolved"]["fit_order"], full["method_params_resolved"]["fit_order"])
+        if orders != ("paper", "full"):
+            raise ValueError("expected the defaults record with fit_order=paper and the fit_full record")
+        selection = paper["train"]["opca_selection"]
+        error = auroc_standard_error(
+            _pseudo_image(paper), n_positive=selection["n_pseudo"], n_negative=selection["n_normal"]
+        )
+        gain = _pseudo_image(full) - _pseudo_image(paper)
+        full_wins.append(gain > error)
+        parts.append(
+            f"{paper['dataset']} {num(gain, 4)} (standard error {num(error, 4)}; {selection['n_normal']} held-out"
+            f" normals, {selection['n_pseudo']} pseudo-anomalies)"
+        )
+    outcome = "full" if all(full_wins) else "paper"
+    if outcome != "paper":
+        raise ValueError("the rule now chooses fit_order=full, but the defaults records use paper: rerun them")
+    summary = f"Pseudo-validation image AUROC of full minus paper: {'; '.join(parts)}."
+    return f"{summary} The rule keeps `fit_order={outcome}`."
+
+
+@renders(
+    "gaussian-defaults-choices",
+    "accuracy_gaussian_magnetic_tile_defaults.json",
+    "accuracy_gaussian_bsdata_defaults.json",
+)
+def gaussian_defaults_choices(*records: Record) -> str:
+    """What each defaults run chose by pseudo-validation, with every candidate's figure."""
+    lines = []
+    for r in records:
+        maps = r["train"]["map_statistics_selection"]
+        pixel = ", ".join(f"{name}: {auroc(row['pixel_auroc'])}" for name, row in maps["pseudo_validation"].items())
+        fractions = r["train"]["opca_selection"]["pseudo_validation_image_auroc"]
+        image = ", ".join(f"{name}: {auroc(value)}" for name, value in fractions.items())
+        lines.append(
+            f"- {r['dataset']} ({r['image_size']} px, fit_order={r['method_params_resolved']['fit_order']},"
+            f" {maps['n_normal']} held-out normals + {maps['n_pseudo']} pseudo-anomalies): OPCA fraction"
+            f" {r['train']['opca_selection']['selected']} (pseudo-validation image AUROC {image}); map statistics"
+            f" {maps['selected']} (pseudo-validation pixel AUROC {pixel})."
+        )
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

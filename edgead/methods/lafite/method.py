@@ -18,6 +18,7 @@ from edgead.diffusion.schedules import ddpm_eps_loss, make_alpha_bar
 from edgead.methods.base import FitContext
 from edgead.methods.lafite.graph import FeatureStandardiser, LafitEGraph, aggregate, pool_for, scaled_size
 from edgead.methods.lafite.memory import EDIT_WEIGHTINGS, FeatureEditor, greedy_coreset
+from edgead.methods.lafite.selection import PAPER_EDIT, by_weighting, choose_edit
 from edgead.methods.params import at_least, open_unit, param, positive
 from edgead.methods.score_unet import ScoreUNetMethod
 from edgead.methods.scoring import MapScoreParams
@@ -94,57 +95,106 @@ def _int_list(low: int) -> Any:
 @dataclass(frozen=True)
 class LafitEParams(MapScoreParams):
     backbone: str = param(
-        DEFAULT_BACKBONE, "timm EfficientNet (the paper: EfficientNet-b4; see the README)", "Sec. 4.1"
-    )
-    weights: str = param("imagenet", '"imagenet" (the shipped Lite0 weights), "random", or a weights file', "ours")
+        DEFAULT_BACKBONE, "timm EfficientNet (the paper: EfficientNet-b4; see the README)", "Sec. 4.1",
+        origin="engineering", why="Lite0: the ImageNet weights shipped offline (gaussian's); b4 via --param",
+    )  # fmt: skip
+    weights: str = param(
+        "imagenet", '"imagenet" (the shipped Lite0 weights), "random", or a weights file', "ours",
+        origin="backbone", why="the pretrained ImageNet features Sec. 3.1 asks for",
+    )  # fmt: skip
     stages: list[int] = param(
-        list(DEFAULT_STAGES), "backbone stages (0 = stem, 1..7 = MBConv stages)", "Sec. 4.1: stages 1-4 (README)"
-    )
+        list(DEFAULT_STAGES), "backbone stages (0 = stem, 1..7 = MBConv stages)", "Sec. 4.1: stages 1-4 (README)",
+        origin="paper",
+    )  # fmt: skip
     input_scaling: str = param(
         "auto",
         "input scaling the backbone sees: auto = what its weights were trained on; the run records the value",
         "ours",
         choices=("auto", *INPUT_SCALINGS),
+        origin="backbone",
+        why="the scaling the backbone's weights were trained with",
     )
-    grid: int = param(32, "side of the aggregated feature tensor", "Sec. 4.1: 32 x 32", check=at_least(2))
-    schedule: str = param("cosine", "noise schedule", "Sec. 4.1: cosine [27]", choices=("cosine", "linear"))
-    diffusion_steps: int = param(1000, "diffusion steps T", "Sec. 4.1", check=at_least(2))
+    grid: int = param(
+        32, "side of the aggregated feature tensor", "Sec. 4.1: 32 x 32", check=at_least(2), origin="paper"
+    )
+    schedule: str = param(
+        "cosine", "noise schedule", "Sec. 4.1: cosine [27]", choices=("cosine", "linear"), origin="paper"
+    )
+    diffusion_steps: int = param(1000, "diffusion steps T", "Sec. 4.1", check=at_least(2), origin="paper")
     tau: Any = param(
         "auto",
         'corruption step tau (eq. 8, 11); "auto": chosen on pseudo-validation without editing',
         "Sec. 3.3, 4.5",
         check=_auto_or_int(1),
+        origin="pseudo-validation",
+        why="Sec. 4.5 chooses tau on the pseudo-validation set",
     )
-    tau_candidates: list[int] = param([50, 100, 200, 300, 400], 'what tau="auto" chooses from', "Sec. 4.5 / ours",
-                                      check=_int_list(1))  # fmt: skip
+    tau_candidates: list[int] = param(
+        [50, 100, 200, 300, 400], 'what tau="auto" chooses from', "Sec. 4.5 / ours", check=_int_list(1),
+        origin="engineering", why="Fig. 6's range of tau, reasoned (the paper does not list its grid)",
+    )  # fmt: skip
     k: Any = param(
         "auto",
-        'neighbours K of feature editing (eq. 10); "auto": chosen on pseudo-validation with editing',
+        'neighbours K of feature editing (eq. 10); "auto": chosen with edit_weighting on pseudo-validation',
         "Sec. 3.3, 4.5",
         check=_auto_or_int(1),
+        origin="pseudo-validation",
+        why="Sec. 4.5 chooses K on the pseudo-validation set; here jointly with the weighting (README)",
     )
-    k_candidates: list[int] = param([2, 3, 4], 'what k="auto" chooses from', "Sec. 4.5 / ours (README: K = 1)",
-                                    check=_int_list(1))  # fmt: skip
-    edit: bool = param(True, "feature editing (false: the paper's 'LafitE w/o F.E.' ablation)", "Table 4")
+    k_candidates: list[int] = param(
+        [2, 3, 4, 5, 6, 7, 8], 'what k="auto" chooses from', "Sec. 4.5 / ours", check=_int_list(1),
+        origin="engineering",
+        why="K = 1 is excluded (eq. 10 edits to zero); 2..8 spans Fig. 6's small K at 7 graph passes per weighting",
+    )  # fmt: skip
+    edit: bool = param(
+        True, "feature editing (false: the paper's 'LafitE w/o F.E.' ablation)", "Table 4", origin="paper"
+    )
     edit_weighting: str = param(
-        "paper", "paper: eq. 10 exactly (weights sum to K - 1); normalised: divided by K - 1", "eq. 10 / ours",
-        choices=EDIT_WEIGHTINGS,
+        "auto",
+        'eq. 10 weights: "paper" (exactly as printed, summing to K - 1), "normalised" (divided by K - 1, '
+        'summing to 1), "auto": chosen together with K on pseudo-validation',
+        "eq. 10, Sec. 4.5 / ours",
+        choices=("auto", *EDIT_WEIGHTINGS),
+        origin="pseudo-validation",
+        why="eq. 10 as printed leaves the normal manifold for K > 2; the set decides (README)",
+    )
+    edit_weighting_candidates: list[str] = param(
+        list(EDIT_WEIGHTINGS), 'what edit_weighting="auto" chooses from', "eq. 10 / ours",
+        check=lambda v: None if isinstance(v, list) and v and set(v) <= set(EDIT_WEIGHTINGS)
+        else f"a non-empty list of {', '.join(EDIT_WEIGHTINGS)}",
+        origin="engineering", why="both readings of eq. 10: as printed, and normalised as its text intends",
     )  # fmt: skip
     ddim_steps: int = param(
         5, "DDIM updates from tau to 0, unrolled in the graph (tau: one per diffusion step)", "eq. 7 / ours",
-        check=at_least(1),
+        check=at_least(1), origin="engineering",
+        why="the paper gives no interval; 5 bounds latency (3.4x gaussian on a 2-core CPU, measured)",
     )  # fmt: skip
-    coreset_keep: float = param(0.1, "coreset keep rate of the memory bank", "Sec. 4.1", check=open_unit)
-    coreset_max: int = param(2048, "cap on the coreset size (graph size and latency)", "ours", check=at_least(1))
+    coreset_keep: float = param(
+        0.1, "coreset keep rate of the memory bank", "Sec. 4.1", check=open_unit, origin="paper"
+    )
+    coreset_max: int = param(
+        2048, "cap on the coreset size (graph size and latency)", "ours", check=at_least(1),
+        origin="engineering", why="bounds the graph's constants and the editing matmul (README: Memory bank)",
+    )  # fmt: skip
     bank_max: int = param(
-        100_000, "feature slices sampled (evenly per image) before the coreset selection", "ours", check=at_least(1)
+        100_000, "feature slices sampled (evenly per image) before the coreset selection", "ours",
+        check=at_least(1), origin="engineering", why="bounds the greedy selection's time and memory",
+    )  # fmt: skip
+    projection_dim: int = param(
+        128, "random projection for the coreset distances", "PatchCore", check=at_least(1),
+        origin="engineering", why="PatchCore's approximate greedy sampler (its reference implementation)",
+    )  # fmt: skip
+    smoothing_sigma: float = param(
+        4.0, "Gaussian smoothing sigma at 224 px (scaled)", "eq. 12", check=positive, origin="paper"
     )
-    projection_dim: int = param(128, "random projection for the coreset distances", "PatchCore", check=at_least(1))
-    smoothing_sigma: float = param(4.0, "Gaussian smoothing sigma at 224 px (scaled)", "eq. 12", check=positive)
     pool_size: int = param(
-        16, "average pooling before the max, at 224 px (scaled)", "Sec. 3.3 / UniAD", check=at_least(1)
-    )
-    noise_seed: int = param(0, "seed of the fixed noise buffer in the graph", "ours")
+        16, "average pooling before the max, at 224 px (scaled)", "Sec. 3.3 / UniAD", check=at_least(1),
+        origin="engineering", why="UniAD's max_avg pooling window, which Sec. 3.3 follows without a size",
+    )  # fmt: skip
+    noise_seed: int = param(
+        0, "seed of the fixed noise buffer in the graph", "ours", origin="engineering",
+        why="any fixed seed; a seeded buffer makes every backend compute the same function",
+    )  # fmt: skip
 
     def check(self) -> str | None:
         if self.tau != "auto" and self.tau > self.diffusion_steps:
@@ -271,36 +321,52 @@ class LafitE(ScoreUNetMethod):
         return ddpm_eps_loss(net, batch, make_alpha_bar(self.params.schedule, self.params.diffusion_steps))
 
     def after_training(self, ctx: FitContext) -> dict[str, Any]:
-        """Sec. 4.5: tau first (without editing), then K (with editing), each the candidate with the best
-        pseudo-validation image AUROC (the shared service, ``edgead.methods.validation``: pixel AUROC breaks
-        ties, earlier candidates win exact ties). The set's features are extracted once for every candidate."""
+        """Sec. 4.5: tau first (without editing), then the edit weighting and K together (with editing, at
+        that tau), on the pseudo-validation set through the shared service (``edgead.methods.validation``:
+        image AUROC, pixel AUROC breaking ties). The weighting and K follow the tie rule of
+        :mod:`edgead.methods.lafite.selection` (the paper's setting unless beaten by more than the set can
+        resolve). tau and the edit pair are chosen in turn, as the paper does, not jointly: the joint grid
+        would be 5 x 14 graph passes instead of 5 + 14 on a CPU, and more candidates on a set of a few
+        dozen images mean more chance winners. The set's features are extracted once for every candidate."""
         p = self.params
-        if p.tau != "auto" and (p.k != "auto" or not p.edit):
+        auto_k, auto_weighting = p.edit and p.k == "auto", p.edit and p.edit_weighting == "auto"
+        chosen: dict[str, Any] = {}
+        if not p.edit:  # unused without editing; keeps the run concrete
+            if p.k == "auto":
+                chosen["k"] = p.k_candidates[0]
+            if p.edit_weighting == "auto":
+                chosen["edit_weighting"] = PAPER_EDIT[0]
+        if p.tau != "auto" and not (auto_k or auto_weighting):
+            if chosen:
+                self.resolve_params(chosen)
             return {}
         validation = self.pseudo_validation_set(self._pixel_ctx, limit=200)
         record: dict[str, Any] = validation.describe()
         self.unet.eval()
         x0 = self.standardiser(self.raw_features(validation.images, 16, torch.device("cpu")))
 
-        def candidate(tau: int, k: int | None) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+        def candidate(tau: int, edit: tuple[str, int] | None) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
             @torch.no_grad()
             def outputs(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # from x0, the images' features
-                graph = self.graph_for(tau=tau, k=k, edit=k is not None)
+                weighting, k = edit if edit is not None else (None, None)
+                graph = self.graph_for(tau=tau, k=k, edit=edit is not None, weighting=weighting)
                 parts = [graph.score_features(x0[i : i + 16]) for i in range(0, len(x0), 16)]
                 return torch.cat([m for m, _ in parts]).numpy(), torch.cat([s for _, s in parts]).numpy()
 
             return outputs
 
-        chosen = {}
         if p.tau == "auto":
             choice = validation.choose({tau: candidate(tau, None) for tau in p.tau_candidates})
             record["tau"], chosen["tau"] = choice.by_name(), choice.best
         tau = chosen.get("tau", p.tau)
-        if p.k == "auto" and p.edit:
-            choice = validation.choose({k: candidate(tau, k) for k in p.k_candidates if k <= len(self.coreset)})
-            record["k"], chosen["k"] = choice.by_name(), choice.best
-        if p.k == "auto" and not p.edit:
-            chosen["k"] = p.k_candidates[0]  # unused without editing; keeps the run concrete
+        if auto_k or auto_weighting:
+            weightings = p.edit_weighting_candidates if auto_weighting else [p.edit_weighting]
+            ks = [k for k in (p.k_candidates if auto_k else [p.k]) if k <= len(self.coreset)]
+            pairs = [(w, k) for w in weightings for k in ks]
+            rows = validation.choose({pair: candidate(tau, pair) for pair in pairs}).rows
+            (weighting, k), record["edit_rule"] = choose_edit(rows)
+            record["k"] = by_weighting(rows)
+            chosen.update({"edit_weighting": weighting, "k": k})
         record["chosen"] = chosen
         self.record_choice("selection", record, chosen)
         return {"selection": record}
@@ -314,9 +380,11 @@ class LafitE(ScoreUNetMethod):
         state["coreset"] = self.coreset
         return state
 
-    def graph_for(self, *, tau: int, k: int | None, edit: bool) -> LafitEGraph:
+    def graph_for(self, *, tau: int, k: int | None, edit: bool, weighting: str | None = None) -> LafitEGraph:
+        """The graph at ``tau`` with (``edit``) K-neighbour editing weighted by ``weighting`` (default: the
+        run's ``edit_weighting``)."""
         p, size = self.params, self.preprocess_config.image_size
-        editor = FeatureEditor(self.coreset, k, p.edit_weighting) if edit else None
+        editor = FeatureEditor(self.coreset, k, weighting or p.edit_weighting) if edit else None
         pool = pool_for(size, p.pool_size)
         pooled = size - pool + 1 if pool > 1 else size
         return LafitEGraph(
@@ -338,10 +406,10 @@ class LafitE(ScoreUNetMethod):
 
     def build_graph(self) -> LafitEGraph:
         p = self.params
-        if p.tau == "auto" or (p.edit and p.k == "auto"):
+        if p.tau == "auto" or (p.edit and "auto" in (p.k, p.edit_weighting)):
             raise ValueError(
-                f"{self.run_dir}: tau / K are still 'auto' (the run's selection did not finish); "
-                "pass --param tau=N --param k=N or retrain"
+                f"{self.run_dir}: tau / K / edit_weighting are still 'auto' (the run's selection did not "
+                "finish); pass --param tau=N --param k=N --param edit_weighting=paper or retrain"
             )
         return self.graph_for(tau=int(p.tau), k=int(p.k) if p.edit else None, edit=p.edit)
 
