@@ -35,7 +35,15 @@ def _invoke(args: list[str]) -> str:
     return result.output
 
 
-@pytest.fixture(scope="module", params=implemented_methods())
+def _method_params() -> list:
+    """Every method; those whose smoke export takes minutes are marked slow (CI runs them, `-m "not slow"` not)."""
+    return [
+        pytest.param(name, marks=pytest.mark.slow) if get_method(name).slow_smoke_export else name
+        for name in implemented_methods()
+    ]
+
+
+@pytest.fixture(scope="module", params=_method_params())
 def trained(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, Path]:
     """``(method, runs root, test images)`` after `edgead train` with the method's smoke settings; the dataset
     itself is moved away afterwards, so everything after training must use what the run stored."""

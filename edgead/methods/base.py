@@ -80,6 +80,9 @@ class Method(abc.ABC):
     #: Settings of a seconds-long fit on 32 px generated data, used by the parametrised tests:
     #: ``{"preset": ..., "steps": ..., "batch_size": ..., "lr": ..., "params": {...}}`` (all optional).
     smoke: ClassVar[dict[str, Any]] = {}
+    #: Whether the smoke export takes minutes on a 2-core CPU (e.g. a graph with traced gradients): the
+    #: parametrised end-to-end tests then mark the method slow (outside ``-m "not slow"``; CI still runs them).
+    slow_smoke_export: ClassVar[bool] = False
     #: ``--image-size`` when none is given (the paper's input size, or the backbone's native one).
     default_image_size: ClassVar[int] = 192
     #: Parameters that change only the inference graph, not the fit: ``edgead tune`` reuses one fit for them.

@@ -69,7 +69,7 @@ def test_traced_gradient_graph_equals_eager_in_float64() -> None:
     assert all(p.requires_grad for p in graph.parameters())  # restored after tracing
 
 
-@pytest.mark.parametrize("max_batch", [None, 8])
+@pytest.mark.parametrize("max_batch", [None, pytest.param(8, marks=pytest.mark.slow)])
 def test_gradient_graph_exports_to_onnx_with_parity(tmp_path, max_batch: int | None) -> None:
     """Fixed batch 2, or a dynamic batch 1..8 run at 1, 2 and 5 (group norm, the guidance's per-image norm and
     the transposed-convolution gradients all follow the batch size)."""

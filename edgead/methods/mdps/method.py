@@ -212,6 +212,7 @@ class MDPS(ScoreUNetMethod):
     }
     tune_grid: ClassVar[dict[str, list[Any]]] = {"image_score": ["topk_mean", "max", "interior_max"]}
     smoke: ClassVar[dict[str, Any]] = {**ScoreUNetMethod.smoke, "params": {"steps": 1, "n_samples": 2}}
+    slow_smoke_export = True  # the gradient graph's trace and FP16 parity take 1-2 minutes on 2 cores
 
     backbone: FeatureExtractor
 
