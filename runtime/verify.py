@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from edgead.progress import Progress
+from edgead.runtime.batching import padded_batches
 from edgead.runtime.machine import device_record, gpu_memory_used_mb
 from edgead.runtime.metadata import load_metadata, verified_artifact
 from edgead.runtime.parity import compare as parity
@@ -111,8 +112,6 @@ def _open(export_dir: Path, backend: str, precision: str | None) -> Any:
 
 def run_batches(backend: Any, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``backend`` over ``images`` in its fixed batch size (the last batch padded with its last image)."""
-    from edgead.runtime.batching import padded_batches
-
     maps, scores = [], []
     for chunk, count in padded_batches(images, int(backend.input_shape[0]), images.shape[1:], images.dtype):
         out = backend.infer(chunk)
