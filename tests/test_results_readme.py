@@ -3,6 +3,7 @@ benchmarks/render_results.py writes now, and the prose around them holds no meas
 
 from __future__ import annotations
 
+import fnmatch
 import importlib.util
 import json
 import re
@@ -110,3 +111,50 @@ def test_every_figure_in_the_prose_is_in_a_record(renderer: Any, recorded: set[s
 def test_the_figure_check_sees_an_unbacked_figure(recorded: set[str]) -> None:
     probe = "Sec. 5.3 of the paper; torch 2.14.1; the old defaults gave 12.345 and 0.948."
     assert unbacked(probe, recorded) == ["12.345 (prose line 1)"]
+
+
+MACHINE = re.compile(r"Intel Xeon|AMD EPYC|Apple M\d|Graviton\d?|NVIDIA (?:GeForce )?(?:RTX )?[A-Z]*\d+\w*")
+DATE = re.compile(r"\b\d{4}-\d\d-\d\d\b")
+RECORD_NAME = re.compile(r"[\w<>+.-]+\.json")
+
+
+def _short_cpu(name: str) -> str:
+    """'Intel(R) Xeon(R) Processor' -> 'Intel Xeon', the way the prose names a machine."""
+    return " ".join(re.sub(r"\((?:R|TM)\)|\bProcessor\b|\bCPU\b", " ", name).split())
+
+
+def misattributed(prose: str) -> list[str]:
+    """Machines and dates a paragraph names that none of the records it names was measured on."""
+    names = [path.name for path in RESULTS.glob("*.json")]
+    found = []
+    for paragraph in re.split(r"\n\s*\n", prose):
+        machines, dates = MACHINE.findall(paragraph), DATE.findall(paragraph)
+        if not machines and not dates:
+            continue
+        patterns = {re.sub(r"<[^>]+>", "*", ref) for ref in RECORD_NAME.findall(paragraph)}
+        files = [name for name in names if any(fnmatch.fnmatch(name, p) for p in patterns)]
+        if not files:
+            found.append(f"names a machine or date but no record: {paragraph[:120]!r}")
+            continue
+        held_machines, held_dates = set(), set()
+        for name in files:
+            data = json.loads((RESULTS / name).read_text())
+            for record in data if isinstance(data, list) else [data]:
+                machine = record.get("machine") or {}
+                held_machines.update(_short_cpu(v) for v in (machine.get("cpu"), machine.get("gpu")) if v)
+                held_dates.update([str(machine.get("date", ""))[:10]])
+        found += [f"{m} not the machine of {files}" for m in machines if m not in held_machines]
+        found += [f"{d} not the date of {files}" for d in dates if d not in held_dates]
+    return found
+
+
+def test_every_machine_and_date_in_the_prose_is_its_records(renderer: Any) -> None:
+    wrong = misattributed(renderer.BLOCK.sub("", README.read_text()))
+    assert not wrong, wrong
+
+
+def test_the_machine_check_sees_a_wrong_machine() -> None:
+    right = "`cmd` (2026-12-04, AMD EPYC, 2 cores) -> `lafite_magnetic_tile_selection.json`"
+    assert misattributed(right) == []
+    assert len(misattributed(right.replace("AMD EPYC", "Intel Xeon"))) == 1
+    assert len(misattributed(right.replace("2026-12-04", "2026-11-30"))) == 1
