@@ -16,7 +16,15 @@ import numpy as np
 
 from edgead.data.preprocess import PreprocessConfig, preprocess
 
-__all__ = ["KINDS", "SHAPES", "InspectionDefect", "PseudoAnomaly", "make_pseudo_anomaly_set", "pseudo_validation_set"]
+__all__ = [
+    "DISCRIMINATING_KINDS",
+    "KINDS",
+    "SHAPES",
+    "InspectionDefect",
+    "PseudoAnomaly",
+    "make_pseudo_anomaly_set",
+    "pseudo_validation_set",
+]
 
 SHAPES: tuple[str, ...] = ("ellipse", "rectangle", "polygon")
 _SUBPIXEL_BITS = 4
@@ -201,7 +209,7 @@ class InspectionDefect:
                 altered = pixels + rng.normal(0, 12, pixels.shape).astype(np.float32)
             changed = pixels * (1 - weight[..., None]) + altered * weight[..., None]
         else:
-            raise ValueError(f"kind must be one of {KINDS[1:]}, got {kind!r}")
+            raise ValueError(f"kind must be one of {KINDS[2:]}, got {kind!r}")
         result = np.clip(np.rint(changed), 0, 255).astype(np.uint8)
         diff = np.abs(result.astype(np.int16) - np.asarray(image).astype(np.int16))
         mask = (diff.max(axis=-1) if diff.ndim == 3 else diff) >= 2
@@ -212,12 +220,26 @@ class InspectionDefect:
         return result, mask
 
 
-#: "paste": LafitE Sec. 3.4 fragments; the rest: :class:`InspectionDefect`.
-KINDS = ("paste", "blemish", "scratch", "texture")
+#: "paste": LafitE Sec. 3.4 fragments; "speck": the same, 0.1-1 % of the image (small defects); the rest:
+#: :class:`InspectionDefect`.
+KINDS = ("paste", "speck", "blemish", "scratch", "texture")
+#: The kinds of the discriminating set (``edgead.methods.validation``): the paper's fragments plus small and
+#: low-contrast ones, so that a set can be made hard enough that candidates differ on it.
+DISCRIMINATING_KINDS = KINDS
+#: Area fraction of a "speck" fragment.
+SPECK_AREA = (0.001, 0.01)
+
+
+def _blend(target: np.ndarray, changed: np.ndarray, strength: float) -> np.ndarray:
+    """``target + strength * (changed - target)``, rounded: the defect at ``strength`` of its contrast."""
+    if strength >= 1.0:
+        return changed
+    mixed = target.astype(np.float32) + strength * (changed.astype(np.float32) - target.astype(np.float32))
+    return np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
 
 
 def make_pseudo_anomaly_set(
-    images: Sequence[np.ndarray], n: int, seed: int, kinds: Sequence[str] = ("paste",)
+    images: Sequence[np.ndarray], n: int, seed: int, kinds: Sequence[str] = ("paste",), strength: float = 1.0
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Builds a deterministic pseudo-anomalous validation set from normal images.
 
@@ -230,6 +252,9 @@ def make_pseudo_anomaly_set(
         seed: Random seed; the same images, n, seed and kinds give identical output.
         kinds: Which of ``KINDS`` to make, in turn (item ``i`` is ``kinds[i % len(kinds)]``); the default is
             the paper's pasted fragments alone.
+        strength: Share of each defect's contrast kept, in (0, 1]: the image is ``target + strength *
+            (defect - target)``, the mask unchanged (1: the defects as drawn; our addition, to calibrate how
+            hard the set is). The same seed gives the same defects at every strength.
 
     Returns:
         (images, bool masks), each a list of length n.
@@ -244,9 +269,12 @@ def make_pseudo_anomaly_set(
     unknown = [kind for kind in kinds if kind not in KINDS]
     if unknown or not kinds:
         raise ValueError(f"kinds must be a non-empty subset of {KINDS}, got {tuple(kinds)}")
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
     pairing_rng = np.random.default_rng([seed, 0])
     synthesiser = PseudoAnomaly(seed=int(np.random.default_rng([seed, 1]).integers(2**63)))
     inspection = InspectionDefect(seed=int(np.random.default_rng([seed, 2]).integers(2**63)))
+    specks = PseudoAnomaly(seed=int(np.random.default_rng([seed, 3]).integers(2**63)), area_fraction=SPECK_AREA)
     anomalous: list[np.ndarray] = []
     masks: list[np.ndarray] = []
     for i in range(n):
@@ -254,17 +282,21 @@ def make_pseudo_anomaly_set(
         source_index = int(pairing_rng.integers(len(images) - 1))
         source_index += source_index >= target_index  # skip the target itself
         kind = kinds[i % len(kinds)]
-        if kind == "paste":
-            image, mask = synthesiser(images[target_index], images[source_index])
+        if kind in ("paste", "speck"):
+            image, mask = (synthesiser if kind == "paste" else specks)(images[target_index], images[source_index])
         else:
             image, mask = inspection(images[target_index], kind)
-        anomalous.append(image)
+        anomalous.append(_blend(np.asarray(images[target_index]), image, strength))
         masks.append(mask)
     return anomalous, masks
 
 
 def pseudo_validation_set(
-    normal_rgb: Sequence[np.ndarray], pre: PreprocessConfig, seed: int = 0, kinds: Sequence[str] = ("paste",)
+    normal_rgb: Sequence[np.ndarray],
+    pre: PreprocessConfig,
+    seed: int = 0,
+    kinds: Sequence[str] = ("paste",),
+    strength: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A validation set with labels from normal images alone: the images themselves (label 0) plus as many
     pseudo-anomalies made from them (label 1, with masks), all preprocessed.
@@ -272,7 +304,7 @@ def pseudo_validation_set(
     Args:
         normal_rgb: At least two uint8 RGB images at the input size ``pre.image_size``.
         pre: The run's preprocessing.
-        seed: Seed of :func:`make_pseudo_anomaly_set`.
+        seed, kinds, strength: As :func:`make_pseudo_anomaly_set`.
 
     Returns:
         ``(images (N, C, S, S) float32, labels (N,) int, masks (N, S, S) bool)``.
@@ -280,7 +312,9 @@ def pseudo_validation_set(
     if len(normal_rgb) < 2:
         raise ValueError(f"a pseudo-anomaly validation set needs at least two normal images, got {len(normal_rgb)}")
     size = pre.image_size
-    pseudo_rgb, pseudo_masks = make_pseudo_anomaly_set(list(normal_rgb), n=len(normal_rgb), seed=seed, kinds=kinds)
+    pseudo_rgb, pseudo_masks = make_pseudo_anomaly_set(
+        list(normal_rgb), n=len(normal_rgb), seed=seed, kinds=kinds, strength=strength
+    )
     normal = np.stack([preprocess(img, pre) for img in normal_rgb])
     pseudo = np.stack([preprocess(img, pre) for img in pseudo_rgb])
     images = np.concatenate([normal, pseudo]).astype(np.float32)

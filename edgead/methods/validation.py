@@ -10,6 +10,12 @@ held-out normal images (label 0) plus as many pseudo-anomalies made from them (l
 - Its figures are computed one way (:func:`pseudo_figures`): image AUROC over all images and pixel AUROC
   over the pseudo-anomalies (maps resized to the masks), each rounded to four digits.
 - The choice is the best candidate by a named rule (:data:`RULES`), the earlier candidate winning exact ties.
+  Where the choice has a default (the paper's value), the default is kept unless the best candidate's image
+  AUROC beats it by more than one standard error of the set (:func:`keep_default_unless_beaten`): a set of a
+  few dozen images cannot tell closer candidates apart, and the choice says so.
+- The set can be made as hard as the choice needs (:func:`calibrated_set`): pseudo-anomalies of several
+  kinds (small and low-contrast ones too) at the strongest of :data:`STRENGTHS` at which a reference
+  candidate (the default) scores at most :data:`TARGET_AUROC`, so candidates are not all tied near 1.0.
 - The record goes into the run's state (:meth:`edgead.methods.base.Method.record_choice`).
 
 Example:
@@ -20,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -29,8 +36,8 @@ import torch
 from torch import nn
 
 from edgead.data.preprocess import PreprocessConfig
-from edgead.data.pseudo import pseudo_validation_set
-from edgead.metrics import image_auroc, pixel_auroc
+from edgead.data.pseudo import DISCRIMINATING_KINDS, pseudo_validation_set
+from edgead.metrics import auroc_standard_error, image_auroc, pixel_auroc
 
 K = TypeVar("K", bound=Hashable)
 #: A candidate: an inference graph, or a callable taking the set's preprocessed images ``(N, C, S, S)`` and
@@ -43,6 +50,17 @@ Candidate = nn.Module | Callable[[np.ndarray], tuple[np.ndarray | None, np.ndarr
 RULES: dict[str, tuple[str, ...]] = {"image_then_pixel": ("image_auroc", "pixel_auroc"), "mean": ("criterion",)}
 #: What ``edgead tune`` and the records say the default rule is.
 CRITERION = "pseudo-validation image AUROC, then pixel AUROC"
+#: The tie rule of every choice that has a default.
+ONE_SE_RULE = (
+    "the default is kept unless the best candidate's image AUROC exceeds it by more than one standard error "
+    "(Hanley & McNeil 1982, the larger of the two candidates' errors on this set; the one-standard-error rule "
+    "of Breiman et al. 1984)"
+)
+#: Defect strengths a calibrated set tries, strongest first (share of each defect's contrast kept).
+STRENGTHS: tuple[float, ...] = (1.0, 0.6, 0.4, 0.25, 0.15)
+#: A calibrated set is the strongest one on which the reference candidate's image AUROC is at most this.
+#: Our choice: the issue's 0.8-0.9 band; below 0.9 a better candidate has room to show (engineering).
+TARGET_AUROC = 0.9
 
 
 @torch.no_grad()
@@ -100,12 +118,54 @@ def ranked(rows: Mapping[K, dict[str, Any]], rule: str = "image_then_pixel") -> 
     return sorted(rows, key=lambda name: tuple(rows[name][k] for k in keys if k in rows[name]), reverse=True)
 
 
+def keep_default_unless_beaten(
+    rows: Mapping[K, dict[str, Any]], default: K | None, rule: str = "image_then_pixel"
+) -> tuple[K, dict[str, Any]]:
+    """The chosen candidate among ``rows`` (figures with ``image_auroc``, ``n_normal``, ``n_pseudo``) and
+    what decided it: the best by ``rule``, unless ``default`` is given and the best's image AUROC exceeds
+    the default's by no more than one standard error (:data:`ONE_SE_RULE`); then the default."""
+    best = ranked(rows, rule)[0]
+    decision: dict[str, Any] = {"best": _plain(best)}
+    if default is None or default not in rows or best == default:
+        return best, {**decision, "chosen": _plain(best), "default": _plain(default), "kept_default": best == default}
+    b, d = rows[best], rows[default]
+    n_pos, n_neg = int(b["n_pseudo"]), int(b["n_normal"])
+    error = max(
+        auroc_standard_error(b["image_auroc"], n_pos, n_neg), auroc_standard_error(d["image_auroc"], n_pos, n_neg)
+    )
+    margin = b["image_auroc"] - d["image_auroc"]
+    keep = margin <= error
+    chosen = default if keep else best
+    decision.update(
+        {
+            "rule": ONE_SE_RULE,
+            "default": _plain(default),
+            "margin": round(margin, 4),
+            "standard_error": round(error, 4),
+            "chosen": _plain(chosen),
+            "kept_default": keep,
+        }
+    )
+    if keep:
+        decision["why"] = "the candidates differ by less than this set can resolve: the default stays"
+    return chosen, decision
+
+
+def _plain(value: Any) -> Any:
+    """A candidate key as JSON writes it (tuples as lists)."""
+    return list(value) if isinstance(value, tuple) else value
+
+
 @dataclass(frozen=True)
 class Choice(Generic[K]):
-    """The outcome of :meth:`PseudoValidationSet.choose`: the best candidate and every candidate's figures."""
+    """The outcome of :meth:`PseudoValidationSet.choose`: the best candidate by the rule, the chosen one
+    (the default where the best does not beat it by more than one standard error), what decided, and
+    every candidate's figures."""
 
     best: K
     rows: dict[K, dict[str, Any]]
+    chosen: K
+    decision: dict[str, Any]
 
     def by_name(self) -> dict[str, dict[str, Any]]:
         """The rows keyed by ``str(candidate)``, as ``config.json`` records them."""
@@ -121,14 +181,24 @@ class PseudoValidationSet:
     labels: np.ndarray  # (N,) int: 0 normal, 1 pseudo-anomaly
     masks: np.ndarray  # (N, S, S) bool, all False for the normal images
     source: str  # e.g. "10 held-out normal images"
+    kinds: tuple[str, ...] = ("paste",)
+    strength: float = 1.0
+    calibration: dict[str, Any] | None = None  # how the strength was chosen (calibrated_set)
 
     @classmethod
     def from_normals(
-        cls, normal_rgb: Sequence[np.ndarray], pre: PreprocessConfig, source: str, seed: int = 0
+        cls,
+        normal_rgb: Sequence[np.ndarray],
+        pre: PreprocessConfig,
+        source: str,
+        seed: int = 0,
+        kinds: Sequence[str] = ("paste",),
+        strength: float = 1.0,
     ) -> PseudoValidationSet:
-        """Build the set from at least two uint8 RGB normal images at the input size."""
-        images, labels, masks = pseudo_validation_set(normal_rgb, pre, seed=seed)
-        return cls(images, labels, masks, source)
+        """Build the set from at least two uint8 RGB normal images at the input size (the default: the
+        paper's pasted fragments at full strength)."""
+        images, labels, masks = pseudo_validation_set(normal_rgb, pre, seed=seed, kinds=kinds, strength=strength)
+        return cls(images, labels, masks, source, tuple(kinds), float(strength))
 
     @property
     def n_normal(self) -> int:
@@ -139,8 +209,18 @@ class PseudoValidationSet:
         return int((self.labels == 1).sum())
 
     def describe(self) -> dict[str, Any]:
-        """What a choice's record says about the set: ``validation`` (the source), ``n_normal``, ``n_pseudo``."""
-        return {"validation": self.source, "n_normal": self.n_normal, "n_pseudo": self.n_pseudo}
+        """What a choice's record says about the set: ``validation`` (the source), ``n_normal``, ``n_pseudo``,
+        the pseudo-anomaly kinds and strength, and the calibration that chose the strength (if any)."""
+        described: dict[str, Any] = {
+            "validation": self.source,
+            "n_normal": self.n_normal,
+            "n_pseudo": self.n_pseudo,
+            "kinds": list(self.kinds),
+            "strength": self.strength,
+        }
+        if self.calibration is not None:
+            described["calibration"] = self.calibration
+        return described
 
     def figures(self, maps: np.ndarray | None, scores: np.ndarray, rule: str = "image_then_pixel") -> dict[str, Any]:
         """:func:`pseudo_figures` of outputs on this set's images."""
@@ -166,25 +246,63 @@ class PseudoValidationSet:
         candidates: Mapping[K, Candidate],
         *,
         rule: str = "image_then_pixel",
+        default: K | None = None,
         batch_size: int = 8,
         device: str | torch.device = "cpu",
     ) -> Choice[K]:
-        """Evaluate every candidate in order and choose the best by ``rule`` (earlier candidates win exact ties)."""
+        """Evaluate every candidate in order and choose by ``rule`` (earlier candidates win exact ties); with
+        a ``default``, by :func:`keep_default_unless_beaten`."""
         if not candidates:
             raise ValueError("no candidates to choose from")
         rows = {
             name: self.evaluate(candidate, rule=rule, batch_size=batch_size, device=device)
             for name, candidate in candidates.items()
         }
-        return Choice(ranked(rows, rule)[0], rows)
+        chosen, decision = keep_default_unless_beaten(rows, default, rule)
+        return Choice(ranked(rows, rule)[0], rows, chosen, decision)
+
+
+def calibrated_set(
+    normal_rgb: Sequence[np.ndarray],
+    pre: PreprocessConfig,
+    source: str,
+    reference: Callable[[PseudoValidationSet], float],
+    *,
+    seed: int = 0,
+    kinds: Sequence[str] = DISCRIMINATING_KINDS,
+    strengths: Sequence[float] = STRENGTHS,
+    target: float = TARGET_AUROC,
+) -> PseudoValidationSet:
+    """A pseudo-validation set hard enough to discriminate: pseudo-anomalies of ``kinds`` (the paper's
+    fragments, small fragments, blemishes, scratches, texture changes) at the strongest of ``strengths`` on
+    which ``reference`` (the choice's default candidate; it gives the image AUROC of a set) scores at most
+    ``target``; the faintest if none does. The same defects at every strength (one seed), only their
+    contrast changes. The set records each strength's reference AUROC (``calibration``)."""
+    if not strengths or any(not 0.0 < s <= 1.0 for s in strengths):
+        raise ValueError(f"strengths must be values in (0, 1], got {tuple(strengths)}")
+    tried: dict[str, float] = {}
+    candidate = None
+    for strength in sorted(strengths, reverse=True):
+        candidate = PseudoValidationSet.from_normals(normal_rgb, pre, source, seed, kinds, strength)
+        tried[str(strength)] = round(float(reference(candidate)), 4)
+        if tried[str(strength)] <= target:
+            break
+    assert candidate is not None
+    record = {"target_reference_auroc": target, "reference_auroc_by_strength": tried}
+    return dataclasses.replace(candidate, calibration=record)
 
 
 __all__ = [
     "CRITERION",
+    "ONE_SE_RULE",
     "RULES",
+    "STRENGTHS",
+    "TARGET_AUROC",
     "Candidate",
     "Choice",
     "PseudoValidationSet",
+    "calibrated_set",
+    "keep_default_unless_beaten",
     "pseudo_figures",
     "ranked",
     "run_graph",

@@ -22,7 +22,14 @@ from edgead.data.synthetic import generate_dataset
 from edgead.methods.base import FitContext
 from edgead.methods.gaussian.method import GaussianOPCA
 from edgead.methods.score_tscale.method import rank_feature_maps
-from edgead.methods.validation import PseudoValidationSet, pseudo_figures, ranked
+from edgead.methods.validation import (
+    STRENGTHS,
+    PseudoValidationSet,
+    calibrated_set,
+    keep_default_unless_beaten,
+    pseudo_figures,
+    ranked,
+)
 from edgead.metrics import image_auroc, pixel_auroc
 from edgead.train.distributed import DistInfo
 
@@ -181,7 +188,9 @@ def test_the_set_is_built_once_from_the_held_out_normals(normals: list[Path], tm
     )
     first = method.pseudo_validation_set(_context(6), limit=4)
     assert method.pseudo_validation_set(_context(6), limit=4) is first and len(built) == 1
-    assert first.describe() == {"validation": "4 held-out normal images", "n_normal": 4, "n_pseudo": 4}
+    assert first.describe() == {
+        "validation": "4 held-out normal images", "n_normal": 4, "n_pseudo": 4, "kinds": ["paste"], "strength": 1.0
+    }  # fmt: skip
     assert first.images.shape == (8, 3, SIZE, SIZE) and first.masks[4:].any() and not first.masks[:4].any()
     assert method.pseudo_validation_set().n_normal == 5  # without ctx (edgead tune): every held-out image
 
@@ -233,3 +242,56 @@ def test_no_method_module_imports_tune() -> None:
                 f"{path.name}: {name}" for name in names if name == "edgead.tune" or name.startswith("edgead.tune.")
             ]
     assert not offenders, offenders
+
+
+def _rows(aurocs: dict[str, float], n: int = 30) -> dict[str, dict[str, Any]]:
+    return {name: {"image_auroc": a, "pixel_auroc": 0.5, "n_normal": n, "n_pseudo": n} for name, a in aurocs.items()}
+
+
+def test_the_default_stays_unless_beaten_by_more_than_one_standard_error() -> None:
+    # 30 + 30 images at AUROC 0.8: Hanley-McNeil's error is about 0.057
+    chosen, decision = keep_default_unless_beaten(_rows({"paper": 0.80, "other": 0.85}), "paper")
+    assert chosen == "paper" and decision["kept_default"] and decision["best"] == "other"
+    assert 0.05 < decision["standard_error"] < 0.07 and decision["margin"] == 0.05 and "why" in decision
+    chosen, decision = keep_default_unless_beaten(_rows({"paper": 0.70, "other": 0.85}), "paper")
+    assert chosen == "other" and not decision["kept_default"]
+    # the same margin on a set ten times larger is resolved
+    assert keep_default_unless_beaten(_rows({"paper": 0.80, "other": 0.85}, n=300), "paper")[0] == "other"
+    # without a default: the best; a tuple key is recorded as a list
+    assert keep_default_unless_beaten(_rows({"a": 0.7, "b": 0.9}), None)[0] == "b"
+    _, decision = keep_default_unless_beaten(
+        {("p", 2): _rows({"x": 0.9})["x"], ("n", 3): _rows({"x": 0.92})["x"]}, ("p", 2)
+    )
+    assert decision["chosen"] == ["p", 2] and decision["best"] == ["n", 3]
+
+
+def _images(n: int, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    base = cv2.GaussianBlur(rng.integers(0, 255, (SIZE, SIZE, 3)).astype(np.uint8), (0, 0), 2)
+    return [np.clip(base.astype(int) + rng.integers(-4, 5, base.shape), 0, 255).astype(np.uint8) for _ in range(n)]
+
+
+def test_a_calibrated_set_is_the_strongest_the_reference_does_not_saturate() -> None:
+    normals = _images(12, 0)
+    pre = PreprocessConfig(image_size=SIZE)
+    seen: list[float] = []
+
+    def reference(validation: PseudoValidationSet) -> float:  # a scorer that sees strong defects only
+        seen.append(validation.strength)
+        return {1.0: 1.0, 0.6: 0.97, 0.4: 0.88}.get(validation.strength, 0.6)
+
+    validation = calibrated_set(normals, pre, "12 normals", reference)
+    assert seen == [1.0, 0.6, 0.4] and validation.strength == 0.4
+    record = validation.describe()
+    assert record["calibration"]["reference_auroc_by_strength"] == {"1.0": 1.0, "0.6": 0.97, "0.4": 0.88}
+    assert set(record["kinds"]) >= {"paste", "speck", "blemish", "scratch"}
+    # the same defects at every strength, only fainter: the masks agree and the change shrinks
+    strong = PseudoValidationSet.from_normals(normals, pre, "s", kinds=record["kinds"], strength=1.0)
+    assert np.array_equal(strong.masks, validation.masks)
+    normal_part = strong.images[: len(normals)]
+    change = lambda s: np.abs(s.images[len(normals) :] - normal_part).sum()  # noqa: E731
+    assert 0 < change(validation) < change(strong)
+    # a reference that never drops below the target: the faintest strength, and the record says so
+    saturated = calibrated_set(normals, pre, "12 normals", lambda s: 0.99)
+    assert saturated.strength == min(STRENGTHS)
+    assert len(saturated.calibration["reference_auroc_by_strength"]) == len(STRENGTHS)

@@ -13,8 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from edgead.methods.validation import ranked
-from edgead.metrics import auroc_standard_error
+from edgead.methods.validation import keep_default_unless_beaten
 
 #: The paper's setting: eq. 10 as printed, two neighbours (Sec. 4.5's K with weights summing to 1).
 PAPER_EDIT = ("paper", 2)
@@ -30,28 +29,10 @@ def choose_edit(
     rows: Mapping[tuple[str, int], dict[str, Any]], default: tuple[str, int] = PAPER_EDIT
 ) -> tuple[tuple[str, int], dict[str, Any]]:
     """The chosen ``(weighting, K)`` among ``rows`` (pseudo-validation figures with ``image_auroc``,
-    ``n_normal``, ``n_pseudo``) and what decided it, by :data:`RULE`."""
-    order = ranked(rows)
-    best = order[0]
-    decision: dict[str, Any] = {"rule": RULE, "best": list(best)}
-    if default not in rows or best == default:
-        return best, {**decision, "chosen": list(best), "kept_paper_setting": best == default}
-    b, d = rows[best], rows[default]
-    n_pos, n_neg = int(b["n_pseudo"]), int(b["n_normal"])
-    error = max(
-        auroc_standard_error(b["image_auroc"], n_pos, n_neg), auroc_standard_error(d["image_auroc"], n_pos, n_neg)
-    )
-    margin = b["image_auroc"] - d["image_auroc"]
-    keep = margin <= error
-    chosen = default if keep else best
-    decision.update(
-        {
-            "margin": round(margin, 4),
-            "standard_error": round(error, 4),
-            "chosen": list(chosen),
-            "kept_paper_setting": keep,
-        }
-    )
+    ``n_normal``, ``n_pseudo``) and what decided it, by :data:`RULE` (the service's
+    :func:`~edgead.methods.validation.keep_default_unless_beaten` with the paper's setting as the default)."""
+    chosen, decision = keep_default_unless_beaten(rows, default)
+    decision = {**decision, "rule": RULE, "kept_paper_setting": decision["kept_default"]}
     return chosen, decision
 
 
