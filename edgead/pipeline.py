@@ -154,6 +154,8 @@ def train_run(
         method = method_cls(config, run_dir if dist_info.is_main else None)
         ctx = FitContext(images=images, train=train_cfg, dist=dist_info, resume=resume is not None, progress=progress)
         summary = method.fit(ctx)
+        if dist_info.is_main:  # the map calibration's statistics and choice (every method; calibration.py)
+            summary.update(method.calibrate_maps(ctx))
         summary["device"] = str(dist_info.device)
         if warnings:
             summary["warnings"] = warnings
@@ -233,7 +235,7 @@ def evaluate_run(
     method = load_method(run_dir)
     pre = method.preprocess_config
     samples = list_test(data_root)
-    graph = method.build_graph()
+    graph = method.inference_graph()
     images = load_images(samples, pre)
     start = time.perf_counter()
     with Progress(f"eval {Path(data_root).name}", len(images), unit="images", enabled=progress) as bar:

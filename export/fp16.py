@@ -93,8 +93,10 @@ def mixed_precision_graph(graph: nn.Module) -> nn.Module:
     names = fp16_module_names(mixed)
     if not names:
         raise ValueError(f"{type(graph).__name__} has no network to run in FP16")
-    for name in names:
-        setattr(mixed, name, HalfNetwork(getattr(mixed, name)))
+    for name in names:  # a dotted name (a wrapped graph's network, "graph.backbone") replaces the child in place
+        parent, _, child = name.rpartition(".")
+        owner = mixed.get_submodule(parent) if parent else mixed
+        setattr(owner, child, HalfNetwork(getattr(owner, child)))
     return mixed
 
 
@@ -110,7 +112,7 @@ def fp32_node_names(graph: nn.Module, model: Any) -> list[str]:
     islands = [
         f"{name}.{path}" if path else name
         for name in networks
-        for path, module in getattr(graph, name).named_modules()
+        for path, module in graph.get_submodule(name).named_modules()
         if keeps_fp32(module)
     ]
 

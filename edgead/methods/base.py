@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
@@ -20,10 +21,12 @@ from torch import nn
 
 from edgead.config import RunConfig, TrainConfig
 from edgead.data.holdout import held_out_normals
-from edgead.data.preprocess import PreprocessConfig, resize_image
+from edgead.data.preprocess import PreprocessConfig, preprocess, resize_image
+from edgead.methods import calibration
+from edgead.methods.calibration import CalibratedGraph
 from edgead.methods.params import MethodParams
 from edgead.methods.scoring import MapScoreParams
-from edgead.methods.validation import Choice, PseudoValidationSet, run_graph
+from edgead.methods.validation import Choice, PseudoValidationSet, calibrated_set, run_graph
 from edgead.train.distributed import DistInfo
 
 __all__ = ["Choice", "FitContext", "InferenceGraph", "Method", "PseudoValidationSet", "run_graph"]
@@ -95,7 +98,7 @@ class Method(abc.ABC):
         self.config = config
         self.run_dir = run_dir
         self.params = self.parse_params(config.method_params)
-        self._pseudo_validation: dict[int | None, PseudoValidationSet] = {}
+        self._pseudo_validation: dict[tuple[int | None, bool], PseudoValidationSet] = {}
 
     @classmethod
     def parse_params(cls, values: dict[str, Any] | None) -> Any:
@@ -141,15 +144,30 @@ class Method(abc.ABC):
         rgb = [np.clip((p * std + mean) * 255.0 + 0.5, 0, 255).astype(np.uint8) for p in pixels]
         return rgb, f"{count} training images (no held-out split)"
 
-    def pseudo_validation_set(self, ctx: FitContext | None = None, limit: int | None = None) -> PseudoValidationSet:
+    def pseudo_validation_set(
+        self,
+        ctx: FitContext | None = None,
+        limit: int | None = None,
+        reference: Callable[[PseudoValidationSet], float] | None = None,
+    ) -> PseudoValidationSet:
         """The set every automatic choice and ``edgead tune`` score candidates on (LafitE Sec. 3.4): up to
-        ``limit`` of :meth:`held_out_normals` plus as many pseudo-anomalies made from them (seed 0). Built
-        once per method object and ``limit``; see :mod:`edgead.methods.validation` for the candidates,
-        figures and choice."""
-        if limit not in self._pseudo_validation:
+        ``limit`` of :meth:`held_out_normals` plus as many pseudo-anomalies made from them (seed 0).
+
+        With a ``reference`` (the choice's default candidate: a set -> its image AUROC) the set is calibrated
+        to discriminate (:func:`edgead.methods.validation.calibrated_set`: several kinds, small and faint ones
+        too, at the strongest strength the reference does not saturate); without, the paper's pasted
+        fragments. Built once per method object, ``limit`` and kind of set (the first reference calibrates);
+        see :mod:`edgead.methods.validation` for the candidates, figures and choice."""
+        key = (limit, reference is not None)
+        if key not in self._pseudo_validation:
             rgb, source = self.held_out_normals(ctx, limit)
-            self._pseudo_validation[limit] = PseudoValidationSet.from_normals(rgb, self.preprocess_config, source)
-        return self._pseudo_validation[limit]
+            pre = self.preprocess_config
+            self._pseudo_validation[key] = (
+                PseudoValidationSet.from_normals(rgb, pre, source)
+                if reference is None
+                else calibrated_set(rgb, pre, source, reference)
+            )
+        return self._pseudo_validation[key]
 
     def resolve_params(self, values: dict[str, Any]) -> None:
         """Make ``values`` (parameter -> concrete value, e.g. an "auto" resolved) the run's: in ``self.params``
@@ -165,6 +183,80 @@ class Method(abc.ABC):
         self.config.state[key] = record
         if chosen:
             self.resolve_params(chosen)
+
+    def calibrated_score(self, map_size: tuple[int, int]) -> nn.Module | None:
+        """How a calibrated map is scored: the method's map aggregation; None where the image score does
+        not come from the map (gaussian's pooled eq. 4)."""
+        if getattr(self.params, "image_score", None) == "pooled":
+            return None
+        return self.params.map_score(map_size)
+
+    @torch.no_grad()
+    def calibrate_maps(self, ctx: FitContext | None = None) -> dict[str, Any]:
+        """``map_calibration`` (:mod:`edgead.methods.calibration`): fit the normal maps' statistics on the
+        held-out normals and, for ``auto``, choose on pseudo-validation. Runs after the fit; the statistics
+        are stored whatever is chosen (``edgead tune`` and ``--param`` can switch later). Returns the summary."""
+        mode = getattr(self.params, "map_calibration", "none")
+        if mode == "none":
+            return {}
+        graph = self.build_graph().eval()
+        pre = self.preprocess_config
+        rgb, source = self.held_out_normals(ctx, limit=calibration.CALIBRATION_LIMIT)
+        if len(rgb) < 4:
+            if mode == "normal":
+                raise ValueError(
+                    f"map_calibration='normal' needs at least 4 held-out normal images, got {len(rgb)}; "
+                    "train with more images or a larger --val-fraction"
+                )
+            self.record_choice("map_calibration_selection", {"chosen": "none", "why": f"{source}: fewer than 4"},
+                               {"map_calibration": "none"})  # fmt: skip
+            return {"map_calibration": "none"}
+        normals = np.stack([preprocess(image, pre) for image in rgb]).astype(np.float32)
+        maps, _ = run_graph(graph, normals)
+        map_size = (int(maps.shape[-2]), int(maps.shape[-1]))
+        score = self.calibrated_score(map_size)
+        summary: dict[str, Any] = {}
+        if mode == "auto":
+            stats_half, check_half = rgb[0::2], rgb[1::2]
+            mean, spread = calibration.fit_map_statistics(maps[0::2])
+            validation = calibrated_set(
+                check_half, pre, f"{len(check_half)} of {source}", lambda s: s.evaluate(graph)["image_auroc"]
+            )
+            raw = run_graph(graph, validation.images)
+
+            def calibrated_candidate(_: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                return calibration.calibrated_outputs(raw[0], mean, spread, score, raw[1])
+
+            choice = validation.choose({"none": lambda _: raw, "normal": calibrated_candidate}, default="none")
+            selection = {
+                "statistics": f"{len(stats_half)} of {source}",
+                **validation.describe(),
+                "pseudo_validation": choice.by_name(),
+                "decision": choice.decision,
+                "chosen": choice.chosen,
+            }
+            self.record_choice("map_calibration_selection", selection, {"map_calibration": choice.chosen})
+            summary["map_calibration_selection"] = selection
+        mean, spread = calibration.fit_map_statistics(maps)
+        self.config.state["map_calibration"] = calibration.record(mean, spread, map_size, source)
+        summary["map_calibration"] = self.params.map_calibration
+        return summary
+
+    def inference_graph(self) -> nn.Module:
+        """What evaluation, export and ``edgead tune`` run: :meth:`build_graph`, its map calibrated where
+        ``map_calibration="normal"`` (:mod:`edgead.methods.calibration`)."""
+        graph = self.build_graph()
+        mode = getattr(self.params, "map_calibration", "none")
+        stored = self.config.state.get("map_calibration")
+        if mode == "none" or (mode == "auto" and not stored):  # "auto" unresolved: a run made before calibration
+            return graph
+        if mode == "auto" or not stored:
+            raise ValueError(
+                f"{self.run_dir}: map_calibration={mode!r} but the run holds no calibration statistics; "
+                "train it again (or pass --param map_calibration='\"none\"')"
+            )
+        module = calibration.from_record(stored)
+        return CalibratedGraph(graph, module, self.calibrated_score(tuple(stored["map_size"]))).eval()
 
     @abc.abstractmethod
     def fit(self, ctx: FitContext) -> dict[str, Any]:

@@ -101,6 +101,17 @@ class MapScoreParams(MethodParams):
         ),
     )
 
+    map_calibration: str = param(
+        "auto",
+        "none: the method's own map; normal: the map standardised per position by held-out normal maps "
+        "(calibration.py), the image score then aggregating it; auto: chosen on pseudo-validation",
+        "ours",
+        choices=("auto", "none", "normal"),
+        origin="pseudo-validation",
+        why="not in the papers; the method's own map stays unless calibration beats it by more than one "
+        "standard error on a discriminating pseudo-validation set (calibration.py)",
+    )
+
     def map_score(self, map_size: tuple[int, int]) -> MapScore:
         return MapScore(
             self.image_score, map_size=map_size, topk_fraction=self.topk_fraction, border_fraction=self.border_fraction
