@@ -22,6 +22,19 @@ FP32_SCORE_RTOL = 1e-4
 FP32_ENVELOPE_FACTOR = 10.0
 
 
+#: Scores smaller than this share of the largest reference score count as this size in the relative error.
+SCORE_FLOOR = 1e-2
+
+
+def relative_errors(reference: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """``|scores - reference| / |reference|`` per score, the denominator floored at :data:`SCORE_FLOOR` of the
+    largest ``|reference|``: a score that crosses zero (a standardised or fused score) would otherwise make the
+    FP32 rounding of a near-zero value look like a large error."""
+    reference, scores = np.asarray(reference, np.float64), np.asarray(scores, np.float64)
+    floor = max(SCORE_FLOOR * float(np.abs(reference).max(initial=0.0)), 1e-12)
+    return np.abs(scores - reference) / np.maximum(np.abs(reference), floor)
+
+
 def fp32_envelope(ref_scores: np.ndarray, scores: np.ndarray, f64_scores: np.ndarray) -> dict[str, Any]:
     """Errors of PyTorch FP32 (``ref_scores``) and of the export (``scores``) against a float64 evaluation.
 
@@ -29,9 +42,8 @@ def fp32_envelope(ref_scores: np.ndarray, scores: np.ndarray, f64_scores: np.nda
     FP32_ENVELOPE_FACTOR * PyTorch's error)``: it is then as accurate as FP32 arithmetic allows for this graph.
     """
     f64 = np.asarray(f64_scores, np.float64)
-    denom = np.maximum(np.abs(f64), 1e-12)
-    torch_error = float(np.max(np.abs(np.asarray(ref_scores, np.float64) - f64) / denom))
-    export_error = float(np.max(np.abs(np.asarray(scores, np.float64) - f64) / denom))
+    torch_error = float(np.max(relative_errors(f64, ref_scores)))
+    export_error = float(np.max(relative_errors(f64, scores)))
     allowed = max(FP32_SCORE_RTOL, FP32_ENVELOPE_FACTOR * torch_error)
     return {
         "torch_fp32_vs_float64": torch_error,
@@ -52,7 +64,7 @@ def compare(
             f"shape mismatch: maps {ref_maps.shape} vs {maps.shape}, scores {ref_scores.shape} vs {scores.shape}"
         )
     map_error = np.abs(ref_maps - maps)
-    score_rel = np.abs(ref_scores - scores) / np.maximum(np.abs(ref_scores), 1e-12)
+    score_rel = relative_errors(ref_scores, scores)
     flips = int(np.sum(is_anomalous(ref_scores, threshold) != is_anomalous(scores, threshold)))
     return {
         "n_images": int(len(ref_scores)),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgead.runtime.parity import FP32_SCORE_RTOL, compare, fp32_envelope
+from edgead.runtime.parity import FP32_SCORE_RTOL, compare, fp32_envelope, relative_errors
 
 
 def test_envelope_accepts_an_export_as_exact_as_pytorch_fp32() -> None:
@@ -22,3 +22,10 @@ def test_envelope_rejects_an_export_far_outside_fp32_error() -> None:
     env = fp32_envelope(torch_fp32, exact * 1.01, exact)
     assert not env["within"] and env["allowed"] == FP32_SCORE_RTOL
     assert fp32_envelope(torch_fp32, exact * (1 + 5e-5), exact)["within"]
+
+
+def test_a_score_near_zero_is_measured_against_the_scale_of_the_scores() -> None:
+    reference = np.array([-3.0, 1e-6, 5.0])  # z-scores: one sits at zero
+    rounded = reference + np.array([0.0, 3e-7, 0.0])  # FP32 rounding of that one
+    assert relative_errors(reference, rounded).max() < 1e-5  # not 0.3
+    assert relative_errors(reference, reference * 1.01).max() > 9e-3  # a real 1 % error still shows
