@@ -533,6 +533,13 @@ def export(
         "--engine-cache",
         help="Engine and timing cache folder, keyed by ONNX hash, TensorRT version, GPU, precision and shape.",
     ),
+    fuse: list[Path] = typer.Option(
+        [],
+        "--fuse",
+        help="Another trained run (same data and input size) fused into one graph: maps and scores standardised "
+        "on held-out normals, then averaged or maxed (repeat for more).",
+    ),
+    fuse_how: str = typer.Option("auto", "--fuse-how", help="auto (chosen on pseudo-validation), mean or max."),
     runs_root: Path = typer.Option(Path("runs"), "--runs-root", help="Where to look for the latest run."),
     exports_root: Path = typer.Option(Path("exports"), "--exports-root", help="Parent of default export folders."),
 ) -> None:
@@ -545,6 +552,9 @@ def export(
             raise FileNotFoundError(f"--run {run_dir}: no {CONFIG_NAME} here; expected a run made by `edgead train`")
         if data is not None:
             _check_folders([data], "--data directory")
+        for other in fuse:
+            if not (Path(other) / CONFIG_NAME).is_file():
+                raise FileNotFoundError(f"--fuse {other}: no {CONFIG_NAME} here; expected a run made by `edgead train`")
     except USER_ERRORS as err:
         _fail(err)
     from edgead.export.exporter import ExportOptions, export_run
@@ -565,6 +575,8 @@ def export(
             workspace_mb=workspace_mb,
             compute_capabilities=tuple(compute_capability) or None,
             engine_cache=engine_cache,
+            fuse=tuple(fuse),
+            fuse_how=fuse_how,
         )
         target = out or exports_root / method
         meta = export_run(run_dir, target, options, log=lambda line: console.print(line, soft_wrap=True, markup=False))

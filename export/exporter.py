@@ -68,6 +68,9 @@ class ExportOptions:
     engine_cache: Path | None = None
     triton_raw_input: bool = False
     triton_max_batch: int = DEFAULT_TRITON_MAX_BATCH
+    #: Further trained runs fused with the exported one into one graph (``edgead.fusion``), and how.
+    fuse: tuple[Path, ...] = ()
+    fuse_how: str = "auto"
 
     def validate(self) -> None:
         if self.format not in FORMATS:
@@ -85,6 +88,10 @@ class ExportOptions:
             raise ValueError(f"--max-batch must be >= 1, got {self.triton_max_batch}")
         if self.triton_max_batch != DEFAULT_TRITON_MAX_BATCH and self.format != "triton":
             raise ValueError("--max-batch sizes the Triton models' batch: it needs --format triton")
+        if self.fuse_how not in ("auto", "mean", "max"):
+            raise ValueError(f"--fuse-how must be auto, mean or max, got {self.fuse_how!r}")
+        if self.fuse and self.image_size:
+            raise ValueError("--fuse keeps the runs' own input size: leave out --image-size")
 
 
 @dataclass
@@ -105,6 +112,7 @@ class ExportJob:
     test_labels: np.ndarray | None = None
     ref: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # PyTorch FP32 maps, scores
     threshold: dict[str, Any] = field(default_factory=dict)
+    fusion: dict[str, Any] | None = None  # how the fused graph was made (--fuse)
     parity: dict[str, Any] = field(default_factory=dict)
     artifacts: dict[str, Any] = field(default_factory=dict)
     steps: list[dict[str, Any]] = field(default_factory=list)
@@ -147,7 +155,13 @@ def load_graph(job: ExportJob) -> None:
         config.preprocess["image_size"] = job.options.image_size
     method = get_method(config.method).load(job.run_dir, config)
     job.config, job.pre = config, PreprocessConfig.from_dict(config.preprocess)
-    job.graph = method.build_graph().float().eval()
+    job.graph = method.inference_graph().float().eval()
+    if job.options.fuse:
+        from edgead.fusion import fuse_runs
+
+        fused, job.fusion = fuse_runs([job.run_dir, *job.options.fuse], job.options.fuse_how)
+        job.graph = fused.float().eval()
+        job.log(f"  fused with {len(job.options.fuse)} run(s): {job.fusion['how']}")
     job.input_shape = (job.options.batch, job.pre.channels, job.pre.image_size, job.pre.image_size)
 
 
@@ -588,9 +602,13 @@ def build_metadata(job: ExportJob) -> ExportMetadata:
 
     pre, config = job.pre, job.config
     notes = job.graph.export_notes() if hasattr(job.graph, "export_notes") else {}
+    method = config.method
+    if job.fusion is not None:
+        notes = {**notes, "fusion": job.fusion}
+        method = "+".join(member["method"] for member in job.fusion["members"])
     run_dir = str(Path(job.run_dir).resolve())
     return ExportMetadata(
-        method=config.method,
+        method=method,
         edgead_version=__version__,
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         run={"name": Path(run_dir).name, "dir": run_dir},
