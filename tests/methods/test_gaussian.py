@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -18,8 +20,14 @@ from edgead.data.preprocess import PreprocessConfig
 from edgead.export.fp16 import HalfNetwork, mixed_precision_graph
 from edgead.export.onnx import export_onnx
 from edgead.methods.base import FitContext
-from edgead.methods.gaussian.graph import GaussianGraph
-from edgead.methods.gaussian.method import GaussianOPCA, fit_gaussian, select_components
+from edgead.methods.gaussian.graph import GaussianGraph, PositionGaussians, StageGaussian
+from edgead.methods.gaussian.method import (
+    GaussianOPCA,
+    fit_gaussian,
+    fit_position_gaussians,
+    ledoit_wolf,
+    select_components,
+)
 from edgead.train.distributed import DistInfo
 
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -211,6 +219,200 @@ def test_onnx_export_matches_torch(fitted: GaussianOPCA, tmp_path: Path) -> None
     np.testing.assert_allclose(onnx_map, torch_map.numpy(), rtol=1e-3, atol=1e-3 * float(torch_map.max()))
 
 
+def hand_position_distances(train: np.ndarray, test: np.ndarray, projection: str, order: str, kept: int) -> np.ndarray:
+    """Per-position statistics by hand, one position at a time with sklearn: ``train (N, C, h, w)``,
+    ``test (B, h, w, C) -> (B, h, w)``, each position keeping ``kept`` components (the least-variance ones;
+    the largest for pca)."""
+    _, channels, height, width = train.shape
+    index = slice(channels - kept, channels) if projection == "pca" else slice(0, kept)
+    out = np.zeros(test.shape[:3])
+    for i in range(height):
+        for j in range(width):
+            x, y = train[:, :, i, j].astype(np.float64), test[:, i, j].astype(np.float64)
+            mean = x.mean(axis=0)
+            if order == "paper":  # eq. 2, the kept components, then Ledoit-Wolf in the kept subspace
+                _, vec = np.linalg.eigh(np.cov(x, rowvar=False))
+                basis = vec[:, index]
+                covariance = LedoitWolf(assume_centered=True).fit((x - mean) @ basis).covariance_
+            else:  # Ledoit-Wolf on all channels, then the kept components of the shrunk covariance
+                lam, vec = np.linalg.eigh(LedoitWolf().fit(x).covariance_)
+                basis, covariance = vec[:, index], np.diag(lam[index])
+            z = (y - mean) @ basis
+            out[:, i, j] = np.sqrt(np.einsum("bi,ij,bj->b", z, np.linalg.inv(covariance), z))
+    return out
+
+
+def position_features(n: int, seed: int) -> np.ndarray:
+    """``(n, 6, 2, 3)`` features whose channel variances differ from position to position, so the positions
+    choose different kept counts."""
+    rng = np.random.default_rng(seed)
+    scales = rng.uniform(0.05, 3.0, size=(1, 6, 2, 3))
+    return rng.normal(size=(n, 6, 6, 1, 1)).sum(axis=2) * 0.1 + rng.normal(size=(n, 6, 2, 3)) * scales + 1.0
+
+
+@pytest.mark.parametrize("samples", [(7, 10), (50, 3), (20, 1)])
+@pytest.mark.parametrize("assume_centered", [True, False])
+def test_batched_ledoit_wolf_equals_sklearn(samples: tuple[int, int], assume_centered: bool) -> None:
+    rng = np.random.default_rng(samples[0])
+    x = rng.normal(size=(4, *samples)) * rng.uniform(0.1, 3.0, size=samples[1]) + 2.0  # 7 < 10: m < K too
+    covariance, shrinkage = ledoit_wolf(torch.tensor(x), assume_centered=assume_centered)
+    assert covariance.shape == (4, samples[1], samples[1]) and shrinkage.shape == (4,)
+    for batch in range(4):
+        lw = LedoitWolf(assume_centered=assume_centered).fit(x[batch])
+        np.testing.assert_allclose(covariance[batch].numpy(), lw.covariance_, rtol=1e-10, atol=1e-13)
+        assert shrinkage[batch].item() == pytest.approx(lw.shrinkage_, abs=1e-12)
+    if samples == (7, 10):  # fewer samples than dimensions: still positive definite
+        assert float(torch.linalg.eigvalsh(covariance).min()) > 0.0 and float(shrinkage.min()) > 0.1
+
+
+@pytest.mark.parametrize("order", ["paper", "full"])
+def test_per_position_distances_match_a_hand_computation(order: str) -> None:
+    train, test = position_features(30, seed=3), position_features(4, seed=1).transpose(0, 2, 3, 1)
+    fit = fit_position_gaussians(train, "opca", 0.2, order)
+    # Each position's own count (Sec. 3.2 on its covariance), and K = their (upper) median for all positions.
+    counts = []
+    for i in range(2):
+        for j in range(3):
+            x = train[:, :, i, j]
+            covariance = np.cov(x, rowvar=False) if order == "paper" else LedoitWolf().fit(x).covariance_
+            counts.append(select_components(np.maximum(np.linalg.eigvalsh(covariance), 0.0), "opca", 0.2).size)
+    assert fit.counts.tolist() == counts
+    assert sorted(counts)[2] < sorted(counts)[3], "the case must tell the upper median from the lower one"
+    assert fit.kept == sorted(counts)[3] and fit.bounded_from is None
+    assert fit.whitening.shape == (6, 6, fit.kept) and fit.mean.shape == (6, 6)
+    expected = hand_position_distances(train, test, "opca", order, fit.kept)
+    np.testing.assert_allclose(fit.distances(test), expected, rtol=1e-8)
+    module = fit.module()
+    assert isinstance(module, PositionGaussians)
+    got = module(torch.tensor(test, dtype=torch.float32)).double().numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4)
+    record = fit.map_record()
+    assert record["map_kept"] == fit.kept and record["map_positions"] == 6 and "map_kept_bound" not in record
+    assert record["map_kept_by_position"] == {"min": min(counts), "median": fit.kept, "max": max(counts)}
+
+
+@pytest.mark.parametrize("projection", ["opca", "pca"])
+def test_memory_bound_reduces_the_kept_count(projection: str) -> None:
+    train, test = position_features(30, seed=2), position_features(3, seed=3).transpose(0, 2, 3, 1)
+    free = fit_position_gaussians(train, projection, 0.1, "paper")
+    assert free.kept > 2
+    bounded = fit_position_gaussians(train, projection, 0.1, "paper", max_floats=6 * 6 * 2 + 5)
+    assert bounded.kept == 2 and bounded.bounded_from == free.kept
+    # opca keeps the least-variance components, pca its largest ones: the ones its projection ranks first.
+    expected = hand_position_distances(train, test, projection, "paper", 2)
+    np.testing.assert_allclose(bounded.distances(test), expected, rtol=1e-8)
+    assert bounded.map_record()["map_kept_bound"] == {"max_position_floats": 77, "kept_before": free.kept, "kept": 2}
+    unbound = fit_position_gaussians(train, projection, 0.1, "paper", max_floats=6 * 6 * free.kept)
+    assert unbound.bounded_from is None and unbound.kept == free.kept, "a bound that fits changes nothing"
+
+
+#: Per-position floats of the fixture run: binds the deep stages of a 64 px run, not the shallow ones.
+POSITION_BOUND = 100_000
+
+
+@pytest.fixture(scope="module")
+def per_position(tmp_path_factory: pytest.TempPathFactory) -> tuple[GaussianOPCA, dict[str, Any]]:
+    run_dir = tmp_path_factory.mktemp("gaussian-per-position")
+    method = make_method(
+        run_dir, weights="random", map_statistics="per_position", opca_fraction=0.05,
+        max_position_floats=POSITION_BOUND,
+    )  # fmt: skip
+    summary = method.fit(FitContext(textures(12, seed=1), TrainConfig(batch_size=6), CPU, progress=False))
+    return method, summary
+
+
+def test_per_position_fit_records_its_counts_and_the_bound(per_position: tuple[GaussianOPCA, dict[str, Any]]) -> None:
+    method, summary = per_position
+    assert "map_statistics_selection" not in summary and "opca_selection" not in summary
+    bounded = []
+    for stage, module in zip(summary["stages"], method.build_graph().map_gaussians, strict=True):
+        positions = stage["feature_size"][0] * stage["feature_size"][1]
+        assert isinstance(module, PositionGaussians) and stage["map_positions"] == positions
+        assert tuple(module.whitening.shape) == (positions, stage["channels"], stage["map_kept"])
+        assert stage["map_vectors"] == 12, "every training image at every position"
+        before = stage["map_kept_by_position"]["median"]
+        if positions * stage["channels"] * before > POSITION_BOUND:
+            assert stage["map_kept_bound"]["kept_before"] == before
+            assert stage["map_kept"] == POSITION_BOUND // (positions * stage["channels"]) < before
+            bounded.append(stage["stage"])
+        else:
+            assert "map_kept_bound" not in stage and stage["map_kept"] == before
+        assert module.whitening.numel() <= max(POSITION_BOUND, positions * stage["channels"])
+    assert 0 < len(bounded) < len(summary["stages"]), f"the bound should cut some stages, not all: {bounded}"
+
+
+def test_per_position_graph_exports_to_onnx(per_position: tuple[GaussianOPCA, dict[str, Any]], tmp_path: Path) -> None:
+    graph: GaussianGraph = per_position[0].build_graph()
+    images = textures(2, seed=9)
+    with torch.no_grad():
+        torch_map, torch_score = graph(images)
+    export_onnx(graph, tmp_path / "per_position.onnx", tuple(images.shape))  # the export users run (opset 18)
+    session = ort.InferenceSession(str(tmp_path / "per_position.onnx"), providers=["CPUExecutionProvider"])
+    onnx_map, onnx_score = session.run(None, {"image": images.numpy()})
+    np.testing.assert_allclose(onnx_score, torch_score.numpy(), rtol=1e-4)
+    np.testing.assert_allclose(onnx_map, torch_map.numpy(), rtol=1e-3, atol=1e-3 * float(torch_map.max()))
+    # The per-position distances alone through the TorchScript tracer at opset 17: fixed shapes, a MatMul.
+    module = graph.map_gaussians[0]
+    with torch.no_grad():
+        features = graph.stage_features(images)[0].permute(0, 2, 3, 1).contiguous()
+        expected = module(features).numpy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
+        torch.onnx.export(module, (features,), str(tmp_path / "positions17.onnx"), opset_version=17, dynamo=False)
+    model = onnx.load(str(tmp_path / "positions17.onnx"))
+    assert model.opset_import[0].version == 17 and "MatMul" in {node.op_type for node in model.graph.node}
+    session = ort.InferenceSession(str(tmp_path / "positions17.onnx"), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: features.numpy()})
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * float(expected.max()))
+
+
+def test_per_position_run_loads_identically(per_position: tuple[GaussianOPCA, dict[str, Any]]) -> None:
+    method = per_position[0]
+    loaded = GaussianOPCA.load(method.run_dir, method.config).build_graph()
+    assert all(isinstance(module, PositionGaussians) for module in loaded.map_gaussians)
+    images = textures(2, seed=6)
+    with torch.no_grad():
+        (anomaly_map, score), (want_map, want_score) = loaded(images), method.build_graph()(images)
+        # The map: each stage's per-position distances, upsampled and averaged as for "positions".
+        features = loaded.stage_features(images)
+        stage_maps = [
+            F.interpolate(g(f.permute(0, 2, 3, 1))[:, None], size=(SIZE, SIZE), mode="bilinear")
+            for g, f in zip(loaded.map_gaussians, features, strict=True)
+        ]
+    assert torch.equal(anomaly_map, want_map) and torch.equal(score, want_score)
+    torch.testing.assert_close(anomaly_map, torch.cat(stage_maps, dim=1).mean(dim=1))
+
+
+def test_auto_choices_without_a_held_out_split(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    method = make_method(tmp_path, weights="random")  # opca_fraction and map_statistics "auto"
+    passes = []
+    original = GaussianOPCA.stage_features
+    monkeypatch.setattr(GaussianOPCA, "stage_features", lambda *a: passes.append(1) or original(*a))
+    summary = method.fit(FitContext(textures(16, seed=4), TrainConfig(batch_size=8), CPU, progress=False))
+    opca, maps = method.config.state["opca_selection"], method.config.state["map_statistics_selection"]
+    # No held-out split: the base class falls back to the training images, and the records say so.
+    assert opca["validation"] == maps["validation"] == "16 training images (no held-out split)"
+    tried = opca["calibration"]["reference_auroc_by_strength"]
+    assert len(passes) == len(tried), "the chosen set's features come from the calibration, not a new pass"
+    assert opca["pseudo_validation_image_auroc"]["0.05"] == tried[str(opca["strength"])]
+    assert opca["decision"]["default"] == 0.05 and opca["selected"] == opca["decision"]["chosen"]
+    assert method.params.opca_fraction == opca["selected"] and "kept_default" in opca["decision"]
+    assert set(maps["pseudo_validation"]) == {"positions", "pooled", "per_position"}
+    decision = maps["decision"]
+    assert decision["default"] == "positions" and maps["selected"] == decision["chosen"] == method.params.map_statistics
+    # eq. 4's pooled score gives every candidate the same image AUROC: only the paired localisation can move
+    # the choice away from the default, and then by more than its standard error
+    assert len({row["image_auroc"] for row in maps["pseudo_validation"].values()}) == 1
+    if decision["kept_default"]:
+        assert maps["selected"] == "positions"
+    else:
+        assert decision["pixel_margin"] > decision["pixel_standard_error"]
+    assert summary["map_statistics_selection"] == maps
+    per_position = maps["selected"] == "per_position"
+    assert ("map_positions" in summary["stages"][0]) == per_position
+    assert isinstance(method.build_graph().map_gaussians[0], StageGaussian) != per_position
+
+
 REAL_DATA_ROOT = os.environ.get("EDGEAD_DATA_ROOT")
 
 
@@ -264,43 +466,54 @@ def test_auto_settings_are_resolved_and_recorded(tmp_path: Path) -> None:
     selection = config.state["opca_selection"]
     assert config.method_params["input_scaling"] == "inception" and summary["input_scaling"] == "inception"
     assert set(selection["pseudo_validation_image_auroc"]) == {"0.01", "0.02", "0.05", "0.1"}
-    best = max(selection["pseudo_validation_image_auroc"].values())
-    assert selection["pseudo_validation_image_auroc"][str(selection["selected"])] == best
+    # The paper's 0.05 stays unless the best beats it by more than one standard error; the run keeps the chosen.
+    decision = selection["decision"]
+    assert decision["default"] == 0.05 and decision["chosen"] == selection["selected"]
+    figures = selection["pseudo_validation_image_auroc"]
+    assert figures[str(decision["best"])] == max(figures.values())
     assert config.method_params["opca_fraction"] == selection["selected"]
-    assert selection["n_normal"] == selection["n_pseudo"] == 3
+    assert selection["n_normal"] == selection["n_pseudo"] == 3 and selection["validation"] == "3 held-out normal images"
     assert config.method_params["fit_order"] == "paper"
-    # map_statistics="auto": both candidates' graphs scored by the service; the run keeps the better one.
+    # map_statistics="auto": the three candidates' graphs scored by the service on the same calibrated set.
     maps = config.state["map_statistics_selection"]
-    assert set(maps["pseudo_validation"]) == {"positions", "pooled"}
+    assert set(maps["pseudo_validation"]) == {"positions", "pooled", "per_position"}
     assert config.method_params["map_statistics"] == maps["selected"] == summary["map_statistics_selection"]["selected"]
+    assert maps["decision"]["chosen"] == maps["selected"] and maps["decision"]["default"] == "positions"
+    assert (maps["strength"], maps["kinds"]) == (selection["strength"], selection["kinds"]), "one calibrated set"
     rows = maps["pseudo_validation"]
-    assert rows["positions"]["image_auroc"] == rows["pooled"]["image_auroc"], "eq. 4 does not use the map"
-    best = max(rows, key=lambda name: (rows[name]["image_auroc"], rows[name]["pixel_auroc"]))
-    assert rows[maps["selected"]] == rows[best]
+    assert len({row["image_auroc"] for row in rows.values()}) == 1, "eq. 4 does not use the map"
+    assert maps["selected"] == "positions" and maps["decision"]["kept_default"], "equal image AUROCs keep the default"
 
-    # The choice the pseudo-validation service made is the one the former hand-written loop made: the same
-    # set (held-out normals + pseudo-anomalies, seed 0), eq. 4's pooled score per candidate, image AUROC
-    # rounded to four digits, the earlier candidate on ties.
+    # The choice the pseudo-validation service made, recomputed by hand: the same calibrated set (the run's
+    # held-out normals + pseudo-anomalies of the recorded kinds and strength, seed 0), eq. 4's pooled score per
+    # candidate, image AUROC rounded to four digits, then the one-standard-error rule around 0.05.
     from edgead.data.holdout import load_holdout
     from edgead.data.pseudo import pseudo_validation_set
     from edgead.methods import load_method
     from edgead.methods.gaussian.method import _FEATURE_CACHE, collect_features
+    from edgead.methods.validation import keep_default_unless_beaten
     from edgead.metrics import image_auroc
 
     graph = load_method(run_dir).build_graph()
     rgb, _ = load_holdout(run_dir, config.data["holdout"])
-    images, labels, _ = pseudo_validation_set(rgb, PreprocessConfig.from_dict(config.preprocess), seed=0)
-    pooled_train = _FEATURE_CACHE["value"][0]  # the fit's training features
-    pooled_val, _, _ = collect_features(graph.adapter, graph.backbone, torch.from_numpy(images),
-                                        batch_size=TrainConfig().batch_size,
-                                        device=torch.device("cpu"), max_map_vectors=0, seed=0)  # fmt: skip
+    pre = PreprocessConfig.from_dict(config.preprocess)
+    images, labels, _ = pseudo_validation_set(
+        rgb, pre, seed=0, kinds=selection["kinds"], strength=selection["strength"]
+    )
+    pooled_train = _FEATURE_CACHE["value"].pooled  # the fit's training features
+    pooled_val = collect_features(graph.adapter, graph.backbone, torch.from_numpy(images),
+                                  batch_size=TrainConfig().batch_size,
+                                  device=torch.device("cpu"), max_map_vectors=0, seed=0).pooled  # fmt: skip
     candidates = [0.01, 0.02, 0.05, 0.1]
-    figures = {}
+    expected = {}
     for fraction in candidates:
         scores = sum(
             fit_gaussian(t, "opca", fraction, config.method_params["fit_order"]).distances(v)
             for t, v in zip(pooled_train, pooled_val, strict=True)
         )
-        figures[str(fraction)] = round(float(image_auroc(labels, scores)), 4)
-    assert selection["pseudo_validation_image_auroc"] == figures
-    assert selection["selected"] == max(candidates, key=lambda f: figures[str(f)])
+        expected[str(fraction)] = round(float(image_auroc(labels, scores)), 4)
+    assert figures == expected
+    # The set was calibrated on the default: its reference AUROC at the chosen strength is 0.05's figure.
+    assert selection["calibration"]["reference_auroc_by_strength"][str(selection["strength"])] == figures["0.05"]
+    rows = {f: {"image_auroc": expected[str(f)], "n_normal": 3, "n_pseudo": 3} for f in candidates}
+    assert selection["selected"] == keep_default_unless_beaten(rows, 0.05)[0]

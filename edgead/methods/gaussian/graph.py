@@ -36,6 +36,34 @@ class StageGaussian(nn.Module):
         return z.square().sum(dim=-1).sqrt()
 
 
+class PositionGaussians(nn.Module):
+    """Mahalanobis distance (eq. 3) of every feature position to its own Gaussian (PaDiM-style statistics,
+    Defard et al. 2021), each in its kept principal subspace as in :class:`StageGaussian`.
+
+    ``mean`` is ``(P, C)`` and ``whitening`` ``(P, C, K)`` for the ``P = h * w`` positions of a stage, with one
+    kept count ``K`` for all of them, so the distances are one batched matrix product with fixed shapes
+    (``MatMul`` in ONNX, no gather or loop).
+    """
+
+    def __init__(self, mean: torch.Tensor, whitening: torch.Tensor) -> None:
+        super().__init__()
+        if mean.ndim != 2 or whitening.ndim != 3 or whitening.shape[:2] != mean.shape:
+            raise ValueError(
+                f"mean (P, C) and whitening (P, C, K) do not fit: {tuple(mean.shape)}, {tuple(whitening.shape)}"
+            )
+        self.register_buffer("mean", mean.float())
+        self.register_buffer("whitening", whitening.float())
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """``(B, h, w, C) -> (B, h, w)`` distances, position ``(i, j)`` to Gaussian ``i * w + j``."""
+        batch, height, width, channels = features.shape
+        if height * width != self.mean.shape[0]:
+            raise ValueError(f"{height} x {width} feature positions, but statistics for {self.mean.shape[0]}")
+        centred = features.reshape(batch, height * width, channels) - self.mean  # (B, P, C)
+        z = torch.matmul(centred.transpose(0, 1), self.whitening)  # (P, B, K): one product per position
+        return z.square().sum(dim=-1).sqrt().transpose(0, 1).reshape(batch, height, width)
+
+
 class GaussianGraph(InferenceGraph):
     """Image score (eq. 4) and anomaly map (section 3.4) of a batch.
 
@@ -45,8 +73,9 @@ class GaussianGraph(InferenceGraph):
     2. ``backbone``: the feature maps ``phi_l`` of the chosen stages (section 3.1);
     3. score: per stage, global average pooling, Mahalanobis distance ``M_l`` to the stage's image-level
        Gaussian (eq. 3), summed over stages (eq. 4);
-    4. map: per stage, ``M`` of every spatial feature vector to the stage's position-level Gaussian
-       (shared by all positions), bilinearly upsampled to ``S x S``, then the unweighted mean over stages.
+    4. map: per stage, ``M`` of every spatial feature vector to the stage's map statistics (a
+       :class:`StageGaussian` shared by all positions, or a :class:`PositionGaussians` with one Gaussian per
+       position), bilinearly upsampled to ``S x S``, then the unweighted mean over stages.
 
     All statistics are buffers, so they travel into ONNX as constants. Only the backbone runs in FP16 in
     the mixed-precision export (``fp16_modules``); the distances stay FP32.
@@ -63,12 +92,12 @@ class GaussianGraph(InferenceGraph):
         adapter: InputAdapter,
         backbone: nn.Module,
         image_gaussians: Sequence[StageGaussian],
-        map_gaussians: Sequence[StageGaussian],
+        map_gaussians: Sequence[StageGaussian | PositionGaussians],
         map_score: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if len(image_gaussians) != len(map_gaussians) or not image_gaussians:
-            raise ValueError("need one image-level and one position-level Gaussian per stage")
+            raise ValueError("need one image-level Gaussian and one set of map statistics per stage")
         self.adapter = adapter
         self.backbone = backbone
         self.image_gaussians = nn.ModuleList(image_gaussians)

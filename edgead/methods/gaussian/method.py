@@ -8,25 +8,45 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from sklearn.covariance import LedoitWolf
+from threadpoolctl import threadpool_limits  # a dependency of scikit-learn
 from torch import nn
 
 from edgead.config import RunConfig
 from edgead.methods.base import FitContext, Method
-from edgead.methods.gaussian.graph import GaussianGraph, StageGaussian
-from edgead.methods.gaussian.params import FIT_ORDERS, PROJECTIONS, GaussianParams
+from edgead.methods.gaussian.graph import GaussianGraph, PositionGaussians, StageGaussian
+from edgead.methods.gaussian.params import (
+    DEFAULT_MAP_STATISTICS,
+    FIT_ORDERS,
+    MAP_STATISTICS,
+    PAPER_OPCA_FRACTION,
+    PROJECTIONS,
+    GaussianParams,
+)
 from edgead.methods.scoring import MapScore
+from edgead.methods.validation import PseudoValidationSet
+from edgead.metrics import image_auroc
 from edgead.nn.backbones import FeatureExtractor, InputAdapter, resolve_input_scaling
 from edgead.train.checkpoint import load_weights, save_weights
 
 # Shares within this relative tolerance of the threshold count as reaching it (float round-off).
 _SHARE_TOLERANCE = 1e-9
+# Float64 values of one block of positions' samples in the per-position fit (128 MB): bounds its peak memory.
+_BLOCK_FLOATS = 1 << 24
+
+
+def symmetric_eigh(matrices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.linalg.eigh`` (ascending; a batch too) on one BLAS thread: the matrices are small (at most a few
+    hundred channels), so threads gain little, and on a loaded 2-core machine a threaded batch took 2 to 60 s
+    where one thread took 0.5 s (49 matrices of 320 x 320, NumPy and PyTorch alike)."""
+    with threadpool_limits(limits=1, user_api="blas"):
+        return np.linalg.eigh(matrices)
 
 
 def select_components(eigenvalues: np.ndarray, projection: str, fraction: float) -> np.ndarray:
@@ -90,6 +110,10 @@ class FittedGaussian:
         mean, whitening = (torch.tensor(a, dtype=torch.float32) for a in (self.mean, self.whitening))
         return StageGaussian(mean, whitening)
 
+    def map_record(self) -> dict[str, Any]:
+        """What the fit summary says of these statistics when they score the map."""
+        return {"map_kept": int(self.kept.size), "map_shrinkage": round(self.shrinkage, 4), "map_vectors": self.samples}
+
 
 def fit_gaussian(features: np.ndarray, projection: str, fraction: float, order: str) -> FittedGaussian:
     """Fit eq. 1's parameters to ``features (m, C)`` in the subspace of the components ``projection`` keeps.
@@ -116,20 +140,20 @@ def fit_gaussian(features: np.ndarray, projection: str, fraction: float, order: 
         raise ValueError(f"fit_order must be one of {FIT_ORDERS}, got {order!r}")
     if order == "full":
         lw = LedoitWolf(store_precision=False, assume_centered=False).fit(x)
-        eigenvalues, eigenvectors = np.linalg.eigh(lw.covariance_)
+        eigenvalues, eigenvectors = symmetric_eigh(lw.covariance_)
         eigenvalues = _floored(eigenvalues, float(eigenvalues[-1]))
         kept = select_components(eigenvalues, projection, fraction)
         whitening = eigenvectors[:, kept] / np.sqrt(eigenvalues[kept])
         return FittedGaussian(lw.location_, whitening, eigenvalues, kept, float(lw.shrinkage_), x.shape[0])
     mean = x.mean(axis=0)
-    eigenvalues, eigenvectors = np.linalg.eigh(np.cov(x, rowvar=False).reshape(x.shape[1], x.shape[1]))  # eq. 2
+    eigenvalues, eigenvectors = symmetric_eigh(np.cov(x, rowvar=False).reshape(x.shape[1], x.shape[1]))  # eq. 2
     eigenvalues = np.maximum(eigenvalues, 0.0)  # round-off below zero; select_components needs a valid share
     if eigenvalues[-1] <= 0.0:
         eigenvalues = np.full_like(eigenvalues, 1e-12)
     kept = select_components(eigenvalues, projection, fraction)
     projected = (x - mean) @ eigenvectors[:, kept]
     lw = LedoitWolf(store_precision=False, assume_centered=True).fit(projected)
-    sub_eigenvalues, rotation = np.linalg.eigh(lw.covariance_)
+    sub_eigenvalues, rotation = symmetric_eigh(lw.covariance_)
     # With m <= C the least-variance components are directions the training features do not span (variance
     # 0): the floor, relative to the largest sample variance, keeps the distance finite there.
     sub_eigenvalues = _floored(sub_eigenvalues, float(eigenvalues[-1]))
@@ -142,6 +166,193 @@ def _floored(eigenvalues: np.ndarray, largest: float) -> np.ndarray:
     return np.maximum(eigenvalues, 1e-12 + 1e-9 * max(largest, 0.0))
 
 
+def _floored_batch(eigenvalues: torch.Tensor, largest: torch.Tensor) -> torch.Tensor:
+    """:func:`_floored` for a batch: ``eigenvalues (P, K)``, ``largest (P, 1)``."""
+    return torch.maximum(eigenvalues, 1e-12 + 1e-9 * largest.clamp_min(0.0))
+
+
+def _eigh(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`symmetric_eigh` of a batch of tensors."""
+    eigenvalues, eigenvectors = symmetric_eigh(matrices.numpy())
+    return torch.from_numpy(eigenvalues), torch.from_numpy(eigenvectors)
+
+
+def ledoit_wolf(samples: torch.Tensor, assume_centered: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ledoit-Wolf shrinkage covariances [31] of a batch of sample sets: ``(..., m, K) -> ((..., K, K), (...))``.
+
+    sklearn's estimator (``sklearn.covariance.LedoitWolf``) in closed form over the batch, in float64, so
+    the Gaussians of all positions of a stage are a few batched products instead of a loop. With the
+    empirical covariance ``S = X^T X / m`` (normalised by ``m`` as sklearn) and ``mu = tr(S) / K``:
+    ``delta = (||S||_F^2 - K mu^2) / K``, ``beta = min(delta, (mean_i ||x_i||^4 - ||S||_F^2) / (K m))``,
+    shrinkage ``beta / delta`` (0 where ``beta`` is 0, and for ``K = 1``, as sklearn) and the covariance
+    ``(1 - shrinkage) S + shrinkage mu I``.
+    """
+    x = samples.double()
+    if not assume_centered:
+        x = x - x.mean(dim=-2, keepdim=True)
+    m, k = x.shape[-2], x.shape[-1]
+    empirical = x.transpose(-1, -2) @ x / m
+    mu = torch.diagonal(empirical, dim1=-2, dim2=-1).sum(dim=-1) / k
+    frobenius = empirical.square().sum(dim=(-2, -1))
+    fourth = x.square().sum(dim=-1).square().mean(dim=-1)  # sklearn's sum of <X2^T, X2> over m
+    beta = (fourth - frobenius) / (k * m)
+    delta = (frobenius - k * mu.square()) / k
+    beta = torch.minimum(beta, delta)
+    shrinkage = torch.where(beta == 0, torch.zeros_like(beta), beta / delta) if k > 1 else torch.zeros_like(mu)
+    covariance = (1.0 - shrinkage)[..., None, None] * empirical
+    covariance = covariance + (shrinkage * mu)[..., None, None] * torch.eye(k, dtype=x.dtype)
+    return covariance, shrinkage
+
+
+@dataclass
+class FittedPositionGaussians:
+    """One stage's per-position Gaussians (PaDiM's statistics, Defard et al. 2021, with the paper's OPCA and
+    shrinkage): one Gaussian per feature position, all with the same kept count ``K`` (fixed graph shapes)."""
+
+    mean: np.ndarray  # (P, C), P = h * w positions in row-major order
+    whitening: np.ndarray  # (P, C, K)
+    size: tuple[int, int]  # (h, w)
+    counts: np.ndarray  # (P,) the kept count the projection chose at each position on its own
+    shrinkage: np.ndarray  # (P,)
+    samples: int  # training images, i.e. vectors per position
+    max_floats: int | None  # the bound on P * C * K
+    bounded_from: int | None  # K before the bound reduced it; None where it did not
+
+    @property
+    def kept(self) -> int:
+        return int(self.whitening.shape[-1])
+
+    def distances(self, features: np.ndarray) -> np.ndarray:
+        """``(..., h, w, C) -> (..., h, w)``: eq. 3 of each position to its own Gaussian (``PositionGaussians``)."""
+        h, w = self.size
+        batch = features.shape[:-3]
+        centred = features.reshape(*batch, h * w, features.shape[-1]) - self.mean
+        z = np.einsum("...pc,pck->...pk", centred, self.whitening)
+        return np.sqrt((z**2).sum(axis=-1)).reshape(*batch, h, w)
+
+    def module(self) -> PositionGaussians:
+        mean, whitening = (torch.tensor(a, dtype=torch.float32) for a in (self.mean, self.whitening))
+        return PositionGaussians(mean, whitening)
+
+    def map_record(self) -> dict[str, Any]:
+        """What the fit summary says of these statistics: ``K``, the per-position counts it stands for, and
+        the memory bound where it cut ``K``."""
+        record: dict[str, Any] = {
+            "map_kept": self.kept,
+            "map_shrinkage": round(float(np.median(self.shrinkage)), 4),
+            "map_vectors": self.samples,
+            "map_positions": int(self.mean.shape[0]),
+            "map_kept_by_position": {
+                "min": int(self.counts.min()),
+                "median": int(_upper_median(self.counts)),
+                "max": int(self.counts.max()),
+            },
+        }
+        if self.bounded_from is not None:
+            record["map_kept_bound"] = {
+                "max_position_floats": self.max_floats,
+                "kept_before": self.bounded_from,
+                "kept": self.kept,
+            }
+        return record
+
+
+def _upper_median(counts: np.ndarray) -> int:
+    """The median of integer counts, the upper one of an even number: a count some position chose."""
+    return int(np.sort(counts)[len(counts) // 2])
+
+
+def fit_position_gaussians(
+    maps: np.ndarray | torch.Tensor,
+    projection: str,
+    fraction: float,
+    order: str,
+    max_floats: int | None = None,
+) -> FittedPositionGaussians:
+    """Fit one Gaussian per feature position to ``maps (N, C, h, w)``, one stage's features of ``N`` training
+    images (PaDiM's per-position statistics; each position's ``N`` vectors as :func:`fit_gaussian` fits its
+    ``m`` vectors, with the same ``order``, shrinkage and eigenvalue floor).
+
+    One kept count ``K`` for all positions, since the graph needs fixed shapes: ``projection`` chooses a count
+    at every position on that position's covariance (the sample covariance, eq. 2, for ``order="paper"``; the
+    shrunk one for ``"full"``), and ``K`` is their median (the upper one for an even number of positions, so a
+    count some position chose); each position then keeps its own ``K`` components of least variance (of
+    largest for ``"pca"``). Where ``h * w * C * K`` would exceed ``max_floats``, ``K`` becomes
+    ``max_floats // (h * w * C)`` (at least 1): the components the projection ranks last go first (for OPCA
+    and ``"none"`` the largest-variance ones), and the fit records the cut (``bounded_from``). With fewer
+    images than channels the shrinkage estimate in the kept subspace is still positive definite (Ledoit-Wolf
+    adds ``shrinkage * mu`` to every eigenvalue); the floor of :func:`fit_gaussian` guards all-constant
+    features. Vectorised over positions (batched :func:`_eigh` and :func:`ledoit_wolf`), in blocks of positions
+    to bound memory.
+    """
+    if order not in FIT_ORDERS:
+        raise ValueError(f"fit_order must be one of {FIT_ORDERS}, got {order!r}")
+    if projection not in PROJECTIONS:
+        raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
+    maps = torch.as_tensor(maps)
+    if maps.ndim != 4 or maps.shape[0] < 2:
+        raise ValueError(f"need the (N, C, h, w) features of at least 2 images, got {tuple(maps.shape)}")
+    n, c, h, w = maps.shape
+    positions = h * w
+    vectors = maps.permute(2, 3, 0, 1).reshape(positions, n, c)  # (P, N, C): each position's samples
+    step = max(1, _BLOCK_FLOATS // (n * c))
+    blocks = [slice(start, start + step) for start in range(0, positions, step)]
+
+    def centred(block: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        x = vectors[block].contiguous().double()  # the view's strides would make the products below crawl
+        mean = x.mean(dim=1, keepdim=True)
+        return mean[:, 0], x - mean
+
+    means, eigenvalues, eigenvectors, shrinkages = [], [], [], []
+    for block in blocks:
+        mean, x = centred(block)
+        means.append(mean)
+        if order == "full":
+            covariance, shrinkage = ledoit_wolf(x, assume_centered=True)
+            shrinkages.append(shrinkage)
+        else:
+            covariance = x.transpose(1, 2) @ x / (n - 1)  # eq. 2 at every position
+        lam, vec = _eigh(covariance)
+        eigenvalues.append(lam)
+        eigenvectors.append(vec)
+    lam, vec = torch.cat(eigenvalues), torch.cat(eigenvectors)
+    if order == "full":
+        lam = _floored_batch(lam, lam[:, -1:])
+    else:  # as fit_gaussian: round-off below zero, and all-constant positions
+        lam = lam.clamp_min(0.0)
+        lam = torch.where(lam[:, -1:] <= 0.0, torch.full_like(lam, 1e-12), lam)
+    counts = np.array([select_components(values, projection, fraction).size for values in lam.numpy()])
+    kept, bounded_from = _upper_median(counts), None
+    if max_floats is not None and positions * c * kept > max_floats:
+        bounded_from, kept = kept, max(1, max_floats // (positions * c))
+    index = slice(c - kept, c) if projection == "pca" else slice(0, kept)
+    if order == "full":
+        whitening = vec[:, :, index] / lam[:, None, index].sqrt()
+        shrinkage = torch.cat(shrinkages)
+    else:  # Ledoit-Wolf on each position's projections in its kept subspace
+        whitenings, shrinkages = [], []
+        for block in blocks:
+            _, x = centred(block)
+            basis = vec[block][:, :, index].contiguous()
+            sub_covariance, shrinkage = ledoit_wolf(x @ basis, assume_centered=True)
+            sub_lam, rotation = _eigh(sub_covariance)
+            whitenings.append(basis @ rotation / _floored_batch(sub_lam, lam[block][:, -1:])[:, None, :].sqrt())
+            shrinkages.append(shrinkage)
+        whitening, shrinkage = torch.cat(whitenings), torch.cat(shrinkages)
+    return FittedPositionGaussians(
+        torch.cat(means).numpy(), whitening.numpy(), (h, w), counts, shrinkage.numpy(), n, max_floats, bounded_from
+    )
+
+
+class TrainingFeatures(NamedTuple):
+    """What :func:`collect_features` gathers per stage for the Gaussians."""
+
+    pooled: list[np.ndarray]  # (N, C): globally average-pooled, for the image Gaussians (eq. 4)
+    positions: list[np.ndarray]  # (M, C): spatial vectors of all positions, for map_statistics="positions"
+    sizes: list[tuple[int, int]]  # (h, w) of each stage's feature map
+    maps: list[np.ndarray]  # (N, C, h, w): whole feature maps, for map_statistics="per_position" (else empty)
+
+
 @torch.no_grad()
 def collect_features(
     adapter: nn.Module,
@@ -152,20 +363,22 @@ def collect_features(
     device: torch.device,
     max_map_vectors: int | None,
     seed: int,
+    keep_maps: bool = False,
     progress: bool = False,
-) -> tuple[list[np.ndarray], list[np.ndarray], list[tuple[int, int]]]:
+) -> TrainingFeatures:
     """Run the backbone over ``images`` and gather what the Gaussians are fitted on.
 
     Returns:
-        ``(pooled, positions, sizes)``: per stage, the globally average-pooled vectors ``(N, C)``, the
-        spatial feature vectors ``(M, C)`` of all positions (a seeded random subset of at most about
-        ``max_map_vectors``, taken evenly from every batch; empty when ``max_map_vectors`` is 0), and
-        the feature map size ``(h, w)``.
+        Per stage, the globally average-pooled vectors ``(N, C)``, the spatial feature vectors ``(M, C)``
+        of all positions (a seeded random subset of at most about ``max_map_vectors``, taken evenly from
+        every batch; empty when ``max_map_vectors`` is 0), the feature map size ``(h, w)``, and with
+        ``keep_maps`` the whole feature maps ``(N, C, h, w)`` (float32).
     """
     count = len(images)
     generator = torch.Generator().manual_seed(seed)
     pooled: list[list[torch.Tensor]] = []
     positions: list[list[torch.Tensor]] = []
+    maps: list[list[torch.Tensor]] = []
     sizes: list[tuple[int, int]] = []
     console = Console(stderr=True)
     columns = (
@@ -180,11 +393,13 @@ def collect_features(
             batch = images[start : start + batch_size].to(device, torch.float32)
             features = backbone(adapter(batch))
             if not pooled:
-                pooled, positions = [[] for _ in features], [[] for _ in features]
+                pooled, positions, maps = ([[] for _ in features] for _ in range(3))
                 sizes = [(int(f.shape[2]), int(f.shape[3])) for f in features]
             for stage, feature in enumerate(features):
                 feature = feature.float()
                 pooled[stage].append(feature.mean(dim=(2, 3)).cpu())
+                if keep_maps:
+                    maps[stage].append(feature.cpu())
                 if max_map_vectors == 0:
                     continue
                 vectors = feature.permute(0, 2, 3, 1).reshape(-1, feature.shape[1]).cpu()
@@ -193,10 +408,11 @@ def collect_features(
                     vectors = vectors[torch.randperm(vectors.shape[0], generator=generator)[:quota]]
                 positions[stage].append(vectors)
             bar.advance(task, len(batch))
-    return (
+    return TrainingFeatures(
         [torch.cat(chunks).numpy() for chunks in pooled],
         [torch.cat(chunks).numpy() if chunks else np.zeros((0, 0), np.float32) for chunks in positions],
         sizes,
+        [torch.cat(chunks).numpy() for chunks in maps if chunks],
     )
 
 
@@ -236,7 +452,10 @@ class GaussianOPCA(Method):
     def fit(self, ctx: FitContext) -> dict[str, Any]:
         """Fit the per-stage Gaussians; statistics only, no training (``resume`` simply refits).
 
-        Fitting is cheap, so under torchrun only rank 0 fits and saves; other ranks return at once.
+        Automatic choices (``"auto"``) first build the calibrated pseudo-validation set
+        (:meth:`calibrated_validation`), then choose the OPCA fraction, fit the image Gaussians with it, and
+        choose the map statistics, all on the set's features computed once. Fitting is cheap, so under
+        torchrun only rank 0 fits and saves; other ranks return at once.
         """
         p, train_images, train_cfg, dist_info = self.params, ctx.images, ctx.train, ctx.dist
         if not dist_info.is_main:
@@ -249,11 +468,12 @@ class GaussianOPCA(Method):
         p = self.params
         torch.manual_seed(train_cfg.seed)  # makes weights="random" reproducible
         adapter, backbone = self.build_adapter(), self.build_backbone()
-        pooled_mode = p.map_statistics == "pooled"  # "auto" needs the position statistics as a candidate
+        modes = MAP_STATISTICS if p.map_statistics == "auto" else (p.map_statistics,)
         images = torch.as_tensor(train_images)
-        max_vectors = 0 if pooled_mode else p.max_map_vectors
+        max_vectors = p.max_map_vectors if "positions" in modes else 0
+        keep_maps = "per_position" in modes
         # Candidates that differ only in their statistics (edgead tune) reuse the features of the last fit.
-        key = (p.backbone, str(p.weights), tuple(p.stages), p.input_scaling, max_vectors, train_cfg.seed,
+        key = (p.backbone, str(p.weights), tuple(p.stages), p.input_scaling, max_vectors, keep_maps, train_cfg.seed,
                _digest(images))  # fmt: skip
         if _FEATURE_CACHE.get("key") != key:
             _FEATURE_CACHE.clear()
@@ -265,29 +485,38 @@ class GaussianOPCA(Method):
                 device=dist_info.device,
                 max_map_vectors=max_vectors,
                 seed=train_cfg.seed,
+                keep_maps=keep_maps,
                 progress=ctx.progress,
             )
             _FEATURE_CACHE["key"] = key
-        pooled, positions, sizes = _FEATURE_CACHE["value"]
+        features: TrainingFeatures = _FEATURE_CACHE["value"]
         summary_extra: dict[str, Any] = {}
-        automatic = p.opca_fraction == "auto" or p.map_statistics == "auto"
-        val_features = self.validation_features(ctx, adapter, backbone) if automatic else []
+        if p.opca_fraction == "auto" or p.map_statistics == "auto":
+            validation, val_features = self.calibrated_validation(ctx, adapter, backbone, features.pooled)
         if p.opca_fraction == "auto":
-            selection = self.select_opca_fraction(ctx, pooled, val_features)
+            selection = self.select_opca_fraction(validation, features.pooled, val_features)
             self.record_choice("opca_selection", selection, {"opca_fraction": selection["selected"]})
             p = self.params
             summary_extra["opca_selection"] = selection
         projection, fraction, order = p.projection, float(p.opca_fraction), p.fit_order
-        image_fits = [fit_gaussian(vectors, projection, fraction, order) for vectors in pooled]
-        map_fits = image_fits if pooled_mode else [fit_gaussian(v, projection, fraction, order) for v in positions]
+        image_fits = [fit_gaussian(vectors, projection, fraction, order) for vectors in features.pooled]
+        candidates: dict[str, list[Any]] = {}
+        for mode in modes:
+            if mode == "positions":
+                candidates[mode] = [fit_gaussian(v, projection, fraction, order) for v in features.positions]
+            elif mode == "pooled":
+                candidates[mode] = image_fits
+            else:
+                candidates[mode] = [
+                    fit_position_gaussians(m, projection, fraction, order, p.max_position_floats) for m in features.maps
+                ]
         if p.map_statistics == "auto":
-            candidates = {"positions": map_fits, "pooled": image_fits}
             graphs = {name: self._graph(adapter, backbone, image_fits, fits) for name, fits in candidates.items()}
-            selection = self.select_map_statistics(ctx, graphs, val_features)
+            selection = self.select_map_statistics(validation, graphs, val_features)
             self.record_choice("map_statistics_selection", selection, {"map_statistics": selection["selected"]})
             p = self.params
             summary_extra["map_statistics_selection"] = selection
-            map_fits = candidates[p.map_statistics]
+        map_fits = candidates[p.map_statistics]
         self.graph = self._graph(adapter, backbone, image_fits, map_fits)
         if self.run_dir is not None:
             # config.json (saved by the caller after fit) records the id, so a kill in between is detected.
@@ -299,11 +528,9 @@ class GaussianOPCA(Method):
                 "feature_size": list(size),
                 "image_kept": int(image.kept.size),
                 "image_shrinkage": round(image.shrinkage, 4),
-                "map_kept": int(spatial.kept.size),
-                "map_shrinkage": round(spatial.shrinkage, 4),
-                "map_vectors": spatial.samples,
+                **spatial.map_record(),
             }
-            for stage, size, image, spatial in zip(p.stages, sizes, image_fits, map_fits, strict=True)
+            for stage, size, image, spatial in zip(p.stages, features.sizes, image_fits, map_fits, strict=True)
         ]
         return {
             "fit_seconds": round(time.perf_counter() - start, 1),
@@ -316,28 +543,61 @@ class GaussianOPCA(Method):
         }
 
     @torch.no_grad()
-    def validation_features(self, ctx: FitContext, adapter: nn.Module, backbone: nn.Module) -> list[torch.Tensor]:
-        """The stage features ``(N, C, h, w)`` of the pseudo-validation images (:meth:`pseudo_validation_set`),
-        computed once for every automatic choice of the fit."""
-        images = torch.from_numpy(self.pseudo_validation_set(ctx).images)
+    def stage_features(
+        self, ctx: FitContext, adapter: nn.Module, backbone: nn.Module, images: np.ndarray
+    ) -> list[torch.Tensor]:
+        """The stage features ``(N, C, h, w)`` (float32, on the CPU) of preprocessed ``images``."""
+        tensor = torch.from_numpy(images)
         adapter, backbone, batch = adapter.to(ctx.dist.device), backbone.to(ctx.dist.device), ctx.train.batch_size
         chunks = [
-            [f.float().cpu() for f in backbone(adapter(images[start : start + batch].to(ctx.dist.device)))]
-            for start in range(0, len(images), batch)
+            [f.float().cpu() for f in backbone(adapter(tensor[start : start + batch].to(ctx.dist.device)))]
+            for start in range(0, len(tensor), batch)
         ]
         adapter.cpu()
         backbone.cpu()
         return [torch.cat(stage) for stage in zip(*chunks, strict=True)]
 
+    def calibrated_validation(
+        self, ctx: FitContext, adapter: nn.Module, backbone: nn.Module, pooled_train: list[np.ndarray]
+    ) -> tuple[PseudoValidationSet, list[torch.Tensor]]:
+        """The pseudo-validation set every automatic choice of the fit scores on, and its stage features.
+
+        The set is calibrated (:func:`edgead.methods.validation.calibrated_set`) on the default candidate:
+        eq. 4's pooled score with the paper's OPCA fraction 0.05 (the run's fraction where it is fixed), the
+        run's projection and fit order, so the candidates are not all tied near an AUROC of 1. The reference
+        computes the backbone features of each set it tries (the set is built before any validation features
+        exist); those of the set it settles on are reused, so the features are computed once.
+        """
+        p = self.params
+        fraction = PAPER_OPCA_FRACTION if p.opca_fraction == "auto" else float(p.opca_fraction)
+        reference_fits: list[FittedGaussian] = []
+        last: dict[str, Any] = {}
+
+        def reference(candidate: PseudoValidationSet) -> float:
+            if not reference_fits:
+                reference_fits.extend(fit_gaussian(t, p.projection, fraction, p.fit_order) for t in pooled_train)
+            features = self.stage_features(ctx, adapter, backbone, candidate.images)
+            last.update(images=candidate.images, features=features)
+            scores = sum(
+                fit.distances(f.mean(dim=(2, 3)).numpy()) for fit, f in zip(reference_fits, features, strict=True)
+            )
+            return image_auroc(candidate.labels, scores)
+
+        validation = self.pseudo_validation_set(ctx, reference=reference)
+        if last.get("images") is validation.images:
+            return validation, last["features"]
+        return validation, self.stage_features(ctx, adapter, backbone, validation.images)
+
     def select_opca_fraction(
-        self, ctx: FitContext, pooled_train: list[np.ndarray], val_features: list[torch.Tensor]
+        self, validation: PseudoValidationSet, pooled_train: list[np.ndarray], val_features: list[torch.Tensor]
     ) -> dict[str, Any]:
         """``opca_fraction="auto"``: the candidate whose image score (eq. 4 on pooled features) best separates
-        the held-out normal images from pseudo-anomalies made from them (LafitE Sec. 3.4; the shared
+        the normal images of ``validation`` from its pseudo-anomalies (LafitE Sec. 3.4; the shared
         pseudo-validation service, ``edgead.methods.validation``: image AUROC, earlier candidates win exact
-        ties). The validation features are computed once; each candidate only refits the Gaussians."""
+        ties), the paper's 0.05 kept unless another candidate beats it by more than one standard error (no
+        default where 0.05 is not a candidate). The validation features are computed once; each candidate only
+        refits the Gaussians. The record keeps the chosen value (``selected``), every figure and the decision."""
         p = self.params
-        validation = self.pseudo_validation_set(ctx)
         pooled_val = [feature.mean(dim=(2, 3)).numpy() for feature in val_features]
 
         def pooled_scores(fraction: float) -> Callable[[np.ndarray], tuple[None, np.ndarray]]:
@@ -349,20 +609,29 @@ class GaussianOPCA(Method):
 
             return scores
 
-        choice = validation.choose({fraction: pooled_scores(fraction) for fraction in p.opca_candidates})
+        default = PAPER_OPCA_FRACTION if PAPER_OPCA_FRACTION in p.opca_candidates else None
+        choice = validation.choose(
+            {fraction: pooled_scores(fraction) for fraction in p.opca_candidates}, default=default
+        )
         figures = {name: row["image_auroc"] for name, row in choice.by_name().items()}
-        return {"selected": choice.best, "pseudo_validation_image_auroc": figures, **validation.describe()}
+        return {
+            "selected": choice.chosen,
+            "pseudo_validation_image_auroc": figures,
+            "decision": choice.decision,
+            **validation.describe(),
+        }
 
     @torch.no_grad()
     def select_map_statistics(
-        self, ctx: FitContext, graphs: dict[str, GaussianGraph], val_features: list[torch.Tensor]
+        self, validation: PseudoValidationSet, graphs: dict[str, GaussianGraph], val_features: list[torch.Tensor]
     ) -> dict[str, Any]:
         """``map_statistics="auto"``: Sec. 3.4 does not say which Gaussian scores each position, so each
-        candidate graph scores the pseudo-validation set (its distances, maps and image score on the features
-        computed once) and the shared service chooses (image AUROC, then pixel AUROC over the pseudo-anomalies;
-        with eq. 4's pooled score the image AUROC is the same for both and the pixel AUROC decides; earlier
-        candidates win exact ties)."""
-        validation = self.pseudo_validation_set(ctx)
+        candidate graph (positions, pooled, per_position) scores ``validation`` (its distances, maps and image
+        score on the features computed once) and the shared service chooses: image AUROC, then pixel AUROC
+        over the pseudo-anomalies, earlier candidates winning exact ties, and ``positions`` (the default) kept
+        unless the best beats its image AUROC by more than one standard error. With eq. 4's pooled score the
+        image AUROC is the same for every candidate, so the default stays and the pixel AUROCs are recorded
+        only (``decision``)."""
         size = (validation.images.shape[-2], validation.images.shape[-1])
 
         def outputs(graph: GaussianGraph) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
@@ -372,15 +641,22 @@ class GaussianOPCA(Method):
 
             return run
 
-        choice = validation.choose({name: outputs(graph) for name, graph in graphs.items()})
-        return {"selected": choice.best, "pseudo_validation": choice.by_name(), **validation.describe()}
+        choice = validation.choose(
+            {name: outputs(graph) for name, graph in graphs.items()}, default=DEFAULT_MAP_STATISTICS
+        )
+        return {
+            "selected": choice.chosen,
+            "pseudo_validation": choice.by_name(),
+            "decision": choice.decision,
+            **validation.describe(),
+        }
 
     def _graph(
         self,
         adapter: nn.Module,
         backbone: nn.Module,
         image_fits: list[FittedGaussian],
-        map_fits: list[FittedGaussian],
+        map_fits: list[FittedGaussian] | list[FittedPositionGaussians],
     ) -> GaussianGraph:
         return GaussianGraph(
             adapter.cpu(),
@@ -396,12 +672,13 @@ class GaussianOPCA(Method):
         return self.graph.eval()
 
     def graph_skeleton(self, shapes: dict[str, Sequence[int]]) -> GaussianGraph:
-        """An unfitted graph whose buffers have the shapes a saved state dict gives (for ``load``)."""
+        """An unfitted graph whose buffers have the shapes a saved state dict gives (for ``load``): a 2-D
+        whitening ``(C, K)`` is one Gaussian for the stage, a 3-D one ``(P, C, K)`` one per position."""
         with torch.random.fork_rng(devices=[]):  # timm's random init must not disturb the caller's RNG
             backbone = self.build_backbone(weights="random")
 
-        def stage_gaussians(kind: str) -> list[StageGaussian]:
-            modules = []
+        def stage_gaussians(kind: str) -> list[StageGaussian | PositionGaussians]:
+            modules: list[StageGaussian | PositionGaussians] = []
             for index in range(len(backbone.stages)):
                 key = f"{kind}.{index}.whitening"
                 if key not in shapes:
@@ -409,8 +686,13 @@ class GaussianOPCA(Method):
                         f"{self.run_dir}: the saved weights have no {key!r}; not a {self.name} run "
                         f"with stages {list(backbone.stages)}"
                     )
-                channels, kept = shapes[key]
-                modules.append(StageGaussian(torch.zeros(channels), torch.zeros(channels, kept)))
+                shape = tuple(shapes[key])
+                if len(shape) == 3:
+                    positions, channels, _ = shape
+                    modules.append(PositionGaussians(torch.zeros(positions, channels), torch.zeros(shape)))
+                else:
+                    channels, kept = shape
+                    modules.append(StageGaussian(torch.zeros(channels), torch.zeros(channels, kept)))
             return modules
 
         return GaussianGraph(

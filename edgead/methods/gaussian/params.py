@@ -11,7 +11,13 @@ from edgead.methods.scoring import AGGREGATIONS, MDPS_TOPK_FRACTION, MapScorePar
 from edgead.nn.backbones import DEFAULT_BACKBONE, DEFAULT_STAGES, INPUT_SCALINGS
 
 PROJECTIONS = ("opca", "pca", "none")
-MAP_STATISTICS = ("positions", "pooled")
+#: ``positions``: one Gaussian over the spatial vectors of all positions; ``pooled``: the image Gaussian;
+#: ``per_position``: one Gaussian per feature position (PaDiM, Defard et al. 2021).
+MAP_STATISTICS = ("positions", "pooled", "per_position")
+#: The paper's OPCA fraction (Sec. 4.1, 4.5.1): the default candidate of ``opca_fraction="auto"``.
+PAPER_OPCA_FRACTION = 0.05
+#: The default candidate of ``map_statistics="auto"``.
+DEFAULT_MAP_STATISTICS = "positions"
 #: ``paper``: components chosen on the sample covariance, the shrinkage Gaussian fitted in the kept subspace
 #: (sections 3.2 then 3.3, Fig. 1); ``full``: the shrinkage Gaussian fitted on all channels, then components kept.
 FIT_ORDERS = ("paper", "full")
@@ -24,11 +30,15 @@ def _fraction_or_auto(value: Any) -> str | None:
 
 
 def _map_statistics_or_auto(value: Any) -> str | None:
-    return None if value == "auto" or value in MAP_STATISTICS else '"auto", ' + ", ".join(MAP_STATISTICS)
+    return None if value == "auto" or value in MAP_STATISTICS else "one of auto, " + ", ".join(MAP_STATISTICS)
 
 
 #: The pseudo-validation rule of every "auto" here (``edgead.methods.validation``).
-_BY_PSEUDO_VALIDATION = "pseudo-validation (held-out normals + as many pseudo-anomalies; the run records every figure)"
+_BY_PSEUDO_VALIDATION = (
+    "pseudo-validation (held-out normals, or the training images without a held-out split, + as many "
+    "pseudo-anomalies of several kinds at the strength calibrated on the default; the default is kept unless "
+    "beaten by more than one standard error; the run records every figure)"
+)
 
 
 @dataclass(frozen=True)
@@ -97,11 +107,12 @@ class GaussianParams(MapScoreParams):
     opca_fraction: Any = param(
         "auto",
         'variance share of the kept least-variance components; "auto": the opca_candidates value that best '
-        "separates held-out normals from pseudo-anomalies (the fitted run records the choice)",
+        "separates held-out normals from pseudo-anomalies, the paper's 0.05 unless another beats it by more than "
+        "one standard error (the fitted run records the choice and the decision)",
         "Sec. 4.1 (the paper: 0.05)",
         check=_fraction_or_auto,
         origin="pseudo-validation",
-        why="image AUROC of eq. 4 on " + _BY_PSEUDO_VALIDATION + "; the paper's 0.05 is one candidate",
+        why="image AUROC of eq. 4 on " + _BY_PSEUDO_VALIDATION + "; the paper's 0.05 is the default candidate",
     )
     opca_candidates: list[float] = param(
         [0.01, 0.02, 0.05, 0.1],
@@ -114,19 +125,37 @@ class GaussianParams(MapScoreParams):
     )
     map_statistics: str = param(
         "auto",
-        "positions: one Gaussian over all spatial vectors; pooled: reuse the image Gaussian for the map; "
-        '"auto": the one with the better pseudo-validation figures (image AUROC, then pixel AUROC)',
+        "positions: one Gaussian over all spatial vectors, shared by every position; pooled: reuse the image "
+        "Gaussian for the map; per_position: one Gaussian per feature position (PaDiM), one kept count per "
+        'stage; "auto": positions unless another beats it on pseudo-validation (image AUROC, then pixel AUROC) '
+        "by more than one standard error of the image AUROC",
         "Sec. 3.4",
+        choices=("auto", *MAP_STATISTICS),
         check=_map_statistics_or_auto,
         origin="pseudo-validation",
-        why="Sec. 3.4 does not say which Gaussian the map uses; chosen on " + _BY_PSEUDO_VALIDATION,
+        why="Sec. 3.4 does not say which Gaussian the map uses; chosen on "
+        + _BY_PSEUDO_VALIDATION
+        + "; positions is the default candidate because it was the pre-existing choice (Sec. 3.4 does not say)",
     )
     max_map_vectors: int | None = param(
         200_000,
-        "spatial vectors per stage the map Gaussian is fitted on (null: all)",
+        "spatial vectors per stage the positions Gaussian is fitted on (null: all; per_position always uses "
+        "every training image at every position)",
         "ours",
         check=at_least(2),
         origin="engineering",
         why="bounds memory and fitting time (about 0.5 GB float64 per stage at 320 channels); far more vectors "
         "than channels, so the covariance is well estimated",
+    )
+    max_position_floats: int = param(
+        1 << 22,
+        "per_position: the most float32 values of one stage's whitening buffer (h * w * C * K); a stage that "
+        "would exceed it keeps fewer components (opca and none: the least-variance ones, as OPCA ranks them; "
+        "pca: the largest-variance ones) and the fit summary says so",
+        "ours",
+        check=at_least(1),
+        origin="engineering",
+        why="16 MiB of float32 per stage: the five default stages at 224 px stay below 64 MB whatever the "
+        "projection keeps (at most about 44 MB; OPCA keeps far fewer components), and at larger inputs each stage "
+        "stays within 16 MiB",
     )
