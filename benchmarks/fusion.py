@@ -21,8 +21,8 @@ from torch import nn
 from edgead.bench.machine import save_record
 from edgead.data.mvtec import list_test, load_images, load_masks
 from edgead.data.preprocess import PreprocessConfig
-from edgead.fusion import fuse_runs
 from edgead.methods import load_method
+from edgead.methods.fusion import fuse_runs
 from edgead.methods.validation import run_graph
 from edgead.metrics import compute_metrics
 

@@ -68,7 +68,7 @@ class ExportOptions:
     engine_cache: Path | None = None
     triton_raw_input: bool = False
     triton_max_batch: int = DEFAULT_TRITON_MAX_BATCH
-    #: Further trained runs fused with the exported one into one graph (``edgead.fusion``), and how.
+    #: Further trained runs fused with the exported one into one graph (``edgead.methods.fusion``), and how.
     fuse: tuple[Path, ...] = ()
     fuse_how: str = "auto"
 
@@ -157,7 +157,7 @@ def load_graph(job: ExportJob) -> None:
     job.config, job.pre = config, PreprocessConfig.from_dict(config.preprocess)
     job.graph = method.inference_graph().float().eval()
     if job.options.fuse:
-        from edgead.fusion import fuse_runs
+        from edgead.methods.fusion import fuse_runs
 
         fused, job.fusion = fuse_runs([job.run_dir, *job.options.fuse], job.options.fuse_how)
         job.graph = fused.float().eval()

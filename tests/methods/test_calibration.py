@@ -128,7 +128,7 @@ def gaussian_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     root = tmp_path_factory.mktemp("calibration")
     data = generate_dataset(root / "data", size=SIZE, n_train=24, n_test_good=4, n_test_defect=4, seed=2)
     spec = RunSpec(method="gaussian", data=[data], image_size=SIZE, runs_root=root / "runs", device="cpu",
-                   train=TrainConfig(batch_size=8), params={"weights": "random"})  # fmt: skip
+                   val_fraction=0.25, train=TrainConfig(batch_size=8), params={"weights": "random"})  # fmt: skip
     return train_run(spec, progress=False)
 
 

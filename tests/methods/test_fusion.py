@@ -1,4 +1,5 @@
-"""Score fusion (edgead.fusion): the fused graph's arithmetic, the refusals, the automatic choice and the export."""
+"""Score fusion (edgead.methods.fusion): the fused graph's arithmetic, the refusals, the automatic choice, the
+export."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from torch import nn
 from edgead.config import TrainConfig
 from edgead.data.synthetic import generate_dataset
 from edgead.export.exporter import ExportOptions, export_run
-from edgead.fusion import FusedGraph, fuse_runs
+from edgead.methods.fusion import FusedGraph, fuse_runs
 from edgead.pipeline import train_run
 from edgead.runtime.metadata import load_metadata
 from edgead.spec import RunSpec

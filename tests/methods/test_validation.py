@@ -27,6 +27,7 @@ from edgead.methods.validation import (
     PseudoValidationSet,
     calibrated_set,
     keep_default_unless_beaten,
+    per_image_pixel_auroc,
     pseudo_figures,
     ranked,
 )
@@ -295,3 +296,28 @@ def test_a_calibrated_set_is_the_strongest_the_reference_does_not_saturate() -> 
     saturated = calibrated_set(normals, pre, "12 normals", lambda s: 0.99)
     assert saturated.strength == min(STRENGTHS)
     assert len(saturated.calibration["reference_auroc_by_strength"]) == len(STRENGTHS)
+
+
+def test_a_map_only_choice_is_decided_by_paired_per_image_localisation() -> None:
+    rows = _rows({"default": 0.9, "sharper": 0.9})  # the same image score: only the maps differ
+    rng = np.random.default_rng(0)
+    default_pixels = rng.uniform(0.6, 0.8, 30)
+    better = {"default": default_pixels, "sharper": default_pixels + rng.uniform(0.05, 0.15, 30)}
+    chosen, decision = keep_default_unless_beaten(rows, "default", paired=better)
+    assert chosen == "default"  # ranked by image AUROC, pixel from the rows: a tie keeps the earlier
+    rows["sharper"]["pixel_auroc"] = 0.6  # the pooled pixel AUROC ranks it first
+    chosen, decision = keep_default_unless_beaten(rows, "default", paired=better)
+    assert chosen == "sharper" and decision["pixel_margin"] > decision["pixel_standard_error"] > 0
+    noisy = {"default": default_pixels, "sharper": default_pixels + rng.normal(0.0, 0.1, 30)}
+    assert keep_default_unless_beaten(rows, "default", paired=noisy)[0] == "default"
+
+
+def test_per_image_pixel_auroc_is_each_images_own_localisation() -> None:
+    masks = np.zeros((3, 8, 8), bool)
+    masks[0, 2:4, 2:4] = True
+    masks[1, :, :4] = True
+    maps = np.zeros((3, 8, 8), np.float32)
+    maps[0, 2:4, 2:4] = 1.0  # perfect
+    maps[1, :, 4:] = 1.0  # inverted
+    values = per_image_pixel_auroc(masks, maps)
+    assert values[0] == 1.0 and values[1] == 0.0 and np.isnan(values[2])  # the third has no defect pixel

@@ -1,0 +1,142 @@
+"""Every automatic choice of a method, checked against the test set: does pseudo-validation rank as the test does?
+
+Trains the method with its defaults (every ``auto`` chosen on pseudo-validation, as ``edgead train`` does),
+then, one choice at a time, scores every candidate of that choice on the test split: a candidate that only
+changes the inference graph is the same run with the parameter set; one that changes the fit is a new fit with
+that parameter fixed (the other choices stay automatic). The record holds, per choice, every candidate's
+pseudo-validation figures (from the run) and test figures, the Spearman correlation of the two image AUROC
+rankings, and the test figure of the chosen candidate against the best on test. The test figures check the
+choices; they choose nothing.
+
+Example:
+    python benchmarks/choices.py --method gaussian --data $EDGEAD_DATA_ROOT/magnetic_tile --work runs/choices
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgead.bench.machine import save_record
+from edgead.config import RunConfig, TrainConfig
+from edgead.data.mvtec import list_test, load_images, load_masks
+from edgead.methods import get_method, load_method
+from edgead.methods.validation import run_graph
+from edgead.metrics import compute_metrics
+from edgead.pipeline import train_run
+from edgead.spec import RunSpec
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+#: Per method: parameter -> (state key of its selection record, key of the candidates' pseudo-validation rows).
+CHOICES: dict[str, dict[str, tuple[str, str]]] = {
+    "gaussian": {
+        "opca_fraction": ("opca_selection", "pseudo_validation_image_auroc"),
+        "map_statistics": ("map_statistics_selection", "pseudo_validation"),
+        "map_calibration": ("map_calibration_selection", "pseudo_validation"),
+    },
+    "lafite": {"tau": ("selection", "tau"), "map_calibration": ("map_calibration_selection", "pseudo_validation")},
+}
+COMMON = {"map_calibration": ("map_calibration_selection", "pseudo_validation")}
+
+
+def _value(key: str) -> Any:
+    try:
+        return json.loads(key)
+    except json.JSONDecodeError:
+        return key
+
+
+def spearman(a: list[float], b: list[float]) -> float | None:
+    if len(a) < 3 or len(set(a)) < 2 or len(set(b)) < 2:
+        return None
+    ranks = [np.argsort(np.argsort(x, kind="stable"), kind="stable").astype(float) for x in (a, b)]
+    return round(float(np.corrcoef(*ranks)[0, 1]), 3)
+
+
+def figures_on_test(run_dir: Path, data: Path, params: dict[str, Any] | None = None) -> dict[str, float]:
+    """Image and pixel AUROC and AUPRO of the run (with ``params`` over its own) on the test split."""
+    config = RunConfig.load(run_dir)
+    config.method_params.update(params or {})
+    method = type(load_method(run_dir)).load(run_dir, config)
+    samples = list_test(data)
+    maps, scores = run_graph(method.inference_graph(), load_images(samples, method.preprocess_config))
+    masks = load_masks(samples, maps.shape[-1])
+    labels = np.array([s.label for s in samples])
+    metrics = compute_metrics(labels, scores, masks if masks.any() else None, maps if masks.any() else None)
+    return {k: round(float(v), 4) for k, v in metrics.items() if k in ("image_auroc", "pixel_auroc", "aupro")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--method", required=True)
+    parser.add_argument("--data", required=True, type=Path, help="MVTec-layout dataset root")
+    parser.add_argument("--image-size", type=int, default=None, help="default: the method's")
+    parser.add_argument("--param", action="append", default=[], help="method hyperparameter KEY=JSON (all runs)")
+    parser.add_argument("--work", type=Path, default=Path("runs/choices"))
+    parser.add_argument("--tag", default="defaults")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+
+    cls = get_method(args.method)
+    base_params = {k: json.loads(v) for k, _, v in (p.partition("=") for p in args.param)}
+
+    def spec(params: dict[str, Any]) -> RunSpec:
+        return RunSpec(method=args.method, data=[str(args.data)], image_size=args.image_size,
+                       train=TrainConfig(batch_size=16), params={**base_params, **params},
+                       runs_root=str(args.work))  # fmt: skip
+
+    run_dir, summary = train_run(spec({}), progress=False)
+    config = RunConfig.load(run_dir)
+    record: dict[str, Any] = {
+        "benchmark": "choices",
+        "method": args.method,
+        "dataset": args.data.resolve().name,
+        "image_size": config.preprocess["image_size"],
+        "method_params": base_params,
+        "method_params_resolved": config.method_params,
+        "defaults_test": figures_on_test(run_dir, args.data),
+        "choices": {},
+    }
+    for param, (state_key, rows_key) in {**COMMON, **CHOICES.get(args.method, {})}.items():
+        selection = config.state.get(state_key)
+        if not selection or rows_key not in selection or param in base_params:
+            continue
+        rows = selection[rows_key]
+        chosen = config.method_params.get(param)
+        test: dict[str, dict[str, float]] = {}
+        for key in rows:
+            value = _value(key)
+            if param in cls.inference_params:
+                test[key] = figures_on_test(run_dir, args.data, {param: value})
+            else:
+                other, _ = train_run(spec({param: value}), progress=False)
+                test[key] = figures_on_test(other, args.data)
+            print(f"{param}={key}: pseudo {rows[key]} test {test[key]}", flush=True)
+        pseudo_image = [r["image_auroc"] if isinstance(r, dict) else float(r) for r in rows.values()]
+        test_image = [test[k]["image_auroc"] for k in rows]
+        best_test = max(test, key=lambda k: test[k]["image_auroc"])
+        record["choices"][param] = {
+            "chosen": chosen,
+            "decision": selection.get("decision"),
+            "set": {k: selection[k] for k in ("validation", "kinds", "strength", "calibration") if k in selection},
+            "pseudo_validation": rows,
+            "test": test,
+            "spearman_image_auroc": spearman(pseudo_image, test_image),
+            "chosen_test_image_auroc": test.get(json.dumps(chosen) if not isinstance(chosen, str) else chosen, {}).get(
+                "image_auroc"
+            ),
+            "best_on_test": _value(best_test),
+            "best_test_image_auroc": test[best_test]["image_auroc"],
+        }
+    record["train_summary"] = summary
+    name = f"choices_{args.method}_{record['dataset']}_{args.tag}.json"
+    save_record(record, RESULTS, name, args.out)
+
+
+if __name__ == "__main__":
+    main()
