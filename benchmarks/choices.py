@@ -64,7 +64,7 @@ def figures_on_test(run_dir: Path, data: Path, params: dict[str, Any] | None = N
     config.method_params.update(params or {})
     method = type(load_method(run_dir)).load(run_dir, config)
     samples = list_test(data)
-    maps, scores = run_graph(method.inference_graph(), load_images(samples, method.preprocess_config))
+    maps, scores = run_graph(method.inference_graph(), load_images(samples, method.frame_preprocess_config))
     masks = load_masks(samples, maps.shape[-1])
     labels = np.array([s.label for s in samples])
     metrics = compute_metrics(labels, scores, masks if masks.any() else None, maps if masks.any() else None)

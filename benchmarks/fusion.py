@@ -48,7 +48,7 @@ def main() -> None:
 
     fused, fusion = fuse_runs(args.runs, args.how)
     methods = [load_method(run) for run in args.runs]
-    pre = methods[0].preprocess_config
+    pre = methods[0].frame_preprocess_config
     record: dict[str, Any] = {
         "benchmark": "fusion",
         "dataset": args.data.resolve().name,

@@ -115,6 +115,11 @@ SPEC_OPTIONS: tuple[SpecOption, ...] = (
     SpecOption("image_size", int | None, typer.Option(
         None, "--image-size", help="Square input size in pixels (default: the method's)."), "image_size"),
     SpecOption("channels", int, typer.Option(3, "--channels", help="3 for RGB, 1 to train on grayscale."), "channels"),
+    SpecOption("tile", int | None, typer.Option(
+        None, "--tile", help="Tiled inference for small defects: the model sees TILE x TILE tiles of the frame "
+        "resized to --image-size (one exported graph stitches their maps)."), "tile"),
+    SpecOption("tile_overlap", float, typer.Option(
+        0.25, "--tile-overlap", help="Overlap of neighbouring tiles, as a share of a tile."), "tile_overlap"),
     SpecOption("steps", int, typer.Option(
         20000, "--steps", help="Optimiser steps (methods that train a network)."), "train.steps"),
     SpecOption("epochs", int | None, typer.Option(

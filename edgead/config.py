@@ -95,6 +95,8 @@ class RunConfig:
     state: dict[str, Any] = field(default_factory=dict)
     #: the run spec it was made from (``edgead.spec.RunSpec.recorded``); empty for runs made before edgead 0.1.1
     spec: dict[str, Any] = field(default_factory=dict)
+    #: tiled inference (``edgead.methods.tiling``): ``frame_size``, ``tile``, ``overlap``; empty: none
+    tiling: dict[str, Any] = field(default_factory=dict)
     edgead_version: str = __version__
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
 

@@ -30,6 +30,7 @@ from edgead.data.mvtec import (
 from edgead.data.preprocess import PreprocessConfig, resize_image
 from edgead.methods import get_method, load_method
 from edgead.methods.base import FitContext, run_graph
+from edgead.methods.tiling import cut_tiles
 from edgead.progress import Progress
 from edgead.spec import RunSpec
 from edgead.train.distributed import init_distributed, shutdown
@@ -108,6 +109,10 @@ def train_run(
                 train=asdict(train_cfg),
                 spec=spec.recorded(),
             )
+            if spec.tile is not None:  # the method sees tiles; the frame is what the export takes
+                config.tiling = {"frame_size": config.preprocess["image_size"], "tile": spec.tile,
+                                 "overlap": spec.tile_overlap}  # fmt: skip
+                config.preprocess["image_size"] = spec.tile
         train_cfg.validate()
         roots = list(data_root)
         if not roots:
@@ -133,7 +138,8 @@ def train_run(
                     f"{train_cfg.steps} steps"
                 )
         pre = PreprocessConfig.from_dict(config.preprocess)
-        warnings = [w for w in [upscale_warning([s.path for s in train_samples], pre.image_size)] if w]
+        frame = dataclasses.replace(pre, image_size=config.tiling["frame_size"]) if config.tiling else pre
+        warnings = [w for w in [upscale_warning([s.path for s in train_samples], frame.image_size)] if w]
         if dist_info.is_main and on_event is not None:
             for warning in warnings:
                 on_event(f"warning: {warning}")
@@ -147,10 +153,13 @@ def train_run(
                 "n_train": len(train_samples),
                 "validation_paths": [str(Path(s.path).resolve()) for s in val_samples],
                 # The held-out images themselves, so export works after the dataset moved.
-                "holdout": save_holdout(run_dir, [s.path for s in val_samples], pre),
+                "holdout": save_holdout(run_dir, [s.path for s in val_samples], frame),
             }
             config.save(run_dir)
-        images = torch.from_numpy(load_images(train_samples, pre))
+        images = load_images(train_samples, frame)
+        if config.tiling:
+            images = cut_tiles(images, config.tiling["tile"], config.tiling["overlap"])
+        images = torch.from_numpy(np.ascontiguousarray(images))
         method = method_cls(config, run_dir if dist_info.is_main else None)
         ctx = FitContext(images=images, train=train_cfg, dist=dist_info, resume=resume is not None, progress=progress)
         summary = method.fit(ctx)
@@ -233,7 +242,7 @@ def evaluate_run(
     from edgead.report import write_report
 
     method = load_method(run_dir)
-    pre = method.preprocess_config
+    pre = method.frame_preprocess_config
     samples = list_test(data_root)
     graph = method.inference_graph()
     images = load_images(samples, pre)

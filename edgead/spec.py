@@ -42,6 +42,11 @@ class RunSpec:
     params: dict[str, Any] = field(default_factory=dict)
     #: optimiser and loop settings of methods that train a network
     train: TrainConfig = field(default_factory=TrainConfig)
+    #: tiled inference (``edgead.methods.tiling``): the model's input size; ``image_size`` is then the frame
+    #: size the tiles are cut from (None: no tiling, the whole frame resized to ``image_size``)
+    tile: int | None = None
+    #: overlap of neighbouring tiles as a share of a tile (engineering choice: a quarter)
+    tile_overlap: float = 0.25
     #: share of the normal images held out for the threshold and pseudo-validation
     val_fraction: float = 0.1
     #: cpu or cuda; None: cuda when available
@@ -57,6 +62,15 @@ class RunSpec:
             raise ValueError(f"channels must be 1 or 3, got {self.channels}")
         if self.image_size is not None and self.image_size < 1:
             raise ValueError(f"image_size must be >= 1, got {self.image_size}")
+        if self.tile is not None:
+            if self.image_size is None:
+                raise ValueError(f"tile {self.tile} needs image_size: the frame size the tiles are cut from")
+            if not 8 <= self.tile < self.image_size:
+                raise ValueError(
+                    f"tile must be at least 8 and smaller than image_size {self.image_size}, got {self.tile}"
+                )
+        if not 0.0 <= self.tile_overlap < 1.0:
+            raise ValueError(f"tile_overlap must be in [0, 1), got {self.tile_overlap}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.device is not None and self.device.split(":")[0] not in ("cpu", "cuda"):

@@ -66,7 +66,7 @@ def candidates(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
 def pseudo_validate(method: Method, run_dir: Path | None = None, device: str = "cpu") -> dict[str, Any]:
     """Image and pixel AUROC of ``method``'s graph on its run's held-out normals plus pseudo-anomalies (the
     methods' pseudo-validation service, ``edgead.methods.validation``; ``run_dir``: the method's own)."""
-    return method.pseudo_validation_set().evaluate(method.inference_graph(), device=device)
+    return method.pseudo_validation_set().evaluate(method.inference_graph(tiled=False), device=device)
 
 
 def tune_run(
@@ -105,7 +105,7 @@ def tune_run(
                 method = cls.load(run_dir, config)
                 if validation is None:
                     validation = method.pseudo_validation_set()
-                figures = validation.evaluate(method.inference_graph())
+                figures = validation.evaluate(method.inference_graph(tiled=False))
                 rows.append({"params": {**fit_values, **inference_values}, **figures})
                 run_dirs.append(run_dir)
                 done, elapsed = len(rows), time.perf_counter() - start

@@ -151,10 +151,15 @@ def run_step(job: ExportJob, name: str, step: Step) -> None:
 def load_graph(job: ExportJob) -> None:
     """The run's method, rebuilt through the registry, and its inference graph in FP32."""
     config = copy.deepcopy(RunConfig.load(job.run_dir))
+    if job.options.image_size and config.tiling:
+        raise ValueError(
+            f"{job.run_dir}: a tiled run's graph takes its frame size ({config.tiling['frame_size']} px); "
+            "leave out --image-size"
+        )
     if job.options.image_size:
         config.preprocess["image_size"] = job.options.image_size
     method = get_method(config.method).load(job.run_dir, config)
-    job.config, job.pre = config, PreprocessConfig.from_dict(config.preprocess)
+    job.config, job.pre = config, method.frame_preprocess_config
     job.graph = method.inference_graph().float().eval()
     if job.options.fuse:
         from edgead.methods.fusion import fuse_runs

@@ -25,7 +25,10 @@ def bench_torch_eager(
 ) -> dict[str, Any]:
     """Latency of the method's inference graph in eager PyTorch on the same preprocessed batch."""
     config = copy.deepcopy(RunConfig.load(run_dir))
-    config.preprocess["image_size"] = int(batch.shape[-1])
+    if config.tiling:  # a tiled run's graph takes the frame; its tiles keep the model's size
+        config.tiling["frame_size"] = int(batch.shape[-1])
+    else:
+        config.preprocess["image_size"] = int(batch.shape[-1])
     graph = get_method(config.method).load(Path(run_dir), config).inference_graph().eval().to(device)
     if half:
         from edgead.export.fp16 import mixed_precision_graph

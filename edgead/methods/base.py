@@ -26,6 +26,7 @@ from edgead.methods import calibration
 from edgead.methods.calibration import CalibratedGraph
 from edgead.methods.params import MethodParams
 from edgead.methods.scoring import MapScoreParams
+from edgead.methods.tiling import TiledGraph, cut_tiles
 from edgead.methods.validation import Choice, PseudoValidationSet, calibrated_set, run_graph
 from edgead.train.distributed import DistInfo
 
@@ -117,7 +118,16 @@ class Method(abc.ABC):
 
     @property
     def preprocess_config(self) -> PreprocessConfig:
+        """The preprocessing of what the method's graph sees (with tiling: one tile)."""
         return PreprocessConfig.from_dict(self.config.preprocess)
+
+    @property
+    def frame_preprocess_config(self) -> PreprocessConfig:
+        """The preprocessing of what :meth:`inference_graph` takes: the whole frame (with tiling, the frame size;
+        else the same as :attr:`preprocess_config`)."""
+        pre = self.preprocess_config
+        tiling = self.config.tiling
+        return dataclasses.replace(pre, image_size=int(tiling["frame_size"])) if tiling else pre
 
     def held_out_normals(self, ctx: FitContext | None = None, limit: int | None = None) -> tuple[list[np.ndarray], str]:
         """Up to ``limit`` normal uint8 RGB images at the input size that the fit did not train on (the run's
@@ -128,6 +138,11 @@ class Method(abc.ABC):
         """
         pre = self.preprocess_config
         rgb, _ = held_out_normals(self.run_dir, self.config.data) if self.run_dir else ([], "")
+        if len(rgb) >= 2 and self.config.tiling:  # the graph sees tiles: the held-out frames' tiles
+            tiling, frame = self.config.tiling, self.frame_preprocess_config
+            frames = np.stack([resize_image(image, frame.image_size, frame.interpolation) for image in rgb])
+            tiles = list(cut_tiles(frames, tiling["tile"], tiling["overlap"], channels_last=True)[:limit])
+            return tiles, f"{len(tiles)} tiles of {len(rgb)} held-out normal images"
         if len(rgb) >= 2:
             rgb = [resize_image(image, pre.image_size, pre.interpolation) for image in rgb[:limit]]
             return rgb, f"{len(rgb)} held-out normal images"
@@ -242,9 +257,20 @@ class Method(abc.ABC):
         summary["map_calibration"] = self.params.map_calibration
         return summary
 
-    def inference_graph(self) -> nn.Module:
+    def inference_graph(self, tiled: bool = True) -> nn.Module:
         """What evaluation, export and ``edgead tune`` run: :meth:`build_graph`, its map calibrated where
-        ``map_calibration="normal"`` (:mod:`edgead.methods.calibration`)."""
+        ``map_calibration="normal"`` (:mod:`edgead.methods.calibration`), and for a tiled run (``tiled``) the
+        whole frame cut into tiles and stitched (:mod:`edgead.methods.tiling`; it takes
+        :attr:`frame_preprocess_config` images)."""
+        graph = self._calibrated_graph()
+        tiling = self.config.tiling
+        if not tiled or not tiling:
+            return graph
+        frame = int(tiling["frame_size"])
+        score = self.calibrated_score((frame, frame))
+        return TiledGraph(graph, frame, int(tiling["tile"]), float(tiling["overlap"]), score).eval()
+
+    def _calibrated_graph(self) -> nn.Module:
         graph = self.build_graph()
         mode = getattr(self.params, "map_calibration", "none")
         stored = self.config.state.get("map_calibration")

@@ -112,10 +112,11 @@ def check_members(methods: Sequence[Method], run_dirs: Sequence[Path]) -> tuple[
     """The held-out normal images the members share, refusing members that cannot be fused."""
     first = methods[0].preprocess_config
     for method, run_dir in zip(methods[1:], run_dirs[1:], strict=True):
-        if method.preprocess_config != first:
+        if method.preprocess_config != first or method.config.tiling != methods[0].config.tiling:
             raise ValueError(
-                f"{run_dir}: preprocesses differently from {run_dirs[0]} ({method.preprocess_config} vs {first}); "
-                "train the runs with the same --image-size and --channels"
+                f"{run_dir}: preprocesses differently from {run_dirs[0]} ({method.preprocess_config}, tiling "
+                f"{method.config.tiling} vs {first}, {methods[0].config.tiling}); train the runs with the same "
+                "--image-size, --channels and --tile"
             )
     held = [load_holdout(run_dir, m.config.data.get("holdout")) for m, run_dir in zip(methods, run_dirs, strict=True)]
     if len(held[0][0]) < 4:
@@ -139,7 +140,7 @@ def fuse_runs(run_dirs: Sequence[Path], how: str = "auto") -> tuple[FusedGraph, 
         raise ValueError(f"fusion needs at least two runs, got {len(run_dirs)}")
     methods = [load_method(Path(run_dir)) for run_dir in run_dirs]
     normals_rgb, source = check_members(methods, [Path(r) for r in run_dirs])
-    pre = methods[0].preprocess_config
+    pre = methods[0].frame_preprocess_config
     graphs = [method.inference_graph().eval() for method in methods]
     normals = np.stack([preprocess(image, pre) for image in normals_rgb]).astype(np.float32)
     outputs = [run_graph(graph, normals) for graph in graphs]
