@@ -26,6 +26,7 @@ def main() -> None:
     parser.add_argument("--preset", default=None, help="U-Net size (default: tiny for methods that train one)")
     parser.add_argument("--image-size", type=int, default=None, help="default: the method's")
     parser.add_argument("--channels", type=int, default=3)
+    parser.add_argument("--tile", type=int, default=None, help="tile size (--image-size: the frame)")
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -61,6 +62,7 @@ def main() -> None:
         preset=args.preset,
         image_size=args.image_size,
         channels=args.channels,
+        tile=args.tile,
         train=cfg,
         params=params,
         runs_root=str(args.work),
@@ -76,6 +78,7 @@ def main() -> None:
         "dataset": dataset,
         "preset": args.preset,
         "image_size": RunConfig.load(run_dir).preprocess["image_size"],
+        "tiling": RunConfig.load(run_dir).tiling,
         "method_params_resolved": RunConfig.load(run_dir).method_params,
         "channels": args.channels,
         "method_params": params,
