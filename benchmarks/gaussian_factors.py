@@ -25,7 +25,8 @@ from edgead.data.io import read_image, read_mask
 from edgead.data.mvtec import list_test, list_train, load_masks, split_validation
 from edgead.data.preprocess import PreprocessConfig, preprocess, resize_image
 from edgead.data.pseudo import pseudo_validation_set
-from edgead.methods.gaussian.method import FIT_ORDERS, fit_gaussian
+from edgead.methods.gaussian.params import FIT_ORDERS
+from edgead.methods.gaussian.statistics import fit_gaussian
 from edgead.metrics import image_auroc, pixel_auroc
 from edgead.nn.backbones import IMAGENET_MEAN, IMAGENET_STD, FeatureExtractor
 

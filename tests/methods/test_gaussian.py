@@ -21,13 +21,8 @@ from edgead.export.fp16 import HalfNetwork, mixed_precision_graph
 from edgead.export.onnx import export_onnx
 from edgead.methods.base import FitContext
 from edgead.methods.gaussian.graph import GaussianGraph, PositionGaussians, StageGaussian
-from edgead.methods.gaussian.method import (
-    GaussianOPCA,
-    fit_gaussian,
-    fit_position_gaussians,
-    ledoit_wolf,
-    select_components,
-)
+from edgead.methods.gaussian.method import GaussianOPCA
+from edgead.methods.gaussian.statistics import fit_gaussian, fit_position_gaussians, ledoit_wolf, select_components
 from edgead.train.distributed import DistInfo
 
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
