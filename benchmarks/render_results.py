@@ -586,7 +586,7 @@ def lafite_sweeps(*records: Record) -> str:
     return table([*header, "test pixel AUROC, defective images only"], rows)
 
 
-LAFITE_SELECTION = ("lafite_magnetic_tile_selection.json",)  # bsdata: not measured yet (README)
+LAFITE_SELECTION = ("lafite_magnetic_tile_selection.json", "lafite_bsdata_selection.json")
 
 
 @renders("lafite-selection-runs", *LAFITE_SELECTION)
