@@ -119,7 +119,8 @@ def main() -> None:
             print(f"{param}={key}: pseudo {rows[key]} test {test[key]}", flush=True)
         pseudo_image = [r["image_auroc"] if isinstance(r, dict) else float(r) for r in rows.values()]
         test_image = [test[k]["image_auroc"] for k in rows]
-        best_test = max(test, key=lambda k: test[k]["image_auroc"])
+        # the service's rule on the test figures: image AUROC, then pixel AUROC (map-only choices tie on image)
+        best_test = max(test, key=lambda k: (test[k]["image_auroc"], test[k]["pixel_auroc"]))
         record["choices"][param] = {
             "chosen": chosen,
             "decision": selection.get("decision"),
@@ -127,6 +128,10 @@ def main() -> None:
             "pseudo_validation": rows,
             "test": test,
             "spearman_image_auroc": spearman(pseudo_image, test_image),
+            "spearman_pixel_auroc": spearman(
+                [r["pixel_auroc"] for r in rows.values() if isinstance(r, dict) and "pixel_auroc" in r],
+                [test[k]["pixel_auroc"] for k, r in rows.items() if isinstance(r, dict) and "pixel_auroc" in r],
+            ),
             "chosen_test_image_auroc": test.get(json.dumps(chosen) if not isinstance(chosen, str) else chosen, {}).get(
                 "image_auroc"
             ),

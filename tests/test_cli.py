@@ -173,6 +173,20 @@ def test_export_without_a_run_says_how_to_get_one(tmp_path: Path) -> None:
     assert "edgead train" in result.output
 
 
+def test_export_fuse_with_a_folder_that_is_no_run_names_it(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    result = runner.invoke(app, ["export", "--run", str(run), "--fuse", str(tmp_path / "elsewhere")])
+    assert result.exit_code == 2
+    assert "--fuse" in result.output and "elsewhere" in result.output and "edgead train" in result.output
+
+
+def test_tile_without_a_frame_size_is_refused_before_any_work(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["train", "--method", "gaussian", "--data", str(tmp_path), "--tile", "64"])
+    assert result.exit_code == 2 and "image_size" in result.output
+
+
 def test_run_and_bench_without_an_export_say_how_to_get_one(tmp_path: Path) -> None:
     for command in (["run", "--camera", "0"], ["bench"]):
         result = runner.invoke(app, [*command, "--exports-root", str(tmp_path)])
