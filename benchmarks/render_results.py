@@ -627,6 +627,90 @@ def lafite_selection(*records: Record) -> str:
     return table([*header, "test image AUROC", "test pixel AUROC, defective images only"], rows)
 
 
+# Issue 24: the discriminating pseudo-validation, per-position statistics, calibrated maps, fusion.
+
+CHOICES = ("choices_gaussian_magnetic_tile_defaults.json", "choices_gaussian_bsdata_defaults.json")
+
+
+def _pseudo(row: Any) -> tuple[str, str]:
+    if isinstance(row, dict):
+        return auroc(row["image_auroc"]), auroc(row["pixel_auroc"]) if "pixel_auroc" in row else "-"
+    return auroc(row), "-"
+
+
+@renders("choices-defaults", *CHOICES)
+def choices_defaults(*records: Record) -> str:
+    rows = []
+    for r in records:
+        t, p = r["defaults_test"], r["method_params_resolved"]
+        chosen = ", ".join(f"{k} = {p[k]}" for k in r["choices"])
+        rows.append([r["dataset"], r["image_size"], chosen, auroc(t["image_auroc"]), auroc(t["pixel_auroc"])])
+        rows[-1].append(auroc(t["aupro"]))
+        rows[-1].append(r["machine"]["date"][:10])
+    header = ["data set", "input px", "what the automatic choices chose", "test image AUROC", "test pixel AUROC"]
+    return table([*header, "test AUPRO", "date"], rows)
+
+
+def _spearman(a: list[float], b: list[float]) -> str:
+    if len(a) < 3 or len(set(a)) < 2 or len(set(b)) < 2:
+        return "-"
+    ranks = [[sorted(x).index(v) + (sorted(x).count(v) - 1) / 2 for v in x] for x in (a, b)]
+    mean = (len(a) - 1) / 2
+    cov = sum((p - mean) * (q - mean) for p, q in zip(*ranks, strict=True))
+    var = [sum((v - mean) ** 2 for v in r) for r in ranks]
+    return num(cov / (var[0] * var[1]) ** 0.5, 2)
+
+
+@renders("choices-summary", *CHOICES)
+def choices_summary(*records: Record) -> str:
+    rows = []
+    for r in records:
+        for name, c in r["choices"].items():
+            s = c["set"]
+            strength = f"{s['strength']} ({len(s.get('kinds', []))} kinds)" if "strength" in s else "-"
+            d = c.get("decision") or {}
+            kept = "default kept" if d.get("kept_default") else "default beaten"
+            if "margin" in d:
+                kept += f" (image +{num(d['margin'], 3)} vs SE {num(d['standard_error'], 3)}"
+                if "pixel_margin" in d:
+                    kept += f"; pixel {num(d['pixel_margin'], 3)} vs SE {num(d['pixel_standard_error'], 3)}"
+                kept += ")"
+            keys = list(c["pseudo_validation"])
+            pseudo = [_pseudo(c["pseudo_validation"][k]) for k in keys]
+            test = [c["test"][k] for k in keys]
+            image = _spearman([float(p[0]) for p in pseudo], [t["image_auroc"] for t in test])
+            pixel = "-"
+            if all(p[1] != "-" for p in pseudo):
+                pixel = _spearman([float(p[1]) for p in pseudo], [t["pixel_auroc"] for t in test])
+            best = max(keys, key=lambda k: (c["test"][k]["image_auroc"], c["test"][k]["pixel_auroc"]))
+            chosen = c["test"][json.dumps(c["chosen"]) if not isinstance(c["chosen"], str) else c["chosen"]]
+            rows.append(
+                [r["dataset"], name, strength, f"{c['chosen']}: {kept}"]
+                + [f"{auroc(chosen['image_auroc'])} / {auroc(chosen['pixel_auroc'])}"]
+                + [f"{best}: {auroc(c['test'][best]['image_auroc'])} / {auroc(c['test'][best]['pixel_auroc'])}"]
+                + [image, pixel]
+            )
+    header = ["data set", "choice", "set strength", "chosen on pseudo-validation", "its test image / pixel AUROC"]
+    header += ["best on test (image, then pixel)", "Spearman, image AUROC", "Spearman, pixel AUROC"]
+    return table(header, rows)
+
+
+@renders("choices-candidates", *CHOICES)
+def choices_candidates(*records: Record) -> str:
+    rows = []
+    for r in records:
+        for name, c in r["choices"].items():
+            for key, row in c["pseudo_validation"].items():
+                test = c["test"][key]
+                mark = " (chosen)" if str(c["chosen"]) == key else ""
+                rows.append(
+                    [r["dataset"], name, key + mark, *_pseudo(row), auroc(test["image_auroc"])]
+                    + [auroc(test["pixel_auroc"]), auroc(test["aupro"])]
+                )
+    header = ["data set", "choice", "candidate", "pseudo-val image AUROC", "pseudo-val pixel AUROC"]
+    return table([*header, "test image AUROC", "test pixel AUROC", "test AUPRO"], rows)
+
+
 # mdps.
 
 MDPS_RUNS = (
