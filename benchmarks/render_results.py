@@ -711,6 +711,25 @@ def choices_candidates(*records: Record) -> str:
     return table([*header, "test image AUROC", "test pixel AUROC", "test AUPRO"], rows)
 
 
+FUSION = ("fusion_bsdata_gaussian+lafite.json",)
+
+
+@renders("fusion", *FUSION)
+def fusion_table(*records: Record) -> str:
+    rows = []
+    for r in records:
+        for name, member in r["members"].items():
+            t = member["test"]
+            rows.append([r["dataset"], name, "-", auroc(t["image_auroc"]), auroc(t["pixel_auroc"]), auroc(t["aupro"])])
+        f, t = r["fusion"], r["fused_test"]
+        pseudo = f.get("pseudo_validation", {})
+        chosen = ", ".join(f"{k} {auroc(v['image_auroc'])}" for k, v in pseudo.items()) or "-"
+        how = f"fused: {f['how']}" + (" (auto)" if pseudo else "")
+        rows.append([r["dataset"], how, chosen, auroc(t["image_auroc"]), auroc(t["pixel_auroc"]), auroc(t["aupro"])])
+    header = ["data set", "detector", "pseudo-val image AUROC (mean, max)", "test image AUROC", "test pixel AUROC"]
+    return table([*header, "test AUPRO"], rows)
+
+
 # mdps.
 
 MDPS_RUNS = (
