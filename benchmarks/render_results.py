@@ -730,6 +730,41 @@ def fusion_table(*records: Record) -> str:
     return table([*header, "test AUPRO"], rows)
 
 
+TILING = ("accuracy_gaussian_bsdata_defaults.json", "accuracy_gaussian_bsdata_tiled448.json")
+
+
+@renders("tiling", *TILING)
+def tiling_table(*records: Record) -> str:
+    rows = []
+    for r in records:
+        tiling, m = r.get("tiling") or {}, r["metrics"]
+        if tiling:
+            frame, tile = tiling["frame_size"], tiling["tile"]
+            tiles = len(range(0, frame - tile, max(1, round(tile * (1 - tiling["overlap"]))))) + 1
+            how = f"{frame} px frame, {tiles} x {tiles} tiles of {tile} px"
+        else:
+            how = f"{r['image_size']} px, whole frame"
+        rows.append([r["dataset"], how, auroc(m["image_auroc"]), auroc(m["pixel_auroc"]), auroc(m["aupro"])])
+        rows[-1].append(r["machine"]["date"][:10])
+    return table(["data set", "input", "test image AUROC", "test pixel AUROC", "test AUPRO", "date"], rows)
+
+
+TILING_LATENCY = ("latency_cpu_gaussian_bsdata_defaults.json", "latency_cpu_gaussian_bsdata_tiled448.json")
+
+
+@renders("tiling-latency", *TILING_LATENCY)
+def tiling_latency(*records: Record) -> str:
+    rows = []
+    for r in records:
+        shape = "x".join(str(v) for v in r["input_shape"][-2:])
+        tiled = "tiled448" in r["machine"]["command"]
+        how = f"{shape} frame" + (", tiled as in the table above" if tiled else ", whole")
+        rows.append(["bsdata", how, *_latency_row(r)])
+        rows[-1] += [r["device"], date(r)]
+    header = ["data set", "input", "ONNX Runtime graph ms", "ONNX Runtime `predict` ms", "PyTorch eager ms"]
+    return table([*header, "PyTorch / ONNX Runtime (graph)", "CPU", "date"], rows)
+
+
 # mdps.
 
 MDPS_RUNS = (
