@@ -274,9 +274,11 @@ class Method(abc.ABC):
         graph = self.build_graph()
         mode = getattr(self.params, "map_calibration", "none")
         stored = self.config.state.get("map_calibration")
-        if mode == "none" or (mode == "auto" and not stored):  # "auto" unresolved: a run made before calibration
+        if mode == "auto":  # unresolved: what the run's choice chose; a run made before calibration has none
+            mode = (self.config.state.get("map_calibration_selection") or {}).get("chosen", "none")
+        if mode == "none":
             return graph
-        if mode == "auto" or not stored:
+        if not stored:
             raise ValueError(
                 f"{self.run_dir}: map_calibration={mode!r} but the run holds no calibration statistics; "
                 "train it again (or pass --param map_calibration='\"none\"')"

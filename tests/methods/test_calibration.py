@@ -159,6 +159,9 @@ def test_a_run_switched_to_normal_runs_the_calibrated_graph(gaussian_run: tuple[
     assert torch.allclose(calibrated_map, expected) and torch.allclose(score, calibrated_map.amax(dim=(1, 2)))
     config.method_params["map_calibration"] = "none"
     assert not isinstance(type(method).load(run_dir, config).inference_graph(), CalibratedGraph)
+    config.method_params["map_calibration"] = "auto"  # unresolved: what the run's choice chose
+    config.state["map_calibration_selection"] = {**config.state["map_calibration_selection"], "chosen": "normal"}
+    assert isinstance(type(method).load(run_dir, config).inference_graph(), CalibratedGraph)
     del config.state["map_calibration"]
     config.method_params["map_calibration"] = "normal"
     with pytest.raises(ValueError, match="no calibration statistics"):
