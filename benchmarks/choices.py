@@ -19,15 +19,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from edgead.bench.machine import save_record
 from edgead.config import RunConfig, TrainConfig
-from edgead.data.mvtec import list_test, load_images, load_masks
 from edgead.methods import get_method, load_method
-from edgead.methods.validation import run_graph
-from edgead.metrics import compute_metrics
-from edgead.pipeline import train_run
+from edgead.metrics import rank_correlation
+from edgead.pipeline import score_test_split, train_run
 from edgead.spec import RunSpec
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -52,10 +48,9 @@ def _value(key: str) -> Any:
 
 
 def spearman(a: list[float], b: list[float]) -> float | None:
-    if len(a) < 3 or len(set(a)) < 2 or len(set(b)) < 2:
-        return None
-    ranks = [np.argsort(np.argsort(x, kind="stable"), kind="stable").astype(float) for x in (a, b)]
-    return round(float(np.corrcoef(*ranks)[0, 1]), 3)
+    """Rank correlation over at least three candidates (two always rank perfectly or inversely)."""
+    rho = rank_correlation(a, b) if len(a) >= 3 else None
+    return None if rho is None else round(rho, 3)
 
 
 def figures_on_test(run_dir: Path, data: Path, params: dict[str, Any] | None = None) -> dict[str, float]:
@@ -63,12 +58,7 @@ def figures_on_test(run_dir: Path, data: Path, params: dict[str, Any] | None = N
     config = RunConfig.load(run_dir)
     config.method_params.update(params or {})
     method = type(load_method(run_dir)).load(run_dir, config)
-    samples = list_test(data)
-    maps, scores = run_graph(method.inference_graph(), load_images(samples, method.frame_preprocess_config))
-    masks = load_masks(samples, maps.shape[-1])
-    labels = np.array([s.label for s in samples])
-    metrics = compute_metrics(labels, scores, masks if masks.any() else None, maps if masks.any() else None)
-    return {k: round(float(v), 4) for k, v in metrics.items() if k in ("image_auroc", "pixel_auroc", "aupro")}
+    return score_test_split(method.inference_graph(), method.frame_preprocess_config, data).headline()
 
 
 def main() -> None:

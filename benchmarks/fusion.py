@@ -14,27 +14,12 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from torch import nn
-
 from edgead.bench.machine import save_record
-from edgead.data.mvtec import list_test, load_images, load_masks
-from edgead.data.preprocess import PreprocessConfig
 from edgead.methods import load_method
 from edgead.methods.fusion import fuse_runs
-from edgead.methods.validation import run_graph
-from edgead.metrics import compute_metrics
+from edgead.pipeline import score_test_split
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def figures_on_test(graph: nn.Module, pre: PreprocessConfig, data: Path) -> dict[str, float]:
-    samples = list_test(data)
-    maps, scores = run_graph(graph, load_images(samples, pre))
-    masks = load_masks(samples, maps.shape[-1])
-    labels = np.array([s.label for s in samples])
-    metrics = compute_metrics(labels, scores, masks if masks.any() else None, maps if masks.any() else None)
-    return {k: round(float(v), 4) for k, v in metrics.items() if k in ("image_auroc", "pixel_auroc", "aupro")}
 
 
 def main() -> None:
@@ -59,9 +44,9 @@ def main() -> None:
     for run, method in zip(args.runs, methods, strict=True):
         record["members"][f"{method.config.method} ({run.name})"] = {
             "method_params": method.config.method_params,
-            "test": figures_on_test(method.inference_graph().eval(), pre, args.data),
+            "test": score_test_split(method.inference_graph().eval(), pre, args.data).headline(),
         }
-    record["fused_test"] = figures_on_test(fused, pre, args.data)
+    record["fused_test"] = score_test_split(fused, pre, args.data).headline()
     print(record["members"], record["fused_test"])
     tag = args.tag or "+".join(m.config.method for m in methods)
     save_record(record, RESULTS, f"fusion_{record['dataset']}_{tag}.json", args.out)

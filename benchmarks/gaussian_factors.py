@@ -27,7 +27,7 @@ from edgead.data.preprocess import PreprocessConfig, preprocess, resize_image
 from edgead.data.pseudo import pseudo_validation_set
 from edgead.methods.gaussian.params import FIT_ORDERS
 from edgead.methods.gaussian.statistics import fit_gaussian
-from edgead.metrics import image_auroc, pixel_auroc
+from edgead.metrics import image_auroc, pixel_auroc, rank_correlation
 from edgead.nn.backbones import IMAGENET_MEAN, IMAGENET_STD, FeatureExtractor
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -112,17 +112,9 @@ def evaluate(
     return {"scores": scores, "maps": maps}
 
 
-def _ranks(values: list[float]) -> np.ndarray:
-    order = np.argsort(np.argsort(values, kind="stable"), kind="stable").astype(float)
-    for v in set(values):  # average ranks of ties
-        tied = [i for i, x in enumerate(values) if x == v]
-        order[tied] = order[tied].mean()
-    return order
-
-
 def spearman(a: list[float], b: list[float]) -> float:
-    ra, rb = _ranks(a), _ranks(b)
-    return float(np.corrcoef(ra, rb)[0, 1]) if ra.std() > 0 and rb.std() > 0 else float("nan")
+    rho = rank_correlation(a, b)
+    return float("nan") if rho is None else rho
 
 
 def ranking_report(rows: list[dict[str, Any]]) -> dict[str, Any]:

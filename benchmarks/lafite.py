@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.stats import spearmanr
 
 from edgead.bench.machine import machine_record, save_record
 from edgead.bench.report import run_bench
@@ -30,7 +29,7 @@ from edgead.config import RunConfig, TrainConfig
 from edgead.data.mvtec import list_test, load_images, load_masks
 from edgead.export.exporter import ExportOptions, export_run
 from edgead.methods import load_method
-from edgead.metrics import compute_metrics, image_auroc, pixel_auroc
+from edgead.metrics import compute_metrics, image_auroc, pixel_auroc, rank_correlation
 from edgead.pipeline import train_run
 from edgead.spec import RunSpec
 
@@ -85,7 +84,7 @@ def agreement(pseudo: dict[str, dict], test: dict[str, dict]) -> dict[str, Any]:
     t = [test[k]["image_auroc"] for k in keys]
     picked = max(keys, key=lambda k: (pseudo[k]["image_auroc"], pseudo[k]["pixel_auroc"]))
     best = max(keys, key=lambda k: test[k]["image_auroc"])
-    rho = spearmanr(p, t).statistic if len(set(p)) > 1 and len(set(t)) > 1 else None
+    rho = rank_correlation(p, t)
     return {
         "spearman": None if rho is None else round(float(rho), 3),
         "picked": picked,

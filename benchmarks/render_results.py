@@ -27,7 +27,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from edgead.metrics import auroc_standard_error
+from edgead.metrics import auroc_standard_error, rank_correlation
 
 RESULTS = Path(__file__).resolve().parent / "results"
 README = RESULTS / "README.md"
@@ -652,13 +652,8 @@ def choices_defaults(*records: Record) -> str:
 
 
 def _spearman(a: list[float], b: list[float]) -> str:
-    if len(a) < 3 or len(set(a)) < 2 or len(set(b)) < 2:
-        return "-"
-    ranks = [[sorted(x).index(v) + (sorted(x).count(v) - 1) / 2 for v in x] for x in (a, b)]
-    mean = (len(a) - 1) / 2
-    cov = sum((p - mean) * (q - mean) for p, q in zip(*ranks, strict=True))
-    var = [sum((v - mean) ** 2 for v in r) for r in ranks]
-    return num(cov / (var[0] * var[1]) ** 0.5, 2)
+    rho = rank_correlation(a, b) if len(a) >= 3 else None
+    return "-" if rho is None else num(rho, 2)
 
 
 @renders("choices-summary", *CHOICES)

@@ -83,6 +83,28 @@ def auroc_standard_error(auroc: float, n_positive: int, n_negative: int) -> floa
     return float(np.sqrt(max(variance, 0.0) / (n_positive * n_negative)))
 
 
+def rank_correlation(a: ArrayLike, b: ArrayLike) -> float | None:
+    """Spearman's rank correlation of two equally long sequences (tied values share their mean rank, as
+    ``scipy.stats.spearmanr`` ranks them); None where either sequence is constant (no ranking to compare)."""
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if x.ndim != 1 or x.shape != y.shape:
+        raise ValueError(f"rank_correlation needs two 1-D sequences of one length, got {x.shape} and {y.shape}")
+
+    def ranks(values: FloatArray) -> FloatArray:
+        order = np.argsort(values, kind="stable")
+        ranked = np.empty(len(values))
+        ranked[order] = np.arange(len(values), dtype=np.float64)
+        for value in np.unique(values):  # ties: the mean of their ranks
+            tied = values == value
+            ranked[tied] = ranked[tied].mean()
+        return ranked
+
+    rx, ry = ranks(x), ranks(y)
+    if rx.std() == 0 or ry.std() == 0:
+        return None
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
 def image_ap(labels: ArrayLike, scores: ArrayLike) -> float:
     """Average precision of image-level anomaly scores (anomalous is the positive class)."""
     from sklearn.metrics import average_precision_score

@@ -7,7 +7,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -219,6 +219,48 @@ def _lock_run(locks: contextlib.ExitStack, run_dir: Path) -> None:
         ) from None
 
 
+@dataclass(frozen=True)
+class TestScores:
+    """A graph's outputs on a data set's test split and the metrics they give (:func:`score_test_split`)."""
+
+    samples: list[Sample]
+    labels: np.ndarray  # (N,) 0 normal, 1 defective
+    maps: np.ndarray  # (N, H, W)
+    scores: np.ndarray  # (N,)
+    masks: np.ndarray  # (N, H, W) at the maps' size
+    metrics: dict[str, float]  # edgead.metrics.compute_metrics (pixel metrics only where masks exist)
+    seconds: float  # the graph's time over the whole split
+
+    def headline(self) -> dict[str, float]:
+        """Image AUROC, pixel AUROC and AUPRO to four digits, as benchmark records keep them."""
+        return {k: round(float(v), 4) for k, v in self.metrics.items() if k in ("image_auroc", "pixel_auroc", "aupro")}
+
+
+def score_test_split(
+    graph: torch.nn.Module,
+    pre: PreprocessConfig,
+    data_root: Path,
+    *,
+    batch_size: int = 8,
+    device: str = "cpu",
+    progress: bool = False,
+) -> TestScores:
+    """Run ``graph`` on the test split of ``data_root`` (images preprocessed by ``pre``) and compute the metrics
+    (``progress``: the images scored so far, with an ETA)."""
+    from edgead.metrics import compute_metrics
+
+    samples = list_test(data_root)
+    images = load_images(samples, pre)
+    start = time.perf_counter()
+    with Progress(f"eval {Path(data_root).name}", len(images), unit="images", enabled=progress) as bar:
+        maps, scores = run_graph(graph, images, batch_size=batch_size, device=device, on_batch=bar.advance)
+    seconds = time.perf_counter() - start
+    masks = load_masks(samples, maps.shape[-1])
+    labels = np.array([s.label for s in samples])
+    metrics = compute_metrics(labels, scores, masks if masks.any() else None, maps if masks.any() else None)
+    return TestScores(samples, labels, maps, scores, masks, metrics, seconds)
+
+
 def evaluate_run(
     run_dir: Path,
     data_root: Path,
@@ -238,22 +280,17 @@ def evaluate_run(
 
     Returns ``(metrics, path of metrics.json)``.
     """
-    from edgead.metrics import compute_metrics
     from edgead.report import write_report
 
     method = load_method(run_dir)
     pre = method.frame_preprocess_config
-    samples = list_test(data_root)
-    graph = method.inference_graph()
-    images = load_images(samples, pre)
-    start = time.perf_counter()
-    with Progress(f"eval {Path(data_root).name}", len(images), unit="images", enabled=progress) as bar:
-        maps, scores = run_graph(graph, images, batch_size=batch_size, device=device, on_batch=bar.advance)
-    seconds = time.perf_counter() - start
+    test = score_test_split(
+        method.inference_graph(), pre, data_root, batch_size=batch_size, device=device, progress=progress
+    )
+    samples, labels, maps, scores, masks, metrics = (
+        test.samples, test.labels, test.maps, test.scores, test.masks, test.metrics
+    )  # fmt: skip
     map_size = maps.shape[-1]
-    masks = load_masks(samples, map_size)
-    labels = np.array([s.label for s in samples])
-    metrics = compute_metrics(labels, scores, masks if masks.any() else None, maps if masks.any() else None)
     rgb = np.stack([resize_image(read_image(s.path), map_size, pre.interpolation) for s in samples])
     out_dir = Path(out_dir) if out_dir is not None else Path(run_dir) / "eval"
     at_threshold = None
@@ -267,7 +304,7 @@ def evaluate_run(
         "data_root": str(data_root),
         "n_test": len(samples),
         "device": device,
-        "inference_seconds_per_image": seconds / len(samples),
+        "inference_seconds_per_image": test.seconds / len(samples),
     }
     report = write_report(
         out_dir, metrics, labels, scores, [str(s.path) for s in samples], rgb, maps, masks, top_k=top_k, extra=extra,

@@ -20,6 +20,7 @@ from edgead.metrics import (
     image_auroc,
     pixel_auroc,
     pro_curve,
+    rank_correlation,
 )
 from edgead.report import heatmap_overlay, write_report
 
@@ -298,3 +299,17 @@ def test_write_report_without_masks(tmp_path: Path) -> None:
     assert len(overlays) == 4
     row = cv2.imread(str(overlays[0]))
     assert row.shape[1:] == (600, 3) and row.shape[0] > 300  # input | heatmap under the caption, no upscaling
+
+
+def test_rank_correlation_is_spearmans_with_mean_ranks_for_ties() -> None:
+    from scipy.stats import spearmanr  # the reference, a dependency of scikit-learn
+
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        a = np.round(rng.random(9), 1)  # coarse: ties
+        b = np.round(a + rng.normal(0, 0.2, 9), 1)
+        assert rank_correlation(a, b) == pytest.approx(spearmanr(a, b).statistic)
+    assert rank_correlation([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert rank_correlation([1, 1, 1], [1, 2, 3]) is None
+    with pytest.raises(ValueError, match="one length"):
+        rank_correlation([1, 2], [1, 2, 3])

@@ -6,9 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from edgead.methods.backbone_params import input_scaling_param
 from edgead.methods.params import at_least, open_unit, param
 from edgead.methods.scoring import AGGREGATIONS, MDPS_TOPK_FRACTION, MapScoreParams
-from edgead.nn.backbones import DEFAULT_BACKBONE, DEFAULT_STAGES, INPUT_SCALINGS
+from edgead.nn.backbones import DEFAULT_BACKBONE, DEFAULT_STAGES
 
 PROJECTIONS = ("opca", "pca", "none")
 #: ``positions``: one Gaussian over the spatial vectors of all positions; ``pooled``: the image Gaussian;
@@ -80,16 +81,7 @@ class GaussianParams(MapScoreParams):
     stages: list[int] = param(
         list(DEFAULT_STAGES), "backbone stages, indexed from 0 (0 = stem)", "Sec. 3.1, 4.1", origin="paper"
     )
-    input_scaling: str = param(
-        "auto",
-        "input scaling the backbone sees: auto = what its weights were trained on ([-1, 1] for the bundled "
-        "TensorFlow Lite0 weights), imagenet (mean/std) or inception ([-1, 1]); a fitted run records the "
-        "resolved value",
-        "ours",
-        choices=("auto", *INPUT_SCALINGS),
-        origin="backbone",
-        why="the scaling the backbone's weights were trained with (the TF Lite0 release: (x - 127) / 128)",
-    )
+    input_scaling: str = input_scaling_param()
     projection: str = param(
         "opca", "opca; pca and none for the ablation", "Sec. 3.2, 4.5.1", choices=PROJECTIONS, origin="paper"
     )

@@ -15,6 +15,7 @@ from torch import nn
 
 from edgead.config import RunConfig
 from edgead.diffusion.schedules import ddpm_eps_loss, make_alpha_bar
+from edgead.methods.backbone_params import input_scaling_param
 from edgead.methods.base import FitContext
 from edgead.methods.lafite.graph import FeatureStandardiser, LafitEGraph, aggregate, pool_for, scaled_size
 from edgead.methods.lafite.memory import EDIT_WEIGHTINGS, FeatureEditor, greedy_coreset
@@ -24,7 +25,6 @@ from edgead.methods.score_unet import ScoreUNetMethod
 from edgead.methods.scoring import MapScoreParams
 from edgead.nn.backbones import (
     DEFAULT_BACKBONE,
-    INPUT_SCALINGS,
     FeatureExtractor,
     InputAdapter,
     resolve_input_scaling,
@@ -106,14 +106,7 @@ class LafitEParams(MapScoreParams):
         list(DEFAULT_STAGES), "backbone stages (0 = stem, 1..7 = MBConv stages)", "Sec. 4.1: stages 1-4 (README)",
         origin="paper",
     )  # fmt: skip
-    input_scaling: str = param(
-        "auto",
-        "input scaling the backbone sees: auto = what its weights were trained on; the run records the value",
-        "ours",
-        choices=("auto", *INPUT_SCALINGS),
-        origin="backbone",
-        why="the scaling the backbone's weights were trained with",
-    )
+    input_scaling: str = input_scaling_param()
     grid: int = param(
         32, "side of the aggregated feature tensor", "Sec. 4.1: 32 x 32", check=at_least(2), origin="paper"
     )

@@ -11,6 +11,7 @@ from torch import nn
 
 from edgead.config import RunConfig
 from edgead.diffusion.schedules import ddpm_eps_loss, make_alpha_bar
+from edgead.methods.backbone_params import input_scaling_param
 from edgead.methods.base import FitContext
 from edgead.methods.mdps.graph import GUIDANCE_NORMS, GUIDANCES, MDPSGraph, PixelScaler
 from edgead.methods.params import FIXED_SEED, at_least, open_unit, param
@@ -18,7 +19,6 @@ from edgead.methods.score_unet import ScoreUNetMethod
 from edgead.methods.scoring import AGGREGATIONS, MapScoreParams
 from edgead.nn.backbones import (
     DEFAULT_BACKBONE,
-    INPUT_SCALINGS,
     FeatureExtractor,
     InputAdapter,
     resolve_input_scaling,
@@ -160,14 +160,7 @@ class MDPSParams(MapScoreParams):
         origin="backbone",
         why="Lite0's stages at the strides (4, 8, 16) of the paper's Wide-ResNet layers 1-3",
     )
-    input_scaling: str = param(
-        "auto",
-        "input scaling the backbone sees: auto = what its weights were trained on",
-        "ours",
-        choices=("auto", *INPUT_SCALINGS),
-        origin="backbone",
-        why="auto: the scaling the backbone's weights were trained with",
-    )
+    input_scaling: str = input_scaling_param()
     smoothing_sigma: float = param(
         4.0,
         "Gaussian smoothing sigma of the map at 256 px, scaled (0: none)",
