@@ -234,10 +234,14 @@ class Method(abc.ABC):
         if mode == "auto":
             stats_half, check_half = rgb[0::2], rgb[1::2]
             mean, spread = calibration.fit_map_statistics(maps[0::2])
-            validation = calibrated_set(
-                check_half, pre, f"{len(check_half)} of {source}", lambda s: s.evaluate(graph)["image_auroc"]
-            )
-            raw = run_graph(graph, validation.images)
+            seen: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+            def reference(candidate_set: PseudoValidationSet) -> float:  # keeps the outputs of the set it ends on
+                seen["raw"] = run_graph(graph, candidate_set.images)
+                return candidate_set.figures(*seen["raw"])["image_auroc"]
+
+            validation = calibrated_set(check_half, pre, f"{len(check_half)} of {source}", reference)
+            raw = seen["raw"]  # the returned set is the one the reference saw last
 
             def calibrated_candidate(_: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
                 return calibration.calibrated_outputs(raw[0], mean, spread, score, raw[1])

@@ -32,7 +32,7 @@ from edgead.data.holdout import load_holdout
 from edgead.data.preprocess import preprocess
 from edgead.methods import load_method
 from edgead.methods.base import Method
-from edgead.methods.validation import calibrated_set, run_graph
+from edgead.methods.validation import PseudoValidationSet, calibrated_set, run_graph
 
 FUSIONS = ("mean", "max")
 #: The fusion kept unless the other beats it by more than one standard error (engineering choice: the mean
@@ -153,13 +153,15 @@ def fuse_runs(run_dirs: Sequence[Path], how: str = "auto") -> tuple[FusedGraph, 
         half = [(m[0::2], s[0::2]) for m, s in outputs]
         map_stats, score_stats = _statistics(half)
         candidates = {name: FusedGraph(graphs, map_stats, score_stats, name, map_size).eval() for name in FUSIONS}
-        validation = calibrated_set(
-            normals_rgb[1::2],
-            pre,
-            f"{len(normals_rgb[1::2])} of {source}",
-            lambda s: s.evaluate(candidates[DEFAULT_FUSION])["image_auroc"],
-        )
-        choice = validation.choose(candidates, default=DEFAULT_FUSION)
+        seen: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+        def reference(candidate_set: PseudoValidationSet) -> float:  # keeps the outputs of the set it ends on
+            seen["default"] = run_graph(candidates[DEFAULT_FUSION], candidate_set.images)
+            return candidate_set.figures(*seen["default"])["image_auroc"]
+
+        validation = calibrated_set(normals_rgb[1::2], pre, f"{len(normals_rgb[1::2])} of {source}", reference)
+        # the returned set is the one the reference saw last: the default's outputs on it are known
+        choice = validation.choose({**candidates, DEFAULT_FUSION: lambda _: seen["default"]}, default=DEFAULT_FUSION)
         how = choice.chosen
         record.update({**validation.describe(), "pseudo_validation": choice.by_name(), "decision": choice.decision})
     map_stats, score_stats = _statistics(outputs)
