@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from edgead.methods.wrapping import networks_of
+
 #: Normalisation layers whose statistics need FP32 range and precision, in any network.
 FP32_MODULE_TYPES: tuple[type[nn.Module], ...] = (nn.GroupNorm, nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d)
 
@@ -81,10 +83,7 @@ def _wrap_fp32_islands(module: nn.Module) -> None:
 
 def fp16_module_names(graph: nn.Module) -> list[str]:
     """The graph's networks: ``graph.fp16_modules`` if it declares them, else its children with parameters."""
-    declared = getattr(graph, "fp16_modules", None)
-    if declared is not None:
-        return list(declared)
-    return [name for name, child in graph.named_children() if any(True for _ in child.parameters())]
+    return networks_of(graph)
 
 
 def mixed_precision_graph(graph: nn.Module) -> nn.Module:

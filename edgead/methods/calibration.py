@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgead.methods.wrapping import has_gradients, wrapped_networks
+
 #: Side of the grid the statistics are kept on: fine enough for a map's structure, small enough to be
 #: estimated from a few dozen images and stored in ``config.json`` (engineering choice).
 GRID = 32
@@ -90,11 +92,8 @@ class CalibratedGraph(nn.Module):
         self.method_graph = graph
         self.calibration = calibration
         self.score = score
-        self.has_gradients = bool(getattr(graph, "has_gradients", False))
-        inner = getattr(graph, "fp16_modules", None)
-        if inner is None:
-            inner = [n for n, c in graph.named_children() if any(True for _ in c.parameters())]
-        self.fp16_modules = tuple(f"method_graph.{name}" for name in inner)
+        self.has_gradients = has_gradients(graph)
+        self.fp16_modules = wrapped_networks({"method_graph": graph})
 
     def export_notes(self) -> dict[str, Any]:
         notes = dict(self.method_graph.export_notes()) if hasattr(self.method_graph, "export_notes") else {}

@@ -33,6 +33,7 @@ from edgead.data.preprocess import preprocess
 from edgead.methods import load_method
 from edgead.methods.base import Method
 from edgead.methods.validation import PseudoValidationSet, calibrated_set, run_graph
+from edgead.methods.wrapping import has_gradients, wrapped_networks
 
 FUSIONS = ("mean", "max")
 #: The fusion kept unless the other beats it by more than one standard error (engineering choice: the mean
@@ -66,14 +67,8 @@ class FusedGraph(nn.Module):
         self.register_buffer("score_stats", torch.from_numpy(score_stats))
         self.how = how
         self.map_size = (int(map_size[0]), int(map_size[1]))
-        self.has_gradients = any(bool(getattr(m, "has_gradients", False)) for m in members)
-        names = []
-        for index, member in enumerate(members):
-            inner = getattr(member, "fp16_modules", None)
-            if inner is None:
-                inner = [n for n, c in member.named_children() if any(True for _ in c.parameters())]
-            names += [f"members.{index}.{name}" for name in inner]
-        self.fp16_modules = tuple(names)
+        self.has_gradients = has_gradients(*members)
+        self.fp16_modules = wrapped_networks({f"members.{index}": member for index, member in enumerate(members)})
 
     def export_notes(self) -> dict[str, Any]:
         notes: dict[str, Any] = {"fusion": self.how, "members": []}

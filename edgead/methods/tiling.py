@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgead.methods.wrapping import has_gradients, wrapped_networks
+
 #: Overlap of neighbouring tiles, as a share of the tile (engineering choice: a quarter, so a defect cut by
 #: one tile's edge lies inside its neighbour).
 DEFAULT_OVERLAP = 0.25
@@ -68,11 +70,8 @@ class TiledGraph(nn.Module):
             for x in self.origins:
                 coverage[y : y + tile, x : x + tile] += 1.0
         self.register_buffer("inverse_coverage", 1.0 / coverage)
-        self.has_gradients = bool(getattr(graph, "has_gradients", False))
-        inner = getattr(graph, "fp16_modules", None)
-        if inner is None:
-            inner = [n for n, c in graph.named_children() if any(True for _ in c.parameters())]
-        self.fp16_modules = tuple(f"tile_graph.{name}" for name in inner)
+        self.has_gradients = has_gradients(graph)
+        self.fp16_modules = wrapped_networks({"tile_graph": graph})
 
     @property
     def n_tiles(self) -> int:
