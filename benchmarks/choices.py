@@ -37,6 +37,7 @@ CHOICES: dict[str, dict[str, tuple[str, str]]] = {
     },
     "lafite": {"tau": ("selection", "tau"), "map_calibration": ("map_calibration_selection", "pseudo_validation")},
 }
+SET_KEYS = ("validation", "kinds", "strength", "calibration")
 COMMON = {"map_calibration": ("map_calibration_selection", "pseudo_validation")}
 
 
@@ -114,7 +115,7 @@ def main() -> None:
         record["choices"][param] = {
             "chosen": chosen,
             "decision": selection.get("decision"),
-            "set": {k: selection[k] for k in ("validation", "kinds", "strength", "calibration") if k in selection},
+            "set": {k: v for k, v in selection.get(f"{param}_set", selection).items() if k in SET_KEYS},
             "pseudo_validation": rows,
             "test": test,
             "spearman_image_auroc": spearman(pseudo_image, test_image),

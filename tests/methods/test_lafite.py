@@ -233,6 +233,10 @@ def test_tiny_training_detects_generated_defects_and_an_untrained_unet_does_not(
     chosen, _ = choose_edit(rows)
     assert (config.method_params["edit_weighting"], config.method_params["k"]) == chosen
     assert selection["edit_rule"]["chosen"] == list(chosen)
+    # the pair's set was calibrated on the paper's pair: the strongest strength at or below the target
+    tried = selection["edit_set"]["calibration"]["reference_auroc_by_strength"]
+    assert str(selection["edit_set"]["strength"]) == list(tried)[-1] and "tau_set" not in selection
+    assert all(v > selection["edit_set"]["calibration"]["target_reference_auroc"] for v in list(tried.values())[:-1])
     trained, _ = evaluate_run(run_dir, print_data, tmp_path / "eval")
     assert trained["image_auroc"] >= 0.9, trained
 

@@ -262,6 +262,10 @@ def test_tiny_model_trains_and_detects_generated_defects(tmp_path: Path) -> None
     config = json.loads((run_dir / "config.json").read_text())
     selection = config["state"]["feature_selection"]
     assert selection["selected"] == summary["feature_maps"] and selection["n_pseudo"] > 0
+    # the set was calibrated on the best single tap: it stopped at the first strength at or below the target
+    tried = selection["calibration"]["reference_auroc_by_strength"]
+    assert str(selection["strength"]) == list(tried)[-1]
+    assert all(v > selection["calibration"]["target_reference_auroc"] for v in list(tried.values())[:-1])
     assert set(selection["candidates"]) == set(load_method(run_dir).unet.feature_names())
     assert summary["network_calls_per_image"]["sample_evaluations"] == 5 * 3
 

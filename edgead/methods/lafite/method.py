@@ -23,6 +23,7 @@ from edgead.methods.lafite.selection import PAPER_EDIT, by_weighting, choose_edi
 from edgead.methods.params import at_least, open_unit, param, positive
 from edgead.methods.score_unet import ScoreUNetMethod
 from edgead.methods.scoring import MapScoreParams
+from edgead.methods.validation import PseudoValidationSet, calibrated_set
 from edgead.nn.backbones import (
     DEFAULT_BACKBONE,
     FeatureExtractor,
@@ -315,12 +316,18 @@ class LafitE(ScoreUNetMethod):
 
     def after_training(self, ctx: FitContext) -> dict[str, Any]:
         """Sec. 4.5: tau first (without editing), then the edit weighting and K together (with editing, at
-        that tau), on the pseudo-validation set through the shared service (``edgead.methods.validation``:
-        image AUROC, pixel AUROC breaking ties). The weighting and K follow the tie rule of
-        :mod:`edgead.methods.lafite.selection` (the paper's setting unless beaten by more than the set can
-        resolve). tau and the edit pair are chosen in turn, as the paper does, not jointly: the joint grid
-        would be 5 x 14 graph passes instead of 5 + 14 on a CPU, and more candidates on a set of a few
-        dozen images mean more chance winners. The set's features are extracted once for every candidate."""
+        that tau), on pseudo-validation through the shared service (``edgead.methods.validation``: image
+        AUROC, pixel AUROC breaking ties). tau is the best candidate, as the paper chooses it (it names no
+        default); the weighting and K follow the tie rule of :mod:`edgead.methods.lafite.selection` (the
+        paper's setting unless beaten by more than the set can resolve). tau and the edit pair are chosen in
+        turn, as the paper does, not jointly: the joint grid would be 5 x 14 graph passes instead of 5 + 14
+        on a CPU, and more candidates on a set of a few dozen images mean more chance winners.
+
+        Each step has its own set, calibrated to discriminate (:func:`edgead.methods.validation.calibrated_set`:
+        the paper's fragments saturated at 0.998 on bsdata): tau's so that the best tau without editing,
+        the pair's so that the paper's pair at the chosen tau, scores at most the target image AUROC. Both
+        come from the same held-out normals and defects, at their own strength. A set's features are
+        extracted once for every candidate."""
         p = self.params
         auto_k, auto_weighting = p.edit and p.k == "auto", p.edit and p.edit_weighting == "auto"
         chosen: dict[str, Any] = {}
@@ -333,14 +340,22 @@ class LafitE(ScoreUNetMethod):
             if chosen:
                 self.resolve_params(chosen)
             return {}
-        validation = self.pseudo_validation_set(self._pixel_ctx, limit=200)
-        record: dict[str, Any] = validation.describe()
+        rgb, source = self.held_out_normals(self._pixel_ctx, limit=200)
+        pre = self.preprocess_config
+        record: dict[str, Any] = {}
         self.unet.eval()
-        x0 = self.standardiser(self.raw_features(validation.images, 16, torch.device("cpu")))
+        features: dict[str, Any] = {}  # the last set's images and their standardised features x0
+
+        def x0_of(images: np.ndarray) -> torch.Tensor:
+            if features.get("images") is not images:
+                features["images"] = images
+                features["x0"] = self.standardiser(self.raw_features(images, 16, torch.device("cpu")))
+            return features["x0"]
 
         def candidate(tau: int, edit: tuple[str, int] | None) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
             @torch.no_grad()
-            def outputs(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # from x0, the images' features
+            def outputs(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                x0 = x0_of(images)
                 weighting, k = edit if edit is not None else (None, None)
                 graph = self.graph_for(tau=tau, k=k, edit=edit is not None, weighting=weighting)
                 parts = [graph.score_features(x0[i : i + 16]) for i in range(0, len(x0), 16)]
@@ -349,16 +364,31 @@ class LafitE(ScoreUNetMethod):
             return outputs
 
         if p.tau == "auto":
-            choice = validation.choose({tau: candidate(tau, None) for tau in p.tau_candidates})
+            seen: dict[str, Any] = {}
+
+            def best_tau(candidate_set: PseudoValidationSet) -> float:  # keeps the choice on the set it ends on
+                seen["choice"] = candidate_set.choose({tau: candidate(tau, None) for tau in p.tau_candidates})
+                return max(row["image_auroc"] for row in seen["choice"].rows.values())
+
+            tau_set = calibrated_set(rgb, pre, source, best_tau)
+            choice = seen["choice"]  # the returned set is the one the reference saw last
             record["tau"], chosen["tau"] = choice.by_name(), choice.best
+            record["tau_set"] = tau_set.describe()
         tau = chosen.get("tau", p.tau)
         if auto_k or auto_weighting:
             weightings = p.edit_weighting_candidates if auto_weighting else [p.edit_weighting]
             ks = [k for k in (p.k_candidates if auto_k else [p.k]) if k <= len(self.coreset)]
             pairs = [(w, k) for w in weightings for k in ks]
-            rows = validation.choose({pair: candidate(tau, pair) for pair in pairs}).rows
-            (weighting, k), record["edit_rule"] = choose_edit(rows)
+            reference_pair = PAPER_EDIT if PAPER_EDIT in pairs else pairs[0]
+
+            def paper_pair(candidate_set: PseudoValidationSet) -> float:
+                return float(candidate_set.evaluate(candidate(tau, reference_pair))["image_auroc"])
+
+            edit_set = calibrated_set(rgb, pre, source, paper_pair)
+            rows = edit_set.choose({pair: candidate(tau, pair) for pair in pairs}).rows
+            (weighting, k), record["edit_rule"] = choose_edit(rows, reference_pair)
             record["k"] = by_weighting(rows)
+            record["edit_set"] = edit_set.describe()
             chosen.update({"edit_weighting": weighting, "k": k})
         record["chosen"] = chosen
         self.record_choice("selection", record, chosen)

@@ -17,7 +17,7 @@ from edgead.methods.params import FIXED_SEED, at_least, param, positive
 from edgead.methods.score_tscale.graph import COMBINES, SAMPLERS, ScoreTScaleGraph
 from edgead.methods.score_unet import ScoreUNetMethod
 from edgead.methods.scoring import MapScoreParams
-from edgead.methods.validation import pseudo_figures, ranked
+from edgead.methods.validation import PseudoValidationSet, calibrated_set, pseudo_figures, ranked
 from edgead.nn.unet import UNetConfig
 
 SDE_KINDS = ("ve", "vp", "subvp")
@@ -238,21 +238,30 @@ class ScoreTScale(ScoreUNetMethod):
     @torch.no_grad()
     def select_feature_maps(self, ctx: FitContext, device: str | torch.device = "cpu") -> dict[str, Any]:
         """``feature_maps="auto"``: rank every candidate tap on pseudo-anomalies (see :func:`rank_feature_maps`);
-        one pass of the graph over the set gives every tap's map."""
+        one pass of the graph over the set gives every tap's map. The set is calibrated to discriminate
+        (:func:`edgead.methods.validation.calibrated_set`) on the best single tap: the paper picks its taps
+        by hand, so there is no default candidate, and a set on which the best tap saturates cannot rank."""
         p = self.params
         candidates = p.auto_candidates or list(self.unet.feature_names())
         graph = self._graph(candidates).to(device).eval()
-        validation = self.pseudo_validation_set(ctx, limit=p.auto_pseudo)
-        images = validation.images
-        size = images.shape[-1]
-        maps: dict[str, list[np.ndarray]] = {name: [] for name in candidates}
-        for start in range(0, len(images), 8):
-            batch = torch.from_numpy(images[start : start + 8]).to(device)
-            for name, d in graph.distances(batch, candidates).items():
-                maps[name].append(graph.smooth(graph.combine_maps([d], size))[:, 0].float().cpu().numpy())
-        stacked = {name: np.concatenate(parts) for name, parts in maps.items()}
+        seen: dict[str, dict[str, np.ndarray]] = {}
+
+        def tap_maps(candidate_set: PseudoValidationSet) -> float:  # keeps the maps of the set it ends on
+            images = candidate_set.images
+            size = images.shape[-1]
+            maps: dict[str, list[np.ndarray]] = {name: [] for name in candidates}
+            for start in range(0, len(images), 8):
+                batch = torch.from_numpy(images[start : start + 8]).to(device)
+                for name, d in graph.distances(batch, candidates).items():
+                    maps[name].append(graph.smooth(graph.combine_maps([d], size))[:, 0].float().cpu().numpy())
+            seen["maps"] = {name: np.concatenate(parts) for name, parts in maps.items()}
+            scores = {name: m.reshape(len(m), -1).max(axis=1) for name, m in seen["maps"].items()}
+            return max(candidate_set.figures(seen["maps"][name], s)["image_auroc"] for name, s in scores.items())
+
+        rgb, source = self.held_out_normals(ctx, p.auto_pseudo)
+        validation = calibrated_set(rgb, self.preprocess_config, source, tap_maps)
         graph.cpu()
-        _, record = rank_feature_maps(stacked, validation.labels, validation.masks, p.combine, p.auto_keep)
+        _, record = rank_feature_maps(seen["maps"], validation.labels, validation.masks, p.combine, p.auto_keep)
         record.update(validation.describe())
         return record
 
