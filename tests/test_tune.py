@@ -42,6 +42,24 @@ def test_gaussian_grid_reuses_features_and_keeps_the_best(data: Path, tmp_path: 
     assert all(0.0 <= r["image_auroc"] <= 1.0 and r["n_pseudo"] == r["n_normal"] for r in record["candidates"])
 
 
+def test_input_size_is_a_candidate_and_every_size_sees_one_calibrated_set(data: Path, tmp_path: Path) -> None:
+    grid = parse_grid(["image_size=32,48", "image_score=pooled,max"], get_method("gaussian"))
+    spec = RunSpec(method="gaussian", data=[data], image_size=32, runs_root=tmp_path / "runs", device="cpu")
+    run_dir, record = tune_run(spec, grid, progress=False, log=lambda _: None, keep_candidates=tmp_path / "kept")
+    assert record["default"] == {"image_size": 32, "image_score": get_method("gaussian").Params().image_score}
+    assert [r["params"]["image_size"] for r in record["candidates"]] == [32, 32, 48, 48]  # the default's fit first
+    # one set: the same images and defects at every size, calibrated on the default
+    assert len({(r["n_normal"], r["n_pseudo"]) for r in record["candidates"]}) == 1
+    assert "calibration" in record and record["strength"] in (1.0, 0.6, 0.4, 0.25, 0.15)
+    assert record["decision"]["chosen"] == record["chosen"]
+    if record["decision"].get("kept_default"):
+        assert record["chosen"] == record["default"]
+    config = RunConfig.load(run_dir)
+    assert config.preprocess["image_size"] == record["chosen"]["image_size"]
+    assert "image_size" not in config.method_params
+    assert len(list((tmp_path / "kept").iterdir())) == 1  # the other size's fit, for the benchmark
+
+
 def test_inference_only_grid_trains_once(data: Path, tmp_path: Path) -> None:
     cfg = TrainConfig(steps=5, batch_size=4, lr=1e-3, checkpoint_every=5)
     spec = RunSpec(method="score-resilience", data=[data], preset="tiny", image_size=32, train=cfg,
@@ -57,6 +75,10 @@ def test_grid_errors_name_the_key_and_the_values() -> None:
     with pytest.raises(ValueError, match=r"opca_fraction=2.0 must be \"auto\" or a value in \(0, 1\)"):
         parse_grid(["opca_fraction=0.1,2.0"], get_method("gaussian"))
     assert parse_grid(["stages=[[3,4],[5,6,7]]"], get_method("gaussian")) == {"stages": [[3, 4], [5, 6, 7]]}
+    with pytest.raises(ValueError, match="image_size=16: expected whole pixels >= 32"):
+        parse_grid(["image_size=224,16"], get_method("gaussian"))
+    with pytest.raises(ValueError, match="listed twice"):
+        parse_grid(["image_size=224,224"], get_method("gaussian"))
 
 
 def test_tune_through_the_cli(data: Path, tmp_path: Path) -> None:

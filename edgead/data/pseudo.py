@@ -302,7 +302,9 @@ def pseudo_validation_set(
     pseudo-anomalies made from them (label 1, with masks), all preprocessed.
 
     Args:
-        normal_rgb: At least two uint8 RGB images at the input size ``pre.image_size``.
+        normal_rgb: At least two uint8 RGB images of one size: the defects are made at that size, then the
+            images are resized to ``pre.image_size`` by ``preprocess`` and the masks by nearest neighbour
+            (``edgead tune`` makes one set at its largest candidate size and shows it to every size).
         pre: The run's preprocessing.
         seed, kinds, strength: As :func:`make_pseudo_anomaly_set`.
 
@@ -319,5 +321,9 @@ def pseudo_validation_set(
     pseudo = np.stack([preprocess(img, pre) for img in pseudo_rgb])
     images = np.concatenate([normal, pseudo]).astype(np.float32)
     labels = np.r_[np.zeros(len(normal), dtype=int), np.ones(len(pseudo), dtype=int)]
+    pseudo_masks = [
+        m if m.shape == (size, size) else cv2.resize(m.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST)
+        for m in (np.asarray(m) for m in pseudo_masks)
+    ]
     masks = np.concatenate([np.zeros((len(normal), size, size), dtype=bool), np.stack(pseudo_masks).astype(bool)])
     return images, labels, masks
