@@ -8,8 +8,12 @@ pseudo-validation figures (from the run) and test figures, the Spearman correlat
 rankings, and the test figure of the chosen candidate against the best on test. The test figures check the
 choices; they choose nothing.
 
-Example:
+Examples:
     python benchmarks/choices.py --method gaussian --data $EDGEAD_DATA_ROOT/magnetic_tile --work runs/choices
+    python benchmarks/choices.py --method lafite --data $EDGEAD_DATA_ROOT/bsdata --run runs/lafite_bench/lafite/latest
+
+``--run`` scores the choices of a run trained elsewhere (``benchmarks/lafite.py accuracy``: a CPU hour per
+lafite training); choices that change the fit still train new runs.
 """
 
 from __future__ import annotations
@@ -68,6 +72,7 @@ def main() -> None:
     parser.add_argument("--data", required=True, type=Path, help="MVTec-layout dataset root")
     parser.add_argument("--image-size", type=int, default=None, help="default: the method's")
     parser.add_argument("--param", action="append", default=[], help="method hyperparameter KEY=JSON (all runs)")
+    parser.add_argument("--run", type=Path, default=None, help="a trained run with the defaults (default: train one)")
     parser.add_argument("--work", type=Path, default=Path("runs/choices"))
     parser.add_argument("--tag", default="defaults")
     parser.add_argument("--out", type=Path, default=None)
@@ -81,7 +86,7 @@ def main() -> None:
                        train=TrainConfig(batch_size=16), params={**base_params, **params},
                        runs_root=str(args.work))  # fmt: skip
 
-    run_dir, summary = train_run(spec({}), progress=False)
+    run_dir, summary = (args.run, None) if args.run else train_run(spec({}), progress=False)
     config = RunConfig.load(run_dir)
     record: dict[str, Any] = {
         "benchmark": "choices",
@@ -129,7 +134,7 @@ def main() -> None:
             "best_on_test": _value(best_test),
             "best_test_image_auroc": test[best_test]["image_auroc"],
         }
-    record["train_summary"] = summary
+    record["train_summary"] = summary if summary is not None else f"the given run {run_dir.name}"
     name = f"choices_{args.method}_{record['dataset']}_{args.tag}.json"
     save_record(record, RESULTS, name, args.out)
 
