@@ -5,6 +5,7 @@ step count against PyTorch eager and the gaussian graph, in the same run.
 Examples:
     python benchmarks/lafite.py accuracy --data $EDGEAD_DATA_ROOT/magnetic_tile --channels 1 --max-time 900
     python benchmarks/lafite.py accuracy --data $EDGEAD_DATA_ROOT/magnetic_tile --data $EDGEAD_DATA_ROOT/bsdata
+    python benchmarks/lafite.py accuracy --data $EDGEAD_DATA_ROOT/bsdata --run runs/lafite/latest --reselect
     python benchmarks/lafite.py latency --run runs/lafite/latest --baseline runs/gaussian/latest
 
 Test data plays no part in any choice: tau and K are the run's own pseudo-validation choices; the test
@@ -116,6 +117,25 @@ def seconds_per_step(preset: str, batch_size: int, grid: int = 32, channels: int
     return float(np.median(times))
 
 
+def reselect(run: Path, work: Path) -> Path:
+    """A copy of ``run`` (under ``work/lafite``) whose tau, edit weighting and K are chosen again by the current
+    code (``LafitE.after_training`` on the run's stored held-out normals): the same trained model, only the
+    choice differs. The original run is left as it is."""
+    copy = work / "lafite" / f"{run.resolve().name}-reselected"
+    if copy.exists():
+        raise SystemExit(f"{copy} exists; remove it or pass another --work")
+    shutil.copytree(run, copy)
+    config = RunConfig.load(copy)
+    config.method_params.update({"tau": "auto", "k": "auto", "edit_weighting": "auto"})
+    config.state.pop("selection", None)
+    config.save(copy)
+    method = type(load_method(copy)).load(copy, config)
+    method._pixel_ctx = None  # the stored held-out normals
+    method.after_training(None)
+    method.config.save(copy)
+    return copy
+
+
 def accuracy(args: argparse.Namespace) -> None:
     if args.run is None:
         if args.budget is not None:  # as many steps as fit the budget, so the cosine schedule completes
@@ -136,6 +156,8 @@ def accuracy(args: argparse.Namespace) -> None:
         )  # fmt: skip
     else:
         run_dir, summary = args.run, RunConfig.load(args.run).state.get("summary", {})
+        if args.reselect:
+            run_dir = reselect(args.run, args.work)
     method = load_method(run_dir)
     p = method.params
     selection = method.config.state.get("selection", {})
@@ -244,6 +266,7 @@ def main() -> None:
     acc = sub.add_parser("accuracy")
     acc.add_argument("--data", required=True, type=Path, action="append", help="repeat for a unified model")
     acc.add_argument("--run", type=Path, default=None, help="a trained lafite run (default: train one)")
+    acc.add_argument("--reselect", action="store_true", help="with --run: choose tau, weighting and K again")
     acc.add_argument("--preset", default="small")
     acc.add_argument("--image-size", type=int, default=None)
     acc.add_argument("--channels", type=int, default=3)

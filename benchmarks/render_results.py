@@ -760,6 +760,72 @@ def tiling_latency(*records: Record) -> str:
     return table([*header, "PyTorch / ONNX Runtime (graph)", "CPU", "date"], rows)
 
 
+INPUT_SIZE = ("input_size_gaussian_magnetic_tile_defaults.json", "input_size_gaussian_bsdata_defaults.json")
+
+
+@renders("input-size", *INPUT_SIZE)
+def input_size_table(*records: Record) -> str:
+    rows = []
+    for r in records:
+        for size in map(str, r["sizes"]):
+            p, t = r["pseudo_validation"][size], r["test"][size]
+            mark = " (chosen)" if int(size) == r["chosen"] else ""
+            mark += " (default)" if int(size) == r["default"] else ""
+            rows.append([r["dataset"], size + mark, auroc(p["image_auroc"]), auroc(p["pixel_auroc"])])
+            rows[-1] += [auroc(t["image_auroc"]), auroc(t["pixel_auroc"]), auroc(t["aupro"])]
+    header = ["data set", "input px", "pseudo-val image AUROC", "pseudo-val pixel AUROC", "test image AUROC"]
+    return table([*header, "test pixel AUROC", "test AUPRO"], rows)
+
+
+@renders("input-size-summary", *INPUT_SIZE)
+def input_size_summary(*records: Record) -> str:
+    rows = []
+    for r in records:
+        s, d = r["set"], r["decision"]
+        strength = f"{s['strength']} ({len(s['kinds'])} kinds, {s['validation']} at {max(r['sizes'])} px)"
+        margin = f"image +{num(d['margin'], 3)} vs SE {num(d['standard_error'], 3)}" if "margin" in d else "-"
+        if "pixel_margin" in d:
+            margin += f"; paired pixel +{num(d['pixel_margin'], 3)} vs SE {num(d['pixel_standard_error'], 3)}"
+        kept = "default kept" if d.get("kept_default") else "default beaten"
+        rows.append([r["dataset"], strength, f"{r['chosen']}: {kept} ({margin})"])
+        rows[-1] += [auroc(r["chosen_test_image_auroc"]), f"{r['best_on_test']}: {auroc(r['best_test_image_auroc'])}"]
+        rows[-1] += [num(r["spearman_image_auroc"], 2), num(r["spearman_pixel_auroc"], 2), r["machine"]["date"][:10]]
+    header = ["data set", "set strength", "chosen on pseudo-validation", "its test image AUROC"]
+    header += ["best on test (image AUROC)", "Spearman, image AUROC", "Spearman, pixel AUROC", "date"]
+    return table(header, rows)
+
+
+LAFITE_CALIBRATED = ("lafite_bsdata_calibrated.json",)
+
+
+@renders("lafite-calibrated", *LAFITE_SELECTION, *LAFITE_CALIBRATED)
+def lafite_calibrated(*records: Record) -> str:
+    rows = []
+    for r in records:
+        (dataset,) = r["datasets"]
+        s, res = r["selection"], r["results"][dataset]
+        tau_set, edit_set = s.get("tau_set"), s.get("edit_set")
+        which = "calibrated (5 kinds)" if edit_set else "the paper's fragments"
+
+        def strength(described: dict[str, Any] | None, name: str) -> str:
+            if not described:
+                return "1.0"
+            tried = described["calibration"]["reference_auroc_by_strength"]
+            return f"{described['strength']} ({name} {auroc(tried[str(described['strength'])])})"
+
+        tau, pairs = res["tau_sweep"]["agreement"], res["k_sweep"]["agreement"]["all"]
+        chosen = f"{s['chosen']['edit_weighting']}, K = {s['chosen']['k']}"
+        rows.append([dataset, which, strength(tau_set, "best tau"), s["chosen"]["tau"], tau["best_on_test"]])
+        rows[-1] += [num(tau["spearman"], 2), strength(edit_set, "paper pair"), chosen]
+        rows[-1] += [pairs["best_on_test"].replace("/", ", K = "), num(pairs["spearman"], 2)]
+        rows[-1] += [auroc(res["lafite"]["image_auroc"]), auroc(res["lafite"]["pixel_auroc"])]
+        rows[-1].append(r["machine"]["date"][:10])
+    header = ["data set", "pseudo-validation set", "tau set strength (reference AUROC)", "tau chosen"]
+    header += ["best tau on test", "Spearman, 5 taus", "pair set strength (reference AUROC)", "pair chosen"]
+    header += ["best pair on test", "Spearman, 14 pairs", "test image AUROC", "test pixel AUROC", "date"]
+    return table(header, rows)
+
+
 # mdps.
 
 MDPS_RUNS = (
