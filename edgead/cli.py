@@ -240,14 +240,39 @@ def train(
                                  "or --resume RUN)")  # fmt: skip
         _known_method(spec.method)
         _check_folders(spec.data_paths, "data directory")
+        if resume is None and spec.out:  # a new run goes into a new or empty folder (or over an edgead run)
+            from edgead.config import CONFIG_NAME
+            from edgead.data.io import check_output_folder
+
+            run_out = Path(spec.out)
+            if run_out.is_dir() and not (run_out / CONFIG_NAME).is_file() and any(run_out.iterdir()):
+                names = ", ".join(sorted(p.name for p in run_out.iterdir())[:5])
+                raise ValueError(f"--out {run_out}: holds files that are not an edgead run ({names}); choose another "
+                                 "--out (a new or empty folder)")  # fmt: skip
+            check_output_folder(run_out, "--out")
+        import warnings
+
+        from edgead.config import LatestNotUpdated
         from edgead.pipeline import train_run
 
-        run_dir, summary = train_run(
-            spec,
-            resume=resume,
-            progress=options["progress"],
-            on_event=lambda line: err_console.print(line, markup=False, soft_wrap=True),
-        )
+        show_warning = warnings.showwarning
+
+        def one_line(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+            if issubclass(category, LatestNotUpdated):  # `latest` left alone: said in one line, not a stack
+                err_console.print(f"warning: {message}", markup=False, soft_wrap=True)
+            else:
+                show_warning(message, category, *args, **kwargs)
+
+        warnings.showwarning = one_line
+        try:
+            run_dir, summary = train_run(
+                spec,
+                resume=resume,
+                progress=options["progress"],
+                on_event=lambda line: err_console.print(line, markup=False, soft_wrap=True),
+            )
+        finally:
+            warnings.showwarning = show_warning
     except USER_ERRORS as err:
         _fail(err)
     except KeyboardInterrupt as err:
@@ -322,7 +347,12 @@ def evaluate(
         "score-resilience", "--method", help=f"Method whose latest run is used when --run is absent: {METHODS}."
     ),
     run: Path | None = typer.Option(None, "--run", help="Run directory (default: the method's latest run)."),
-    out: Path | None = typer.Option(None, "--out", help="Report directory (default <run>/eval)."),
+    out: Path | None = typer.Option(
+        None,
+        "--out",
+        help="Report directory (default <run>/eval): new, empty, or an earlier edgead report, which is replaced; a "
+        "folder holding other files is refused.",
+    ),
     batch_size: int = typer.Option(8, "--batch-size", help="Images per inference batch."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     top_k: int = typer.Option(8, "--top-k", help="Heatmap overlays of the highest-scoring test images."),
@@ -347,6 +377,11 @@ def evaluate(
             from edgead.runtime.metadata import load_metadata
 
             threshold = load_metadata(export_dir).threshold_value
+        from edgead.report import check_report_folder, claim_report_folder
+
+        # Before any scoring: the report folder must hold nothing but an earlier edgead report (edgead.report).
+        out = out if out is not None else Path(run_dir) / "eval"
+        check_report_folder(out)
         from edgead.pipeline import evaluate_run, evaluate_runs
 
         if len(data) == 1:
@@ -359,6 +394,7 @@ def evaluate(
                 run_dir, data, out, batch_size=batch_size, device=device, top_k=top_k, threshold=threshold,
                 progress=progress,
             )  # fmt: skip
+            claim_report_folder(out, (report.name,))  # summary.json: edgead's, so a later eval may replace it
     except USER_ERRORS as err:
         _fail(err)
     if len(data) == 1:
@@ -491,7 +527,12 @@ def _latest_export(exports_root: Path) -> Path:
 def export(
     method: str = typer.Option("score-resilience", "--method", help=f"Method whose latest run is exported: {METHODS}."),
     run: Path | None = typer.Option(None, "--run", help="Run directory (default: the method's latest run)."),
-    out: Path | None = typer.Option(None, "--out", help="Export directory (default exports/<method>)."),
+    out: Path | None = typer.Option(
+        None,
+        "--out",
+        help="Export directory (default exports/<method>): new, empty or an earlier export (kept as the previous "
+        "version); a folder holding other files, or a link export did not make, is refused.",
+    ),
     precision: str = typer.Option(
         "fp32",
         "--precision",
@@ -517,7 +558,10 @@ def export(
     batch: int = typer.Option(1, "--batch", help="Fixed batch size of the exported graph."),
     image_size: int | None = typer.Option(None, "--image-size", help="Input size (default: the training size)."),
     data: Path | None = typer.Option(
-        None, "--data", help="MVTec-layout root: adds its test split to the parity check and reports FP32/FP16 AUROC."
+        None,
+        "--data",
+        help="An MVTec-layout root (adds its test split to the parity check and reports FP32/FP16 AUROC), or a "
+        "plain folder of normal images (the threshold's normals where the run holds none).",
     ),
     false_alarm_rate: float = typer.Option(
         0.01,
@@ -550,6 +594,7 @@ def export(
 ) -> None:
     """Trace a trained method's whole inference to ONNX (and a TensorRT engine), check parity, calibrate."""
     from edgead.config import CONFIG_NAME, resolve_latest
+    from edgead.export.publish import PublishError, check_target
 
     try:  # what a user can get wrong, before torch is imported
         run_dir = run or resolve_latest(_known_method(method), runs_root)
@@ -560,7 +605,8 @@ def export(
         for other in fuse:
             if not (Path(other) / CONFIG_NAME).is_file():
                 raise FileNotFoundError(f"--fuse {other}: no {CONFIG_NAME} here; expected a run made by `edgead train`")
-    except USER_ERRORS as err:
+        check_target(out or exports_root / method)  # export's own folder (or new), writable; never a user's
+    except (*USER_ERRORS, PublishError) as err:
         _fail(err)
     from edgead.export.exporter import ExportOptions, export_run
     from edgead.export.onnx import ExportError
@@ -602,7 +648,8 @@ def predict(
     out: Path | None = typer.Option(
         None,
         "--out",
-        help="New folder for predictions.csv, predictions.json and overlays (default predictions/<time>).",
+        help="New or empty folder for predictions.csv, predictions.json and overlays (default: a new "
+        "predictions/<time>); a failed predict removes what it wrote there.",
     ),
     save: str = typer.Option("anomalies", "--save", help="Overlays to write: all, anomalies or none."),
     backend: str = typer.Option("auto", "--backend", help="auto, tensorrt or onnxruntime."),
@@ -613,30 +660,26 @@ def predict(
     progress: bool = OPT_PROGRESS,
 ) -> None:
     """Score every image of a folder, an image or a video: per-image CSV and JSON, overlays, a summary line."""
-    import time
-
     from edgead.runtime.backends.base import BackendError
     from edgead.runtime.detector import Detector
-    from edgead.runtime.predict import predict_source
+    from edgead.runtime.predict import check_out_dir, predict_source
     from edgead.runtime.sources import SourceError
 
     say = lambda line: err_console.print(line, markup=False)  # noqa: E731
-    target = out or Path("predictions") / time.strftime("%Y%m%d-%H%M%S")
     try:
+        check_out_dir(out)  # before the export is loaded: a non-empty or unwritable --out is refused
         detector = Detector.load(
             export_dir or _latest_export(exports_root), backend=backend, precision=precision, threshold=threshold,
             on_event=say,
         )  # fmt: skip
         say(f"predicting with {_running(detector.describe())}")
-        summary = predict_source(
-            detector, source, target, save=save, skip_bad=skip_bad, on_event=say, progress=progress
-        )
+        summary = predict_source(detector, source, out, save=save, skip_bad=skip_bad, on_event=say, progress=progress)
     except (*USER_ERRORS, SourceError, BackendError) as err:
         _fail(err)
     skipped = f", {summary.skipped} skipped" if summary.skipped else ""
     console.print(
         f"{summary.images} images, {summary.anomalies} anomalous (threshold {detector.threshold:.6g}){skipped}, "
-        f"{summary.seconds / summary.images * 1000:.1f} ms per image; results in {target}",
+        f"{summary.seconds / summary.images * 1000:.1f} ms per image; results in {summary.out_dir}",
         soft_wrap=True,
         markup=False,
     )
@@ -659,9 +702,12 @@ def verify(
     """Prove an export on this device: its verification set against the PyTorch reference, then latency.
 
     Exit code 0: pass; 1: parity failure; 2: cannot run here (no GPU, missing package, no engine)."""
+    from edgead.data.io import check_output_file, write_json_atomic
     from edgead.runtime.verify import VerifyUnavailable, verify_export
 
     try:
+        if json_path is not None:  # before the run: a folder there, a missing or read-only folder
+            check_output_file(json_path, "--json")
         target = export_dir or _latest_export(exports_root)
         report = verify_export(target, backend=backend, precision=precision, runs=runs, progress=progress)
     except VerifyUnavailable as err:
@@ -699,9 +745,10 @@ def verify(
     for line in lines:
         console.print(line, markup=False, soft_wrap=True, highlight=False)
     if json_path is not None:
-        from edgead.data.io import write_json_atomic
-
-        write_json_atomic(json_path, report)
+        try:
+            write_json_atomic(json_path, report)  # a temporary file beside it, renamed over it when complete
+        except OSError as err:
+            _fail(OSError(f"--json {json_path}: cannot write it ({err.strerror or err}); the report is above"))
     if not report["passed"]:
         for failure in report["failures"]:
             err_console.print(f"FAIL {failure}", markup=False, soft_wrap=True)
@@ -714,7 +761,8 @@ def run_camera(
     camera: str = typer.Option(
         ...,
         "--camera",
-        help="Camera index, video file, RTSP/HTTP URL, GStreamer pipeline (with '!') or a folder of images.",
+        help="Camera index (or /dev/videoN), video file, RTSP/HTTP URL, GStreamer pipeline (elements separated "
+        "by ' ! ') or a folder of images.",
     ),
     export_dir: Path | None = typer.Option(None, "--export", help="Export directory (default: newest under exports/)."),
     backend: str = typer.Option("auto", "--backend", help="auto, tensorrt or onnxruntime."),
@@ -728,7 +776,7 @@ def run_camera(
     ),
     log: Path | None = typer.Option(None, "--log", help="JSON-lines log, one line per frame (appended)."),
     log_anomalies_only: bool = typer.Option(False, "--log-anomalies-only", help="Log only anomalous frames."),
-    max_frames: int | None = typer.Option(None, "--max-frames", help="Stop after N frames."),
+    max_frames: int | None = typer.Option(None, "--max-frames", help="Stop after N frames (N >= 1)."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Folder sources: skip unreadable images, do not stop."),
     stall_timeout: float | None = typer.Option(
         None,
@@ -736,24 +784,54 @@ def run_camera(
         help="Streams and videos: seconds without data before a read fails and a stream reconnects "
         "(default: OpenCV's 30 s).",
     ),
+    give_up_after: float = typer.Option(
+        60.0,
+        "--give-up-after",
+        help="Cameras, streams and pipelines: stop with an error when the source has been connected this many "
+        "seconds, over any number of reconnects, without one decodable frame ('inf': never).",
+    ),
     exports_root: Path = typer.Option(Path("exports"), "--exports-root", help="Where to look for the newest export."),
     triton: str | None = typer.Option(
         None, "--triton", help="Score on a Triton server instead (host:port, grpc://host:port or http://host:port)."
     ),
     model: str | None = typer.Option(None, "--model", help="With --triton: the model's name on the server."),
 ) -> None:
-    """Run an exported detector live: capture thread, heatmap overlay, alarms, log, saved anomalies."""
+    """Run an exported detector live: capture thread, heatmap overlay, alarms, log, saved anomalies.
+
+    Outputs are checked before anything starts; a write that fails mid-run (disk full, read-only) stops the run
+    with an error and the log ends with a complete line. Ctrl-C and SIGTERM stop it at once, every saved alarm
+    with its log line. FFmpeg's own decoder messages are silenced (set OPENCV_FFMPEG_LOGLEVEL to see them).
+    """
     from edgead.runtime.backends.base import BackendError
-    from edgead.runtime.capture import SourceError
+    from edgead.runtime.capture import SourceError, describe_source
     from edgead.runtime.detector import Detector
-    from edgead.runtime.live import LiveOptions, run_live
+    from edgead.runtime.live import LiveOptions, check_outputs, run_live
 
     say = lambda line: err_console.print(line, markup=False)  # noqa: E731
     if (triton is None) != (model is None):
         _fail(ValueError("--triton and --model go together: --triton HOST:PORT --model NAME"))
+    if max_frames is not None and max_frames < 1:
+        _fail(ValueError(f"--max-frames {max_frames}: expected a number of frames >= 1"))
     if stall_timeout is not None and not (math.isfinite(stall_timeout) and stall_timeout > 0):
-        _fail(ValueError(f"--stall-timeout {stall_timeout}: expected a positive number of seconds"))
+        _fail(ValueError(f"--stall-timeout {stall_timeout:g}: expected a positive number of seconds"))
+    if not give_up_after > 0:  # "not >" also refuses NaN; inf means never
+        _fail(ValueError(f"--give-up-after {give_up_after:g}: expected a positive number of seconds (or inf)"))
+    if threshold is not None and not math.isfinite(threshold):
+        _fail(ValueError(f"--threshold {threshold:g}: expected a finite number"))
     try:
+        options = LiveOptions(
+            show=show,
+            save_anomalies=save_anomalies,
+            log_path=log,
+            max_frames=max_frames,
+            log_every_frame=not log_anomalies_only,
+            skip_bad=skip_bad,
+            stall_timeout_s=stall_timeout,
+            give_up_after_s=give_up_after,
+        )
+        # Before the detector loads (seconds for an engine): a wrong SOURCE or output path fails at once.
+        describe_source(camera)
+        check_outputs(options)
         if triton is not None:
             from edgead.runtime.triton_client import TritonPredictor
 
@@ -767,15 +845,6 @@ def run_camera(
                 on_event=say,
             )
         say(f"running {_running(detector.describe())}")
-        options = LiveOptions(
-            show=show,
-            save_anomalies=save_anomalies,
-            log_path=log,
-            max_frames=max_frames,
-            log_every_frame=not log_anomalies_only,
-            skip_bad=skip_bad,
-            stall_timeout_s=stall_timeout,
-        )
         summary = run_live(detector, camera, options, on_event=say)
     except (*USER_ERRORS, SourceError, BackendError, RuntimeError) as err:
         _fail(err)
@@ -819,6 +888,10 @@ def bench(
             raise ValueError(f"--frame-size {frame_size}: expected WIDTHxHEIGHT, e.g. 1920x1080")
         if video is not None and not video.is_file():
             raise FileNotFoundError(f"--video {video}: file not found")
+        if json_path is not None:  # before the measurements: a folder there, a missing or read-only folder
+            from edgead.data.io import check_output_file
+
+            check_output_file(json_path, "--json")
     except USER_ERRORS as err:
         _fail(err)
     from edgead.bench.report import run_bench

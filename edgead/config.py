@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edgead import __version__
-from edgead.data.io import write_bytes_atomic, write_json_atomic  # write_json_atomic: the one JSON writer
+from edgead.data.io import read_json_strict, write_bytes_atomic, write_json_atomic  # the one JSON reader, writer
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "weights.safetensors"
@@ -117,14 +117,14 @@ class RunConfig:
 
     @classmethod
     def load(cls, run_dir: Path) -> RunConfig:
-        """Read ``<run_dir>/config.json`` with a clear error when it is absent or not valid JSON."""
+        """Read ``<run_dir>/config.json`` with a clear error when it is absent, not valid JSON, repeats a key or is
+        nested too deeply (``edgead.data.io.read_json_strict``)."""
         path = Path(run_dir) / CONFIG_NAME
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no run config here; expected a run directory made by `edgead train`")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from err
+        data = read_json_strict(path, hint="expected the config.json `edgead train` wrote")  # names the file
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a JSON object of run settings, got {type(data).__name__}")
         return cls.from_dict(data)
 
 
@@ -143,21 +143,65 @@ def new_run_dir(method: str, runs_root: Path = DEFAULT_RUNS_DIR) -> Path:
             candidate = base / f"{stamp}-{n}"
 
 
-def mark_latest(run_dir: Path) -> None:
+class LatestNotUpdated(UserWarning):
+    """``latest`` beside a run was left as it is (it is not edgead's pointer, or cannot be written); the run
+    itself is saved. ``edgead train`` prints it as one line."""
+
+
+def _is_own_latest(link: Path) -> bool:
+    """``link`` is nothing yet, or a pointer :func:`mark_latest` made: a link to a sibling by its bare name, or
+    (where links are not allowed) a short text file naming a sibling run."""
+    if link.is_symlink():
+        target = os.readlink(link)
+        return Path(target).name == target and target not in ("", ".", "..")
+    if not link.exists():
+        return True
+    if not link.is_file() or link.stat().st_size > 255:
+        return False
+    try:
+        name = link.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return False
+    return bool(name) and Path(name).name == name and (link.parent / name / CONFIG_NAME).is_file()
+
+
+def mark_latest(run_dir: Path) -> str | None:
     """Point ``<runs_root>/<method>/latest`` at ``run_dir`` (a symlink, replaced atomically; a text file
-    holding the directory name where symlinks are not allowed)."""
+    holding the directory name where symlinks are not allowed).
+
+    Only edgead's own pointer is ever replaced: a ``latest`` that is a user's file, a folder or a link elsewhere
+    is left as it is. Returns None, or why ``latest`` was not updated (also issued as :class:`LatestNotUpdated`
+    warning; never an exception: the run is saved either way)."""
     run_dir = Path(run_dir)
     link = run_dir.parent / "latest"
+    if not _is_own_latest(link):
+        kind = "a file edgead did not write"
+        if link.is_symlink():
+            kind = f"a link to {os.readlink(link)}"
+        elif link.is_dir():
+            kind = "a folder"
+        return _latest_not_updated(f"{link} is {kind}; left as it is", run_dir)
     tmp = run_dir.parent / f".latest.{os.getpid()}.tmp"
     try:
-        tmp.unlink(missing_ok=True)
-        tmp.symlink_to(run_dir.name, target_is_directory=True)
-        os.replace(tmp, link)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        if link.is_symlink():
-            link.unlink()
-        write_bytes_atomic(link, run_dir.name.encode())
+        try:
+            tmp.unlink(missing_ok=True)
+            tmp.symlink_to(run_dir.name, target_is_directory=True)
+            os.replace(tmp, link)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            if link.is_symlink():
+                link.unlink()
+            write_bytes_atomic(link, run_dir.name.encode())
+    except OSError as err:
+        return _latest_not_updated(f"{link} could not be written ({err.strerror or err})", run_dir)
+    return None
+
+
+def _latest_not_updated(why: str, run_dir: Path) -> str:
+    """Warn (one line) that ``latest`` was not updated, and return the message."""
+    message = f"{why}, so it does not point at this run; the run is saved in {run_dir}"
+    warnings.warn(message, LatestNotUpdated, stacklevel=3)
+    return message
 
 
 def resolve_latest(method: str, runs_root: Path = DEFAULT_RUNS_DIR) -> Path:

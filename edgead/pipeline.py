@@ -20,6 +20,7 @@ from edgead.data.io import LockBusyError, exclusive_lock, list_images, read_imag
 from edgead.data.mvtec import (
     DatasetLayoutError,
     Sample,
+    held_out_count,
     list_test,
     list_train,
     load_images,
@@ -30,6 +31,7 @@ from edgead.data.mvtec import (
 from edgead.data.preprocess import PreprocessConfig, resize_image
 from edgead.methods import get_method, load_method
 from edgead.methods.base import FitContext, run_graph
+from edgead.methods.params import candidate_notes
 from edgead.methods.tiling import cut_tiles
 from edgead.progress import Progress
 from edgead.spec import RunSpec
@@ -53,6 +55,29 @@ def training_samples(data_root: Path) -> list[Sample]:
     for path in paths:
         read_image(path)  # a broken file fails here, before any training starts
     return [Sample(path=p, label=0, defect_type="good", mask_path=None) for p in paths]
+
+
+#: Fewest training images (after the hold-out) a run is fitted on. Engineering choice: a Gaussian needs two feature
+#: vectors per position, LafitE's feature editing a neighbour, and a network shown one picture memorises it.
+MIN_TRAIN_IMAGES = 2
+
+
+def check_training_set_size(found: list[tuple[Path, list[Sample]]], val_fraction: float, method: str) -> None:
+    """Refuse, before any work, a training set that the hold-out leaves too small; the message says what was
+    found, what was held out and what to do."""
+    counts = [(root, len(samples), held_out_count(len(samples), val_fraction)) for root, samples in found]
+    left = sum(n - held for _, n, held in counts)
+    if left >= MIN_TRAIN_IMAGES and all(n > held for _, n, held in counts):
+        return
+    where = "; ".join(
+        f"{root}: {n} normal image{'' if n == 1 else 's'} found, {held} held out for validation"
+        for root, n, held in counts
+    )
+    raise DatasetLayoutError(
+        f"{method} needs at least {MIN_TRAIN_IMAGES} training images (and one from every data set) after the "
+        f"hold-out (--val-fraction {val_fraction:g}); {left} left ({where}). Add normal images, or train with "
+        "--val-fraction 0 (then give `edgead export` --data with other normal images to calibrate the threshold)"
+    )
 
 
 def train_run(
@@ -91,6 +116,7 @@ def train_run(
             data_root = [Path(r) for r in config.data.get("roots", [config.data["root"]])]
             val_fraction = config.spec.get("val_fraction", spec.val_fraction) if config.spec else spec.val_fraction
             run_dir = Path(resume)
+            notes: list[str] = []
             if dist_info.is_main:
                 _lock_run(locks, run_dir)
         else:
@@ -98,11 +124,13 @@ def train_run(
             train_cfg, data_root, val_fraction = spec.train, spec.data_paths, spec.val_fraction
             run_dir = Path(spec.out) if spec.out is not None else None
             params = method_cls.parse_params(spec.params)
+            notes = candidate_notes(spec.params, params)  # repeated candidates dropped: said in the log and summary
             model = method_cls.model_config(preset, spec.channels, params)
             config = RunConfig(
                 method=method_name,
                 preprocess=PreprocessConfig(
-                    image_size=spec.image_size or method_cls.default_image_size, channels=spec.channels
+                    image_size=method_cls.default_image_size if spec.image_size is None else spec.image_size,
+                    channels=spec.channels,
                 ).to_dict(),
                 method_params=params.to_dict(),
                 model=model,
@@ -119,11 +147,11 @@ def train_run(
             raise ValueError("no data root given")
         if len({r.resolve() for r in roots}) < len(roots):
             raise ValueError(f"the same data root is given twice: {', '.join(map(str, roots))}")
+        found = [(root, training_samples(root)) for root in roots]
+        check_training_set_size(found, val_fraction, method_name)
         train_samples, val_samples = [], []
-        for root in roots:
-            kept, held = split_validation(training_samples(root), val_fraction, train_cfg.seed)
-            if not kept:
-                raise DatasetLayoutError(f"{root}: no training images left after holding out {val_fraction:.0%}")
+        for _, samples in found:
+            kept, held = split_validation(samples, val_fraction, train_cfg.seed)
             train_samples += kept
             val_samples += held
         if resume is None and train_cfg.epochs is not None:  # a resumed run recorded its derived steps
@@ -139,7 +167,7 @@ def train_run(
                 )
         pre = PreprocessConfig.from_dict(config.preprocess)
         frame = dataclasses.replace(pre, image_size=config.tiling["frame_size"]) if config.tiling else pre
-        warnings = [w for w in [upscale_warning([s.path for s in train_samples], frame.image_size)] if w]
+        warnings = [*notes, *[w for w in [upscale_warning([s.path for s in train_samples], frame.image_size)] if w]]
         if dist_info.is_main and on_event is not None:
             for warning in warnings:
                 on_event(f"warning: {warning}")

@@ -2,10 +2,18 @@
 
 Torch-free: numpy and OpenCV. :func:`heatmap_overlay` lives in ``edgead.runtime.overlay`` (the live runtime
 draws with it) and is re-exported here.
+
+A report folder is the user's folder as much as edgead's, so a report writes only where nothing of the user's
+can be lost: into a new or empty folder, or over an earlier report of its own. Every file a report writes is
+listed in the folder's manifest, ``.edgead-report.json``, *before* it is written (so a report killed half-way
+is still recognisable as edgead's), and a later report replaces or removes only files listed there, never a
+file found by its name. A folder holding anything else (the user's files, or a report of an edgead older than
+the manifest) is refused with the names of those files; nothing in it is touched.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -17,7 +25,7 @@ import cv2
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from edgead.data.io import write_bytes_atomic, write_json_atomic
+from edgead.data.io import check_output_folder, write_bytes_atomic, write_json_atomic
 from edgead.runtime.overlay import heatmap_overlay  # re-exported: the report and the live runtime share it
 
 _ROC_SIZE = 480
@@ -119,6 +127,123 @@ def _render_roc(
     return canvas
 
 
+# ------------------------------------------------------------------------------------------ report ownership
+#: The list of every file edgead wrote into a report folder (paths relative to it, "/"-separated).
+REPORT_MANIFEST = ".edgead-report.json"
+#: How many foreign files an error names before it says "and N more".
+_NAMED_FILES = 5
+
+
+class ReportFolderError(ValueError):
+    """The report folder is not a folder, or holds files edgead did not write: refused, nothing touched."""
+
+
+def _listed(rel: str) -> bool:
+    """``rel`` is a plain relative path inside the folder (a hand-edited manifest must never point outside)."""
+    parts = rel.split("/")
+    return bool(rel) and not rel.startswith("/") and all(part not in ("", ".", "..") for part in parts)
+
+
+def report_manifest(folder: str | os.PathLike[str]) -> set[str] | None:
+    """The files the manifest of ``folder`` lists, or None when it has none (or one that is not edgead's)."""
+    path = Path(folder) / REPORT_MANIFEST
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if (
+        not isinstance(record, dict)
+        or record.get("written_by") != "edgead"
+        or not isinstance(record.get("files"), list)
+    ):
+        return None
+    return {f for f in record["files"] if isinstance(f, str) and _listed(f)}
+
+
+def _write_manifest(folder: Path, files: set[str]) -> None:
+    write_json_atomic(folder / REPORT_MANIFEST, {"written_by": "edgead", "files": sorted(files)}, durable=False)
+
+
+def _is_temporary_of(rel: str, owned: set[str]) -> bool:
+    """``rel`` is what :func:`edgead.data.io.atomic_output` leaves of a listed file when killed mid-write."""
+    head, _, name = rel.rpartition("/")
+    match = re.fullmatch(r"\.(.+)\.[^./]+\.tmp", name)
+    return match is not None and (f"{head}/{match[1]}" if head else match[1]) in owned | {REPORT_MANIFEST}
+
+
+def _foreign_files(folder: Path, prefix: str = "") -> list[str]:
+    """Files under ``folder`` (relative to the folder first given) that no edgead report manifest lists. A
+    subfolder with a manifest of its own is a report of one data set (``eval`` over several) and is checked
+    against its own; links are never followed (a link is foreign unless listed)."""
+    owned = report_manifest(folder) or set()
+    foreign: list[str] = []
+    for entry in sorted(folder.iterdir()):
+        rel = entry.name
+        if rel == REPORT_MANIFEST:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            if report_manifest(entry) is not None:
+                foreign += _foreign_files(entry, f"{prefix}{rel}/")
+                continue
+            for root, dirs, files in os.walk(entry):  # os.walk never descends into linked folders
+                base = Path(root).relative_to(folder).as_posix()
+                links = [d for d in dirs if (Path(root) / d).is_symlink()]
+                for name in sorted(files + links):
+                    if f"{base}/{name}" not in owned and not _is_temporary_of(f"{base}/{name}", owned):
+                        foreign.append(f"{prefix}{base}/{name}")
+        elif rel not in owned and not _is_temporary_of(rel, owned):
+            foreign.append(prefix + rel)
+    return foreign
+
+
+def _looks_like_old_report(folder: Path) -> bool:
+    """``folder/metrics.json`` has the layout :func:`write_report` gives it (only for the error's advice)."""
+    try:
+        record = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(record, dict) and {"metrics", "run", "images"} <= set(record)
+
+
+def check_report_folder(out_dir: str | os.PathLike[str], also_ours: tuple[str, ...] = ()) -> Path:
+    """Fail (before any work) unless a report may be written into ``out_dir``: it does not exist yet, is empty, or
+    holds only files an earlier edgead report listed in its manifest. ``also_ours``: files the caller itself has
+    just written there (``decisions.csv``, written by ``edgead.pipeline`` before the report).
+
+    Raises:
+        ReportFolderError: ``out_dir`` is not a folder, or holds other files (the error names them).
+        edgead.data.io.OutputPathError: ``out_dir`` cannot be created or written.
+    """
+    folder = Path(out_dir)
+    if folder.is_dir():
+        foreign = [rel for rel in _foreign_files(folder) if rel not in also_ours]
+        if foreign:
+            names = ", ".join(foreign[:_NAMED_FILES])
+            more = f" and {len(foreign) - _NAMED_FILES} more" if len(foreign) > _NAMED_FILES else ""
+            legacy = (
+                " (it looks like an eval report of an edgead older than the manifest: if nothing else in it is "
+                "yours, delete it to write a new report there)"
+                if report_manifest(folder) is None and _looks_like_old_report(folder)
+                else ""
+            )
+            raise ReportFolderError(
+                f"{folder} holds files edgead did not write: {names}{more}{legacy}. A report goes into a new or "
+                f"empty folder or over an earlier edgead report ({REPORT_MANIFEST}), never over other files: "
+                "choose another --out or move them away"
+            )
+    return check_output_folder(folder, "report folder")
+
+
+def claim_report_folder(out_dir: str | os.PathLike[str], files: tuple[str, ...] = ()) -> Path:
+    """:func:`check_report_folder` (``files`` count as the caller's), then create ``out_dir`` and list ``files``
+    (written, or to be written, by the caller: ``summary.json`` of an eval over several data sets) in its
+    manifest, with what it listed already."""
+    folder = check_report_folder(out_dir, also_ours=files)
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_manifest(folder, (report_manifest(folder) or set()) | set(files))
+    return folder
+
+
 # ------------------------------------------------------------------------------------------------ report IO
 def _write_png(path: Path, image_bgr: NDArray[np.uint8]) -> None:
     ok, encoded = cv2.imencode(".png", image_bgr)
@@ -162,8 +287,12 @@ def write_report(
 
     Each overlay is input | heatmap | ground-truth contour under a caption band (file, label, score, decision).
     ``metrics.json`` holds ``{"metrics": ..., "run": extra, "images": [{path, label, score}, ...]}``. Overlays
-    colour every map with one global min/max over the whole test set so images are comparable; overlays
-    left in ``overlays/`` by an earlier report are removed so the folder always shows this run's.
+    colour every map with one global min/max over the whole test set so images are comparable.
+
+    ``out_dir`` must be new, empty or an earlier edgead report (:func:`check_report_folder`; with ``threshold``,
+    a ``decisions.csv`` there counts as this report's: ``edgead.pipeline`` writes it just before). Files of the
+    earlier report that this one does not write again (its overlays, a ``decisions.csv`` of another threshold)
+    are removed so the folder shows this run's only; they are found in the manifest, never by their names.
 
     Args:
         out_dir: Report directory (created if missing).
@@ -180,6 +309,9 @@ def write_report(
 
     Returns:
         The path of ``metrics.json``.
+
+    Raises:
+        ReportFolderError: ``out_dir`` holds files edgead did not write (nothing is written then).
     """
     from sklearn.metrics import auc, roc_curve
 
@@ -195,7 +327,9 @@ def write_report(
 
     out_path = Path(out_dir)
     overlay_dir = out_path / "overlays"
-    overlay_dir.mkdir(parents=True, exist_ok=True)
+    beside = ("decisions.csv",) if threshold is not None and (out_path / "decisions.csv").is_file() else ()
+    check_report_folder(out_path, also_ours=beside)
+    previous = report_manifest(out_path) or set()
 
     curves = []
     if 0 < labels_arr.sum() < num_images:
@@ -207,30 +341,35 @@ def write_report(
     if 0 < pixel_defect.sum() < pixel_defect.size:
         fpr, tpr, _ = roc_curve(pixel_defect, maps_arr.ravel())
         curves.append(("pixel", fpr, tpr, float(auc(fpr, tpr)), (30, 30, 220)))
-    _write_png(out_path / "roc.png", _render_roc(curves))
 
-    for stale in overlay_dir.iterdir():
-        if re.fullmatch(r"(\d{2,}|top_\d+|falsealarm_\d+|missed_\d+)_.*\.png", stale.name):
-            stale.unlink()
-    vmin, vmax = float(maps_arr.min()), float(maps_arr.max())
     order = np.argsort(-scores_arr, kind="stable")
     normal, defective = order[labels_arr[order] == 0], order[labels_arr[order] == 1][::-1]
     if threshold is not None:
         normal = normal[scores_arr[normal] >= threshold]
         defective = defective[scores_arr[defective] < threshold]
     k = max(0, top_k)
-    for group, indices in (("top", order[:k]), ("falsealarm", normal[:k]), ("missed", defective[:k])):
-        for rank, index in enumerate(indices):
-            rgb = np.asarray(images_rgb[index])
-            mask = None if masks_arr is None else masks_arr[index]
-            source = Path(image_paths[index])
-            caption = f"{source.parent.name}/{source.name}  {'defect' if labels_arr[index] else 'normal'}  "
-            caption += f"score {scores_arr[index]:.4g}"
-            if threshold is not None:
-                flagged = scores_arr[index] >= threshold
-                caption += f"  {'ANOMALY' if flagged else 'pass'} at threshold {threshold:.4g}"
-            row = _overlay_row(rgb, maps_arr[index], mask, vmin, vmax, caption)
-            _write_png(overlay_dir / _overlay_name(group, rank, str(image_paths[index])), row)
+    overlays = [
+        (_overlay_name(group, rank, str(image_paths[index])), index)
+        for group, indices in (("top", order[:k]), ("falsealarm", normal[:k]), ("missed", defective[:k]))
+        for rank, index in enumerate(indices)
+    ]
+    written = {"roc.png", "metrics.json", *beside, *(f"overlays/{name}" for name, _ in overlays)}
+    out_path.mkdir(parents=True, exist_ok=True)
+    _write_manifest(out_path, previous | written)  # listed before written: a killed report stays edgead's
+    overlay_dir.mkdir(exist_ok=True)
+    _write_png(out_path / "roc.png", _render_roc(curves))
+    vmin, vmax = float(maps_arr.min()), float(maps_arr.max())
+    for name, index in overlays:
+        rgb = np.asarray(images_rgb[index])
+        mask = None if masks_arr is None else masks_arr[index]
+        source = Path(image_paths[index])
+        caption = f"{source.parent.name}/{source.name}  {'defect' if labels_arr[index] else 'normal'}  "
+        caption += f"score {scores_arr[index]:.4g}"
+        if threshold is not None:
+            flagged = scores_arr[index] >= threshold
+            caption += f"  {'ANOMALY' if flagged else 'pass'} at threshold {threshold:.4g}"
+        row = _overlay_row(rgb, maps_arr[index], mask, vmin, vmax, caption)
+        _write_png(overlay_dir / name, row)
 
     report = {
         "metrics": dict(metrics),
@@ -242,4 +381,9 @@ def write_report(
     }
     metrics_path = out_path / "metrics.json"
     write_json_atomic(metrics_path, _to_json_value(report), allow_nan=False)
+    for stale in sorted(previous - written):  # only files an earlier report listed as its own
+        path = out_path / stale
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+    _write_manifest(out_path, written)
     return metrics_path

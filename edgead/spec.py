@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from edgead.config import DEFAULT_RUNS_DIR, TrainConfig
+from edgead.data.io import json_depth, read_json_strict
+from edgead.data.preprocess import check_image_size
 
 #: Deepest nesting a spec file may have (a spec is two levels deep; this stops a hostile file early).
 MAX_DEPTH = 16
@@ -60,14 +62,16 @@ class RunSpec:
         """Raise ``ValueError`` naming the first setting that is out of range."""
         if self.channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {self.channels}")
-        if self.image_size is not None and self.image_size < 1:
-            raise ValueError(f"image_size must be >= 1, got {self.image_size}")
+        if self.image_size is not None:
+            check_image_size(self.image_size)
         if self.tile is not None:
             if self.image_size is None:
                 raise ValueError(f"tile {self.tile} needs image_size: the frame size the tiles are cut from")
-            if not 8 <= self.tile < self.image_size:
+            check_image_size(self.tile, "tile")
+            if not self.tile < self.image_size:
                 raise ValueError(
-                    f"tile must be at least 8 and smaller than image_size {self.image_size}, got {self.tile}"
+                    f"tile must be smaller than image_size {self.image_size} (the frame it is cut from), "
+                    f"got {self.tile}"
                 )
         if not 0.0 <= self.tile_overlap < 1.0:
             raise ValueError(f"tile_overlap must be in [0, 1), got {self.tile_overlap}")
@@ -142,32 +146,21 @@ class RunSpec:
 
 
 def load_strict(path: Path) -> Any:
-    """JSON or YAML (by suffix; JSON when unsure) with duplicate keys and excessive nesting refused."""
+    """JSON or YAML (by suffix; JSON when unsure) with duplicate keys and excessive nesting refused (JSON:
+    ``edgead.data.io.read_json_strict``, the one strict JSON reader)."""
+    if path.suffix.lower() not in (".yaml", ".yml"):
+        try:
+            return read_json_strict(path, MAX_DEPTH, hint="a spec file is JSON or YAML (.yaml/.yml)")
+        except OSError as err:
+            raise ValueError(f"{path}: cannot read it ({err})") from None
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: cannot read it as text ({err})") from None
-    if path.suffix.lower() in (".yaml", ".yml"):
-        data = _load_yaml(text, path)
-    else:
-        try:
-            data = json.loads(text, object_pairs_hook=lambda pairs: _no_duplicates(pairs, path))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err}); a spec file is JSON or YAML (.yaml/.yml)") from None
-        except RecursionError:
-            raise ValueError(f"{path}: nested deeper than {MAX_DEPTH} levels; not a spec file") from None
-    if _depth(data) > MAX_DEPTH:
+    data = _load_yaml(text, path)
+    if json_depth(data, MAX_DEPTH) > MAX_DEPTH:
         raise ValueError(f"{path}: nested deeper than {MAX_DEPTH} levels; not a spec file")
     return data
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]], path: Path) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f"{path}: key {key!r} appears twice; each setting may be given once")
-        result[key] = value
-    return result
 
 
 def _load_yaml(text: str, path: Path) -> Any:
@@ -192,16 +185,6 @@ def _load_yaml(text: str, path: Path) -> Any:
         raise ValueError(f"{path}: not valid YAML ({err})") from None
     except RecursionError:
         raise ValueError(f"{path}: nested deeper than {MAX_DEPTH} levels; not a spec file") from None
-
-
-def _depth(value: Any, level: int = 0) -> int:
-    if level > MAX_DEPTH:
-        return level
-    if isinstance(value, dict):
-        return max([_depth(v, level + 1) for v in value.values()], default=level + 1)
-    if isinstance(value, list):
-        return max([_depth(v, level + 1) for v in value], default=level + 1)
-    return level
 
 
 def _check_fields(cls: type, data: Any, source: str, prefix: str) -> dict[str, Any]:

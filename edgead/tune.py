@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from edgead.config import RunConfig, mark_latest, new_run_dir
-from edgead.data.preprocess import PreprocessConfig
+from edgead.data.preprocess import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, PreprocessConfig
 from edgead.methods import get_method
 from edgead.methods.base import Method
 from edgead.methods.validation import (
@@ -52,9 +52,7 @@ from edgead.progress import format_eta
 from edgead.spec import RunSpec
 
 #: Grid keys that are not method parameters but fields of the run (each candidate is a new fit).
-RUN_KEYS = ("image_size",)
-#: The smallest input size a candidate may have (the backbones and U-Nets downsample by up to 32).
-MIN_IMAGE_SIZE = 32
+RUN_KEYS = ("image_size",)  # a candidate size has the range of a run's (edgead.data.preprocess)
 
 
 def parse_grid(items: list[str], method: type[Method]) -> dict[str, list[Any]]:
@@ -82,8 +80,11 @@ def parse_grid(items: list[str], method: type[Method]) -> dict[str, list[Any]]:
                     values.append(part.strip())
         for value in values:
             if key == "image_size":
-                if isinstance(value, bool) or not isinstance(value, int) or value < MIN_IMAGE_SIZE:
-                    raise ValueError(f"--grid image_size={value}: expected whole pixels >= {MIN_IMAGE_SIZE}")
+                whole = isinstance(value, int) and not isinstance(value, bool)
+                if not whole or not MIN_IMAGE_SIZE <= value <= MAX_IMAGE_SIZE:
+                    raise ValueError(
+                        f"--grid image_size={value}: expected whole pixels >= {MIN_IMAGE_SIZE} and <= {MAX_IMAGE_SIZE}"
+                    )
             else:
                 method.parse_params({key: value})  # names the key and what is allowed
         if len(set(map(json.dumps, values))) != len(values):

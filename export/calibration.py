@@ -1,11 +1,15 @@
-"""Decision threshold from held-out normal images, checked on pseudo-anomalies where available."""
+"""Decision threshold from held-out normal images, checked on pseudo-anomalies where available, and where those
+normal images come from when a run holds none (``edgead export --data``)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from edgead.data.io import list_images
+from edgead.data.mvtec import GOOD, DatasetLayoutError
 from edgead.runtime.decision import is_anomalous
 
 DEFAULT_FALSE_ALARM_RATE = 0.01
@@ -51,3 +55,28 @@ def pseudo_anomaly_check(normal_scores: np.ndarray, pseudo_scores: np.ndarray, t
         "recall_at_threshold": float(np.mean(is_anomalous(pseudo, threshold))),
         "auroc_vs_normal": float(image_auroc(labels, np.r_[normal_scores, pseudo])),
     }
+
+
+def calibration_normals(data: str | Path) -> tuple[list[Path], str]:
+    """The normal images ``edgead export --data DATA`` calibrates on when the run holds none, in the layouts
+    ``--data`` accepts: an MVTec-layout root (its ``test/good`` images, which no training saw, else its
+    ``train/good``), or a plain folder of normal images (the images directly inside it).
+
+    Returns:
+        ``(paths, description)``, the description naming the folder used.
+
+    Raises:
+        DatasetLayoutError: None of these layouts holds an image; the message names ``data`` and the layouts.
+    """
+    root = Path(data)
+    for folder, what in ((root / "test" / GOOD, "test/good"), (root / "train" / GOOD, "train/good")):
+        paths = list_images(folder) if folder.is_dir() else []
+        if paths:
+            return paths, f"normal images of {root.name} ({what})"
+    paths = list_images(root) if root.is_dir() else []
+    if paths:
+        return paths, f"normal images in {root.name}"
+    raise DatasetLayoutError(
+        f"--data {root}: no normal images found; expected an MVTec-layout root (<root>/test/good or "
+        "<root>/train/good) or a folder of normal images"
+    )

@@ -11,6 +11,7 @@ atomic link switch, a lock), so a failed or killed export never damages the prev
 from __future__ import annotations
 
 import copy
+import errno
 import importlib.util
 import shutil
 import time
@@ -26,10 +27,15 @@ from edgead import __version__
 from edgead.config import RunConfig
 from edgead.data import holdout
 from edgead.data.io import read_image
-from edgead.data.mvtec import list_test, list_train
-from edgead.data.preprocess import PreprocessConfig, preprocess, resize_image
+from edgead.data.mvtec import list_test
+from edgead.data.preprocess import PreprocessConfig, check_image_size, preprocess, resize_image
 from edgead.data.pseudo import pseudo_validation_set
-from edgead.export.calibration import DEFAULT_FALSE_ALARM_RATE, pseudo_anomaly_check, threshold_from_normal_scores
+from edgead.export.calibration import (
+    DEFAULT_FALSE_ALARM_RATE,
+    calibration_normals,
+    pseudo_anomaly_check,
+    threshold_from_normal_scores,
+)
 from edgead.export.fp16 import fp32_node_names, mixed_precision_graph
 from edgead.export.onnx import ExportError, export_onnx
 from edgead.export.publish import PublishError, check_target, export_lock, publish, start_version
@@ -38,8 +44,9 @@ from edgead.methods.base import run_graph
 from edgead.runtime.backends.base import INPUT_NAME, OUTPUT_NAMES
 from edgead.runtime.backends.onnxruntime import OnnxRuntimeBackend
 from edgead.runtime.metadata import PRECISIONS, ExportMetadata, artifact_record
-from edgead.runtime.parity import FP32_SCORE_RTOL, compare, fp32_envelope
-from edgead.runtime.verify import run_batches
+from edgead.runtime.parity import FP32_SCORE_RTOL, compare, fp32_envelope, judge, relative_errors, tolerances
+from edgead.runtime.verify import compare as verify_compare
+from edgead.runtime.verify import polygraphy_compare, run_batches
 
 FP32_NAME, FP16_NAME = "model.onnx", "model.fp16.onnx"
 #: --format triton: the same graphs with a dynamic batch dimension (1..--max-batch) for Triton's batching.
@@ -49,6 +56,9 @@ DEFAULT_TRITON_MAX_BATCH = 8
 MIN_CALIBRATION_IMAGES = 20
 #: The verification set and its reference outputs (edgead verify), and how many images of each kind it holds.
 GOLDEN_NAME, GOLDEN_PER_SET = "verification.npz", 4
+#: Write errors that stop an export with a plain message (the previous version stays): full disk or quota, a
+#: file too large, a file system that turned read-only.
+_NO_ROOM = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG, errno.EROFS)
 #: Images (those where PyTorch and ONNX Runtime disagree most) evaluated in float64 when FP32 parity trips.
 FP64_CHECK_IMAGES = 16
 
@@ -90,7 +100,9 @@ class ExportOptions:
             raise ValueError("--max-batch sizes the Triton models' batch: it needs --format triton")
         if self.fuse_how not in ("auto", "mean", "max"):
             raise ValueError(f"--fuse-how must be auto, mean or max, got {self.fuse_how!r}")
-        if self.fuse and self.image_size:
+        if self.image_size is not None:
+            check_image_size(self.image_size, "--image-size")
+        if self.fuse and self.image_size is not None:
             raise ValueError("--fuse keeps the runs' own input size: leave out --image-size")
 
 
@@ -111,6 +123,7 @@ class ExportJob:
     normal_source: str = ""
     test_labels: np.ndarray | None = None
     ref: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # PyTorch FP32 maps, scores
+    golden: dict[str, np.ndarray] = field(default_factory=dict)  # verification.npz's arrays
     threshold: dict[str, Any] = field(default_factory=dict)
     fusion: dict[str, Any] | None = None  # how the fused graph was made (--fuse)
     parity: dict[str, Any] = field(default_factory=dict)
@@ -151,12 +164,12 @@ def run_step(job: ExportJob, name: str, step: Step) -> None:
 def load_graph(job: ExportJob) -> None:
     """The run's method, rebuilt through the registry, and its inference graph in FP32."""
     config = copy.deepcopy(RunConfig.load(job.run_dir))
-    if job.options.image_size and config.tiling:
+    if job.options.image_size is not None and config.tiling:
         raise ValueError(
             f"{job.run_dir}: a tiled run's graph takes its frame size ({config.tiling['frame_size']} px); "
             "leave out --image-size"
         )
-    if job.options.image_size:
+    if job.options.image_size is not None:
         config.preprocess["image_size"] = job.options.image_size
     method = get_method(config.method).load(job.run_dir, config)
     job.config, job.pre = config, method.frame_preprocess_config
@@ -181,11 +194,9 @@ def _held_out_normals(job: ExportJob) -> tuple[list[np.ndarray], str]:
     if origin == holdout.DATASET:
         return rgb, "held-out normal training images (read from the dataset)"
     data = job.options.data
-    if data is not None:
-        samples = [s for s in list_test(data) if s.label == 0] if (Path(data) / "test").is_dir() else []
-        paths = [s.path for s in samples] or [s.path for s in list_train(data)]
-        if paths:
-            return [read_image(p) for p in paths], f"normal images of {Path(data).name}"
+    if data is not None:  # an MVTec-layout root or a folder of normal images (calibration_normals says which)
+        paths, description = calibration_normals(data)
+        return [read_image(p) for p in paths], description
     raise ValueError(
         f"{job.run_dir}: the run holds no held-out normal images to calibrate the threshold and check parity "
         "(trained with --val-fraction 0, or by an older edgead); pass --data DIR (an MVTec-layout root or a "
@@ -275,7 +286,7 @@ def check_fp32_parity(job: ExportJob) -> None:
         return
     # Either a broken export, or a graph whose FP32 result is itself this inexact: decide with float64 on the
     # images where the two disagree most (float64 convolutions are slow on a CPU).
-    rel = np.abs(ref_scores - ort_scores) / np.maximum(np.abs(ref_scores), 1e-12)
+    rel = relative_errors(ref_scores, ort_scores)  # the measure of the gate above
     worst_images = np.argsort(rel)[-FP64_CHECK_IMAGES:]
     _, f64_scores = run_graph(copy.deepcopy(job.graph).double(), images[worst_images].astype(np.float64), batch_size=8)
     envelope = fp32_envelope(ref_scores[worst_images], ort_scores[worst_images], f64_scores)
@@ -309,7 +320,33 @@ def store_golden_data(job: ExportJob) -> list[Path]:
     job.artifacts["verification"] = artifact_record(
         job.staging, GOLDEN_NAME, images=len(images), reference="PyTorch FP32", threshold=job.threshold["value"]
     )
+    job.golden = {"images": images, "labels": labels.astype(np.int8), "maps": maps, "scores": scores}
+    check_verification_set(job, "fp32", FP32_NAME)
     return [path]
+
+
+def check_verification_set(job: ExportJob, precision: str, onnx_name: str) -> None:
+    """``edgead verify``'s own check on the verification set just written, run on ONNX Runtime (CPU): its
+    comparison (``edgead.runtime.verify.compare``, polygraphy's comparator where installed) judged by
+    ``edgead.runtime.parity.judge`` with the tolerances verify will read from this export's parity record
+    (``edgead.runtime.parity.tolerances``). So an export this accepts passes verify on ONNX Runtime, and one
+    that verify would fail is not written."""
+    maps, scores = _run_onnx(job.staging / onnx_name, job.golden["images"])
+    report = verify_compare(job.golden, maps, scores, job.threshold["value"])
+    tol = tolerances(precision, job.parity)
+    report["polygraphy"] = polygraphy_compare(job.golden, maps, scores, precision, "onnxruntime", tol)
+    failures = judge(report, tol)
+    job.parity[f"verification_set_{precision}"] = {**report, "tolerances": tol, "passed": not failures}
+    job.log(
+        f"  verification set ({len(scores)} images, {precision}, as `edgead verify` checks it): score rel. error "
+        f"{report['score_max_rel_error']:.2e} (allowed {tol['score_rel']:g}), map rel. error "
+        f"{report['map_max_rel_error']:.2e} (allowed {tol['map_rel']:g})"
+    )
+    if failures:
+        raise ExportError(
+            f"`edgead verify` would fail this export ({precision} on ONNX Runtime): {'; '.join(failures)}; the export "
+            "is not written"
+        )
 
 
 def _auroc(labels: np.ndarray, scores: np.ndarray) -> float | None:
@@ -344,6 +381,7 @@ def export_fp16_onnx(job: ExportJob) -> list[Path]:
             "fp16": _auroc(job.test_labels, scores[-n:]),
             "n_images": n,
         }
+    check_verification_set(job, "fp16", FP16_NAME)
     return [path]
 
 
@@ -650,10 +688,13 @@ def export_run(
     fmt = FORMATS[options.format]
     job.total_steps = len(COMMON_STEPS) + len(PRECISION_STEPS[options.precision]) + len(fmt.steps)
     job.total_steps += len(fmt.after_metadata)
+    try:  # before any work: a link, a folder or files that are not export's own, a read-only folder
+        check_target(job.out_dir)
+    except PublishError as err:
+        raise ExportError(str(err)) from err
     for name, step in COMMON_STEPS[:2]:  # before the target folder is locked
         run_step(job, name, step)
     try:
-        check_target(job.out_dir)
         with export_lock(job.out_dir):
             job.staging = start_version(job.out_dir)
             try:
@@ -673,6 +714,13 @@ def export_run(
                 shutil.rmtree(job.staging, ignore_errors=True)  # left only when the export failed
     except PublishError as err:
         raise ExportError(str(err)) from err
+    except OSError as err:
+        if err.errno not in _NO_ROOM:
+            raise
+        where = f" writing {Path(err.filename).name}" if err.filename else ""
+        raise ExportError(
+            f"{job.out_dir}: the export stopped{where} ({err.strerror}); the previous export there is unchanged"
+        ) from err
     log(f"export written to {job.out_dir} (version {version.name}; a failed export never changes it)")
     return meta
 

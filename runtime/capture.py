@@ -3,13 +3,16 @@
 Live sources (cameras, streams, pipelines) drop the oldest queued frame when the consumer is slower than the
 camera, so the detector always sees a recent frame, and they reconnect with exponential backoff when the feed
 is lost. Finite sources (files, folders) never drop: the reader waits for the consumer, so every frame is
-processed exactly once.
+processed exactly once. A live source that keeps connecting but never yields a decodable frame (a hostile or
+misconfigured stream) is given up after ``give_up_after_s`` instead of being re-opened for ever.
 """
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
+import time
 from typing import Any
 
 from edgead.runtime.sources import (
@@ -67,8 +70,9 @@ class FrameReader:
         reconnect_delay: float = 0.5,
         max_reconnect_delay: float = 8.0,
         drop_oldest: bool | None = None,
+        give_up_after_s: float | None = None,
     ) -> None:
-        """Configures the reader; nothing is opened until :meth:`start`.
+        """Configures the reader; nothing is opened until :meth:`open` or :meth:`start`.
 
         Args:
             source: The frame source (not yet opened).
@@ -78,15 +82,22 @@ class FrameReader:
             reconnect_delay: First wait before re-opening, in seconds; it doubles per failed attempt.
             max_reconnect_delay: Cap on the wait, in seconds.
             drop_oldest: Drop the oldest queued frame when full; None means True for live sources only.
+            give_up_after_s: Live sources: raise SourceError once the source has been connected (open) for this
+                many seconds, over any number of re-opens, without one decodable frame. None: never give up.
+                Re-opens after a frameless connection keep backing off instead of restarting at
+                ``reconnect_delay``.
         """
         if queue_size < 1:
             raise ValueError(f"queue_size must be >= 1, got {queue_size}")
+        if give_up_after_s is not None and not give_up_after_s > 0:  # also refuses NaN
+            raise ValueError(f"give_up_after_s must be a positive number of seconds, got {give_up_after_s}")
         self.source = source
         self.on_event = on_event
         self.max_reconnect_attempts = max_reconnect_attempts
         self.reconnect_delay = reconnect_delay
         self.max_reconnect_delay = max_reconnect_delay
         self.drop_oldest = source.live if drop_oldest is None else drop_oldest
+        self.give_up_after_s = None if give_up_after_s is None or math.isinf(give_up_after_s) else give_up_after_s
         self.frames_read = 0
         self.dropped = 0
         self.reconnects = 0
@@ -95,21 +106,40 @@ class FrameReader:
         self._thread: threading.Thread | None = None
         self._finished = False
         self._error: BaseException | None = None
+        self._opened = False
+        # Since when the source has been connected without giving a frame (None once a frame arrived), and over
+        # how many connections: what give_up_after_s is measured on.
+        self._frameless_since: float | None = None
+        self._frameless_connections = 0
+        self._backoff = reconnect_delay  # the next re-open's first wait
 
     @property
     def live(self) -> bool:
         """Whether the underlying source is live."""
         return self.source.live
 
+    def open(self) -> FrameReader:
+        """Opens the source in the caller's thread without starting the capture thread (:meth:`start` does
+        both), so that a caller can prepare its outputs between the two; :meth:`stop` closes it again.
+
+        Raises:
+            SourceError: The source cannot be opened.
+        """
+        if not self._opened:
+            self.source.open()
+            self._opened = True
+            self._connected()
+        return self
+
     def start(self) -> FrameReader:
-        """Opens the source in the caller's thread, then starts capturing.
+        """Opens the source in the caller's thread (unless :meth:`open` did), then starts capturing.
 
         Raises:
             SourceError: The source cannot be opened.
         """
         if self._thread is not None:
             raise RuntimeError("FrameReader.start() called twice")
-        self.source.open()
+        self.open()
         self._thread = threading.Thread(target=self._run, name=f"edgead-capture-{self.source.label}", daemon=True)
         self._thread.start()
         return self
@@ -164,6 +194,23 @@ class FrameReader:
         if self.on_event is not None:
             self.on_event(message)
 
+    def _connected(self) -> None:
+        if self._frameless_since is None:
+            self._frameless_since = time.monotonic()
+        self._frameless_connections += 1
+
+    def _check_give_up(self) -> None:
+        """Raises SourceError when the source has been connected for ``give_up_after_s`` without a frame."""
+        if self.give_up_after_s is None or self._frameless_since is None:
+            return
+        waited = time.monotonic() - self._frameless_since
+        if waited >= self.give_up_after_s:
+            raise SourceError(
+                f"{self.source.label} connected {self._frameless_connections} time(s) but gave no decodable frame "
+                f"in {waited:.0f} s; gave up after {self.give_up_after_s:g} s (is it a video stream in a format "
+                "OpenCV decodes? check the URL and the camera's stream settings)"
+            )
+
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
@@ -172,9 +219,13 @@ class FrameReader:
                     if not self.source.live:
                         self._put_blocking(_END)
                         return
+                    self._check_give_up()
                     if not self._reconnect():
                         return  # stopped while waiting
                     continue
+                self._frameless_since = None
+                self._frameless_connections = 0
+                self._backoff = self.reconnect_delay
                 self.frames_read += 1
                 if self.drop_oldest:
                     self._put_dropping_oldest(frame)
@@ -195,12 +246,13 @@ class FrameReader:
             SourceError: ``max_reconnect_attempts`` re-opens failed.
         """
         self.source.close()
-        delay = self.reconnect_delay
+        delay = self._backoff
         attempt = 0
         last_error: SourceError | None = None
+        what = "lost" if self._frameless_since is None else "gave no decodable frame"
         while self.max_reconnect_attempts is None or attempt < self.max_reconnect_attempts:
             attempt += 1
-            self._emit(f"{self.source.label} lost; reconnecting in {delay:g} s (attempt {attempt})")
+            self._emit(f"{self.source.label} {what}; reconnecting in {delay:g} s (attempt {attempt})")
             if self._stop.wait(delay):
                 return False
             try:
@@ -210,6 +262,9 @@ class FrameReader:
                 delay = min(delay * 2.0, self.max_reconnect_delay)
                 continue
             self.reconnects += 1
+            # Should this connection give no frame either, the next wait is longer (reset by the first frame).
+            self._backoff = min(delay * 2.0, self.max_reconnect_delay)
+            self._connected()
             self._emit(f"{self.source.label} reconnected")
             return True
         detail = f": {last_error}" if last_error is not None else ""

@@ -2,17 +2,38 @@
 
 Torch-free. The loop depends only on the tiny :class:`Predictor` protocol (``predict(frame_bgr) -> Result``), so
 any detector or a test double plugs in.
+
+What the loop guarantees, so that the log and the saved evidence can be trusted after any ending:
+
+- Outputs are checked before the source opens (:func:`check_outputs`: a folder given as the log, a file given as
+  the evidence folder, a read-only or full file system) and opened before the capture thread starts; a failure
+  is an :class:`OutputError` naming the path, never a traceback with a capture thread still running.
+- A log line is one ``write()`` of the whole line; a write that fails part-way (disk full, read-only remount,
+  I/O error) is cut back, so the log ends with a complete line, and the run stops with an :class:`OutputError`.
+- An alarm's files are written under temporary names, then its log line, then renamed into place, with SIGINT
+  and SIGTERM held off for those few milliseconds: every saved file has its log line and every file a line
+  names exists. A frame (and an alarm) is counted only once that is done.
+- SIGINT (Ctrl-C) and SIGTERM end the loop at once otherwise, with ``stop_reason`` "interrupted" or
+  "terminated"; the capture thread is stopped and joined on every way out.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import io
 import json
 import math
 import os
 import re
+import shutil
+import signal
 import statistics
+import tempfile
+import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,17 +42,26 @@ from typing import Any, BinaryIO, Protocol
 import cv2
 import numpy as np
 
-from edgead.data.io import atomic_output, write_image_atomic
 from edgead.runtime.capture import EventCallback, Frame, FrameReader, create_source
 from edgead.runtime.overlay import draw_hud, has_display
 from edgead.runtime.result import Result
 
-__all__ = ["LiveOptions", "LiveSummary", "Predictor", "run_live"]
+__all__ = ["LiveOptions", "LiveSummary", "OutputError", "Predictor", "check_outputs", "run_live"]
 
 _FPS_SMOOTHING = 0.1  # weight of the newest frame interval in the FPS moving average
 _LATENCY_WINDOW = 10_000  # the median is taken over the most recent frames so memory stays bounded on 24/7 runs
 _GET_TIMEOUT_S = 0.1  # wake up this often without frames to keep the window responsive
 _QUIT_KEYS = (ord("q"), ord("Q"), 27)  # q or Esc
+# Free space an output location needs before a run starts (engineering choice: a few thousand log lines or a
+# few alarms; a full disk reports 0). Running out later is caught when a write fails.
+_MIN_FREE_BYTES = 1 << 20
+#: Live sources: seconds connected without a decodable frame before the run gives up (engineering choice: far
+#: above a camera's first keyframe, a few seconds; far below "for ever").
+DEFAULT_GIVE_UP_AFTER_S = 60.0
+
+
+class OutputError(RuntimeError):
+    """The log or the evidence folder cannot be written; the message names the path and the reason."""
 
 
 class Predictor(Protocol):
@@ -51,7 +81,7 @@ class LiveOptions:
         save_anomalies: Folder for anomalous frames (frame PNG, HUD PNG and raw ``.npy`` map); None = save nothing.
         log_path: JSON-lines log (appended to); None = no log.
         log_every_frame: Log every frame; False = only anomalous frames.
-        max_frames: Stop after this many processed frames; None = until the source ends or Ctrl-C.
+        max_frames: Stop after this many processed frames (>= 1); None = until the source ends or Ctrl-C.
         queue_size: Frames buffered between capture and inference (small keeps live latency low).
         window_name: Title of the display window.
         map_range: Fixed (vmin, vmax) for heatmap colours; None = (0, 2 x threshold).
@@ -59,6 +89,12 @@ class LiveOptions:
         max_reconnect_attempts: Live sources: give up after this many failed re-opens; None = retry for ever.
         stall_timeout_s: Streams and videos: seconds without a packet before a read fails and a stream
             reconnects; None = OpenCV's default (30 s).
+        give_up_after_s: Live sources: stop with a SourceError once the source has been connected this many
+            seconds, over any number of reconnects, without one decodable frame (a stream of garbage, a camera
+            that opens but sends nothing); None or infinity = never.
+
+    Raises:
+        ValueError: A number is out of range (the message names the field and the value).
     """
 
     show: bool | None = None
@@ -72,6 +108,19 @@ class LiveOptions:
     skip_bad: bool = False
     max_reconnect_attempts: int | None = None
     stall_timeout_s: float | None = None
+    give_up_after_s: float | None = DEFAULT_GIVE_UP_AFTER_S
+
+    def __post_init__(self) -> None:
+        if self.max_frames is not None and self.max_frames < 1:
+            raise ValueError(f"max_frames must be >= 1, got {self.max_frames}")
+        if self.queue_size < 1:
+            raise ValueError(f"queue_size must be >= 1, got {self.queue_size}")
+        if self.max_reconnect_attempts is not None and self.max_reconnect_attempts < 0:
+            raise ValueError(f"max_reconnect_attempts must be >= 0, got {self.max_reconnect_attempts}")
+        if self.stall_timeout_s is not None and not (math.isfinite(self.stall_timeout_s) and self.stall_timeout_s > 0):
+            raise ValueError(f"stall_timeout_s must be a positive number of seconds, got {self.stall_timeout_s}")
+        if self.give_up_after_s is not None and not self.give_up_after_s > 0:  # "not >" also refuses NaN
+            raise ValueError(f"give_up_after_s must be a positive number of seconds, got {self.give_up_after_s}")
 
 
 @dataclass
@@ -79,16 +128,16 @@ class LiveSummary:
     """What a :func:`run_live` session did.
 
     Attributes:
-        frames: Frames processed by the predictor.
-        anomalies: Frames judged anomalous.
+        frames: Frames processed by the predictor (and logged, when there is a log).
+        anomalies: Frames judged anomalous (with their log line and evidence written).
         dropped: Frames the reader discarded to stay live (always 0 for files and folders).
         reconnects: Successful reconnects of a live source.
         seconds: Wall time from the first frame request to the end.
         fps: ``frames / seconds``.
         mean_latency_ms: Mean capture-to-result latency.
         median_latency_ms: Median capture-to-result latency over the most recent 10,000 frames.
-        interrupted: Stopped by Ctrl-C (KeyboardInterrupt).
-        stop_reason: "end of source", "max frames", "quit key", "window closed" or "interrupted".
+        interrupted: Stopped by Ctrl-C (KeyboardInterrupt, SIGINT) or SIGTERM.
+        stop_reason: "end of source", "max frames", "quit key", "window closed", "interrupted" or "terminated".
     """
 
     frames: int = 0
@@ -103,30 +152,146 @@ class LiveSummary:
     stop_reason: str = ""
 
 
+# ------------------------------------------------------------------------------------------ output checks
+def check_outputs(options: LiveOptions) -> None:
+    """Checks, leaving nothing behind, that the log and the evidence folder can be written: the log is not a
+    folder, the evidence folder is not a file, the nearest existing folder above each takes a file (not a
+    read-only file system, not without permission) and has at least 1 MiB free.
+
+    Raises:
+        OutputError: Names the path and what is wrong with it.
+    """
+    if options.log_path is not None:
+        _check_output(Path(options.log_path), f"the log {options.log_path}", folder=False)
+    if options.save_anomalies is not None:
+        _check_output(Path(options.save_anomalies), f"the anomaly folder {options.save_anomalies}", folder=True)
+
+
+def _check_output(path: Path, what: str, folder: bool) -> None:
+    if path.is_dir() and not folder:
+        raise OutputError(f"cannot write {what}: it is a folder; give a file name such as {path / 'run.jsonl'}")
+    if path.exists() and not path.is_dir() and folder:
+        raise OutputError(f"cannot write {what}: it is a file, not a folder")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing != path and not existing.is_dir():
+        raise OutputError(f"cannot write {what}: {existing} is a file, not a folder")
+    refused = _write_error(existing)
+    if refused is not None:
+        if refused.errno == errno.EROFS:
+            reason = "is on a read-only file system"
+        elif refused.errno in (errno.EACCES, errno.EPERM):
+            reason = "is not writable (permission denied)"
+        else:
+            reason = f"cannot be written: {_reason(refused)}"
+        raise OutputError(f"cannot write {what}: {existing} {reason}")
+    free = _free_bytes(existing if existing.is_dir() else existing.parent)
+    if free is not None and free < _MIN_FREE_BYTES:
+        raise OutputError(f"cannot write {what}: no space left on its file system ({free} bytes free)")
+
+
+def _write_error(path: Path) -> OSError | None:
+    """Does what the run will do, leaving nothing behind: creates and removes a file in a folder, or opens an
+    existing file for appending (``os.access`` says yes to root where a write then fails: ACLs, NFS).
+    Returns the error, None when the write works."""
+    try:
+        if path.is_dir():
+            handle, name = tempfile.mkstemp(prefix=".edgead-write-check.", dir=path)
+            os.close(handle)
+            os.unlink(name)
+        elif path.is_file():
+            os.close(os.open(path, os.O_WRONLY | os.O_APPEND))
+    except OSError as exc:
+        return exc
+    return None
+
+
+def _free_bytes(folder: Path) -> int | None:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:  # not every file system can say
+        return None
+
+
+def _reason(exc: OSError) -> str:
+    """``No space left on device (ENOSPC)``: the system's words and the errno name users search for."""
+    name = errno.errorcode.get(exc.errno or 0)
+    text = exc.strerror or str(exc)
+    return f"{text} ({name})" if name else text
+
+
+@contextlib.contextmanager
+def _naming(what: str) -> Iterator[None]:
+    """Turns an OSError into an OutputError that names the output."""
+    try:
+        yield
+    except OSError as exc:
+        raise OutputError(f"cannot write {what}: {_reason(exc)}") from exc
+
+
+# ------------------------------------------------------------------------------------------ log and evidence
 class _JsonLinesLog:
-    """Append-only JSON-lines log where every record is one unbuffered write, so a crash never splits a line."""
+    """Append-only JSON-lines log where every record is one unbuffered write of the whole line; a write that
+    fails part-way is truncated back, so the file always ends with a complete line."""
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
         # Unbuffered binary append: each line goes to the OS in one write() call, nothing waits in a buffer.
         self._handle: BinaryIO | None = open(path, "ab", buffering=0)  # closed in close()
-        if self._handle.tell() > 0 and not _ends_with_newline(path):
-            # An earlier run died mid-line (e.g. power loss); start on a fresh line so ours stay parseable.
-            self._write(b"\n")
+        try:
+            if path.is_file() and self._handle.tell() > 0 and not _ends_with_newline(path):
+                # An earlier run died mid-line (e.g. power loss); start on a fresh line so ours stay parseable.
+                self._write_all(b"\n")
+        except BaseException:
+            self.close()
+            raise
 
-    def _write(self, data: bytes) -> None:
+    def _write_chunk(self, data: memoryview) -> int:
         assert self._handle is not None
-        view = memoryview(data)
-        while view:  # raw writes may be partial in principle; finish the line
-            written = self._handle.write(view)
-            view = view[written or 0 :]
+        return self._handle.write(data) or 0
 
-    def write(self, record: dict[str, Any]) -> None:
-        self._write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+    def _write_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:  # raw writes may be partial (a nearly full disk); finish the line or fail
+            view = view[self._write_chunk(view) :]
+
+    def write(self, record: dict[str, Any]) -> int | None:
+        """Appends one line; returns the file's size before it (for :meth:`cut`), None where it has none.
+
+        Raises:
+            OSError: The write failed; whatever part of the line reached the file has been cut off again.
+        """
+        assert self._handle is not None
+        data = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+        start = self._size()
+        try:
+            self._write_all(data)
+        except BaseException:
+            self.cut(start)
+            raise
+        return start
+
+    def _size(self) -> int | None:
+        assert self._handle is not None
+        try:
+            return os.fstat(self._handle.fileno()).st_size
+        except OSError:
+            return None
+
+    def cut(self, size: int | None) -> None:
+        """Truncates the log back to ``size`` bytes; best effort (a pipe, or a file system that refuses even
+        this, keeps what it has, and the next run starts on a fresh line)."""
+        if size is None or self._handle is None:
+            return
+        with contextlib.suppress(OSError):
+            self._handle.truncate(size)
 
     def close(self) -> None:
         if self._handle is not None:
-            self._handle.close()
+            with contextlib.suppress(OSError):  # nothing is buffered; a failing close loses nothing
+                self._handle.close()
             self._handle = None
 
 
@@ -185,17 +350,184 @@ def evidence_base(folder: Path, frame: Frame) -> Path:
 EVIDENCE_SUFFIXES = (".png", "_map.png", "_map.npy")
 
 
-def _save_anomaly(folder: Path, frame: Frame, hud_bgr: np.ndarray, anomaly_map: np.ndarray) -> list[str]:
-    """Writes ``<base>.png`` (the frame), ``<base>_map.png`` (the HUD) and ``<base>_map.npy`` (raw map), with
-    ``<base>`` from :func:`evidence_base`; returns the three file names (the alarm's log line lists them)."""
+def _encode_evidence(frame_bgr: np.ndarray, hud_bgr: np.ndarray, anomaly_map: np.ndarray) -> list[bytes]:
+    """The bytes of ``<base>.png`` (the frame), ``<base>_map.png`` (the HUD) and ``<base>_map.npy`` (the raw
+    map), encoded in memory so that nothing touches the disk before the commit."""
+    payloads = []
+    for image in (frame_bgr, hud_bgr):  # BGR, the encoder's own order: encoded as they are
+        ok, encoded = cv2.imencode(".png", np.ascontiguousarray(image))
+        if not ok:
+            raise OutputError(f"cannot encode a {image.shape} {image.dtype} image as PNG")
+        payloads.append(encoded.tobytes())
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(anomaly_map, dtype=np.float32))
+    payloads.append(buffer.getvalue())
+    return payloads
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "xb") as handle:
+        handle.write(data)
+
+
+def _commit_evidence(
+    folder: Path, frame: Frame, evidence: list[bytes], log: _JsonLinesLog | None, record: dict[str, Any] | None
+) -> list[str]:
+    """Saves one alarm as a group with its log line: files under temporary names, then the line (naming the
+    files), then the renames. Any failure removes the temporary and renamed files and cuts the line again, so
+    no file is left without its line and no line names a missing file; returns the file names.
+
+    Raises:
+        OutputError: A write or rename failed (names the folder or the log and the reason).
+    """
     base = evidence_base(folder, frame)
-    # Frames and the HUD are BGR, the encoder's own order: written as they are.
-    write_image_atomic(base.with_name(base.name + ".png"), frame.image, bgr=True)
-    write_image_atomic(base.with_name(base.name + "_map.png"), hud_bgr, bgr=True)
-    with atomic_output(base.with_name(base.name + "_map.npy")) as tmp, open(tmp, "wb") as handle:
-        # Saving through a handle: np.save(path) would append ".npy" to the temporary name.
-        np.save(handle, np.asarray(anomaly_map, dtype=np.float32))
-    return [base.name + suffix for suffix in EVIDENCE_SUFFIXES]
+    finals = [base.with_name(base.name + suffix) for suffix in EVIDENCE_SUFFIXES]
+    temps = [final.with_name(f".{final.name}.tmp") for final in finals]  # hidden: never taken for evidence
+    names = [final.name for final in finals]
+    placed: list[Path] = []
+    mark: int | None = None
+    logged = False
+    what = f"the anomaly folder {folder}"
+    try:
+        for temp, data in zip(temps, evidence, strict=True):
+            _write_file(temp, data)
+        if log is not None and record is not None:
+            what = f"the log {log.path}"
+            mark = log.write({**record, "saved": names})
+            logged = True
+            what = f"the anomaly folder {folder}"
+        for temp, final in zip(temps, finals, strict=True):
+            os.replace(temp, final)
+            placed.append(final)
+    except BaseException as exc:
+        for path in (*placed, *temps):
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+        if logged and log is not None:
+            log.cut(mark)
+        if isinstance(exc, OSError):
+            raise OutputError(f"cannot write {what}: {_reason(exc)}") from exc
+        raise
+    return names
+
+
+def _save_anomaly(folder: Path, frame: Frame, hud_bgr: np.ndarray, anomaly_map: np.ndarray) -> list[str]:
+    """Writes one alarm's three files (see :func:`_encode_evidence`, named by :func:`evidence_base`) without a
+    log line; returns the file names."""
+    with _naming(f"the anomaly folder {folder}"):
+        folder.mkdir(parents=True, exist_ok=True)
+    return _commit_evidence(folder, frame, _encode_evidence(frame.image, hud_bgr, anomaly_map), None, None)
+
+
+class _Outputs:
+    """The log and the evidence folder of one run, opened together and written so that they always agree."""
+
+    def __init__(self, options: LiveOptions) -> None:
+        """Creates the evidence folder (and proves it takes a file), then opens the log.
+
+        Raises:
+            OutputError: Either cannot be written.
+        """
+        self.folder = None if options.save_anomalies is None else Path(options.save_anomalies)
+        self.log_every_frame = options.log_every_frame
+        self.log: _JsonLinesLog | None = None
+        if self.folder is not None:
+            with _naming(f"the anomaly folder {self.folder}"):
+                self.folder.mkdir(parents=True, exist_ok=True)
+                probe = self.folder / f".edgead-probe-{os.getpid()}.tmp"
+                try:
+                    _write_file(probe, b"probe")
+                finally:
+                    with contextlib.suppress(OSError):
+                        probe.unlink(missing_ok=True)
+        if options.log_path is not None:
+            with _naming(f"the log {options.log_path}"):
+                self.log = _JsonLinesLog(Path(options.log_path))
+
+    def wants_evidence(self, result: Result) -> bool:
+        return bool(result.is_anomaly) and self.folder is not None
+
+    def wants_line(self, result: Result) -> bool:
+        return self.log is not None and (self.log_every_frame or bool(result.is_anomaly))
+
+    def commit(self, frame: Frame, record: dict[str, Any] | None, evidence: list[bytes] | None) -> None:
+        """Writes the frame's log line (``record``, None = no line) and its evidence (None = none) as a group.
+
+        Raises:
+            OutputError: Something could not be written; nothing of this frame is left behind.
+        """
+        if evidence is not None and self.folder is not None:
+            _commit_evidence(self.folder, frame, evidence, self.log, record)
+        elif record is not None and self.log is not None:
+            with _naming(f"the log {self.log.path}"):
+                self.log.write(record)
+
+    def close(self) -> None:
+        if self.log is not None:
+            self.log.close()
+
+
+# ------------------------------------------------------------------------------------------ signals
+class _Stop(KeyboardInterrupt):
+    """SIGINT or SIGTERM, raised in the main thread (a KeyboardInterrupt, so Ctrl-C handling covers both)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class _StopSignals:
+    """Turns SIGINT, SIGTERM (and Windows' SIGBREAK) into :class:`_Stop` while the loop runs, except inside
+    :meth:`held` (the commit of one frame's log line and files), where the first signal takes effect right after.
+
+    Handlers can only be installed from the main thread; elsewhere nothing changes. A signal the process
+    ignores (a background job's SIGINT) stays ignored, and the previous handlers come back on exit.
+    """
+
+    def __init__(self) -> None:
+        self._held = 0
+        self._pending: int | None = None
+        self.stopping = False  # set once the loop is ending: later signals must not cut the cleanup short
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for name in ("SIGINT", "SIGTERM", "SIGBREAK"):
+                signum = getattr(signal, name, None)
+                if signum is None or signal.getsignal(signum) is signal.SIG_IGN:
+                    continue
+                self._previous[signum] = signal.getsignal(signum)
+                signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, signal.SIG_DFL if previous is None else previous)
+        self._previous.clear()
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        if self.stopping:
+            return
+        if self._held and self._pending is None:
+            self._pending = signum
+            return
+        # Not held, or a second signal while a commit hangs (a stalled network drive): stop now; the commit
+        # rolls its files and line back, so the log and the folder still agree.
+        self.stopping = True
+        raise _Stop(signum)
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Defers SIGINT/SIGTERM until the block is done (not on its failure: that ends the run anyway)."""
+        self._held += 1
+        try:
+            yield
+        finally:
+            self._held -= 1
+        if not self._held and self._pending is not None and not self.stopping:
+            signum, self._pending = self._pending, None
+            self.stopping = True
+            raise _Stop(signum)
 
 
 def _resolve_show(show: bool | None) -> bool:
@@ -209,6 +541,7 @@ def _resolve_show(show: bool | None) -> bool:
     return show
 
 
+# ------------------------------------------------------------------------------------------ the loop
 def run_live(
     predictor: Predictor,
     source_spec: str,
@@ -224,25 +557,33 @@ def run_live(
         on_event: Receives human-readable status lines (reconnects, why the loop stopped).
 
     Returns:
-        Counts and timings of the session. Ctrl-C ends the loop cleanly and sets ``interrupted``.
+        Counts and timings of the session. Ctrl-C (SIGINT) and SIGTERM end the loop cleanly and set
+        ``interrupted``.
 
     Raises:
-        SourceError: The source cannot be classified or opened, a folder image is unreadable, or a live source
-            could not be reconnected within ``max_reconnect_attempts``.
+        OutputError: The log or the evidence folder cannot be written (checked before the source opens), or a
+            write failed during the run (the run stops; the log ends with its last complete line).
+        SourceError: The source cannot be classified or opened, a folder image is unreadable, a live source
+            could not be reconnected within ``max_reconnect_attempts``, or it gave no decodable frame within
+            ``give_up_after_s``.
         RuntimeError: ``show=True`` but no window can be opened.
     """
     options = options or LiveOptions()
     show = _resolve_show(options.show)
+    check_outputs(options)  # before the source opens: a bad path costs nothing and leaves nothing behind
     source = create_source(
         source_spec, skip_bad=options.skip_bad, on_event=on_event, stall_timeout_s=options.stall_timeout_s
     )
     reader = FrameReader(
-        source, queue_size=options.queue_size, on_event=on_event, max_reconnect_attempts=options.max_reconnect_attempts
+        source,
+        queue_size=options.queue_size,
+        on_event=on_event,
+        max_reconnect_attempts=options.max_reconnect_attempts,
+        give_up_after_s=options.give_up_after_s,
     )
-    reader.start()  # SourceError for an unopenable source propagates before anything else is created
 
     summary = LiveSummary()
-    log = _JsonLinesLog(options.log_path) if options.log_path is not None else None
+    outputs: _Outputs | None = None
     # Every log line says what produced it (export, method, backend, precision) when the predictor tells.
     running: dict[str, Any] = predictor.describe() if hasattr(predictor, "describe") else {}
     latencies: deque[float] = deque(maxlen=_LATENCY_WINDOW)
@@ -251,69 +592,82 @@ def run_live(
     previous_time: float | None = None
     started = time.monotonic()
     window_open = False
-    try:
-        while options.max_frames is None or summary.frames < options.max_frames:
-            try:
-                frame = reader.get(timeout=_GET_TIMEOUT_S)
-            except TimeoutError:
-                if window_open and (reason := _poll_window(options.window_name)):
-                    summary.stop_reason = reason
+    with _StopSignals() as signals:
+        try:
+            reader.open()  # SourceError for an unopenable source propagates before any output is created
+            outputs = _Outputs(options)  # OutputError here still precedes the capture thread
+            reader.start()
+            started = time.monotonic()  # the first frame request: opening a stream is not frame time
+            while options.max_frames is None or summary.frames < options.max_frames:
+                try:
+                    frame = reader.get(timeout=_GET_TIMEOUT_S)
+                except TimeoutError:
+                    if window_open and (reason := _poll_window(options.window_name)):
+                        summary.stop_reason = reason
+                        break
+                    continue
+                if frame is None:
+                    summary.stop_reason = "end of source"
                     break
-                continue
-            if frame is None:
-                summary.stop_reason = "end of source"
-                break
 
-            # The predictor decides (its threshold is the one override point: ``Detector.threshold``).
-            result = predictor.predict(frame.image)
-            now = time.monotonic()
-            latency_ms = (now - frame.timestamp) * 1000.0
-            latencies.append(latency_ms)
-            latency_total += latency_ms
-            if previous_time is not None:
-                interval = now - previous_time
-                # Exponential moving average of the frame-to-frame time: steady on screen, still follows changes.
-                mean_interval = (
-                    interval if mean_interval is None else mean_interval + _FPS_SMOOTHING * (interval - mean_interval)
-                )
-            previous_time = now
-            fps = 1.0 / mean_interval if mean_interval else None
-            summary.frames += 1
-            summary.anomalies += int(result.is_anomaly)
+                # The predictor decides (its threshold is the one override point: ``Detector.threshold``).
+                result = predictor.predict(frame.image)
+                now = time.monotonic()
+                latency_ms = (now - frame.timestamp) * 1000.0
+                latencies.append(latency_ms)
+                latency_total += latency_ms
+                if previous_time is not None:
+                    interval = now - previous_time
+                    # Exponential moving average of the frame-to-frame time: steady on screen, still follows changes.
+                    mean_interval = (
+                        interval
+                        if mean_interval is None
+                        else mean_interval + _FPS_SMOOTHING * (interval - mean_interval)
+                    )
+                previous_time = now
+                fps = 1.0 / mean_interval if mean_interval else None
 
-            hud: np.ndarray | None = None
-            if show or (result.is_anomaly and options.save_anomalies is not None):
-                # Only render the HUD when someone looks at it: headless devices save the cost.
-                vmin, vmax = options.map_range or (0.0, 2.0 * float(result.threshold))
-                hud = draw_hud(frame.image, result, fps, latency_ms, vmin, vmax)
-            saved: list[str] = []
-            if result.is_anomaly and options.save_anomalies is not None and hud is not None:
-                saved = _save_anomaly(options.save_anomalies, frame, hud, result.anomaly_map)
-            if log is not None and (options.log_every_frame or result.is_anomaly):
-                record = {**_log_record(frame, result, latency_ms, reader.dropped), **running}
-                if saved:
-                    record["saved"] = saved
-                log.write(record)
-            if show and hud is not None:
-                if not window_open:
-                    cv2.namedWindow(options.window_name, cv2.WINDOW_NORMAL)
-                    window_open = True
-                cv2.imshow(options.window_name, hud)
-                if reason := _poll_window(options.window_name):
-                    summary.stop_reason = reason
-                    break
-        else:
-            summary.stop_reason = "max frames"
-    except KeyboardInterrupt:
-        summary.interrupted = True
-        summary.stop_reason = "interrupted"
-    finally:
-        reader.stop()
-        if log is not None:
-            log.close()
-        if window_open:
-            cv2.destroyWindow(options.window_name)
-            cv2.waitKey(1)  # lets the GUI thread actually process the destroy
+                hud: np.ndarray | None = None
+                if show or outputs.wants_evidence(result):
+                    # Only render the HUD when someone looks at it: headless devices save the cost.
+                    vmin, vmax = options.map_range or (0.0, 2.0 * float(result.threshold))
+                    hud = draw_hud(frame.image, result, fps, latency_ms, vmin, vmax)
+                evidence = None
+                if hud is not None and outputs.wants_evidence(result):
+                    evidence = _encode_evidence(frame.image, hud, result.anomaly_map)  # slow part: not held
+                record = None
+                if outputs.wants_line(result):
+                    record = {**_log_record(frame, result, latency_ms, reader.dropped), **running}
+                with signals.held():  # the frame's line and files are written, and counted, or not at all
+                    outputs.commit(frame, record, evidence)
+                    summary.frames += 1
+                    summary.anomalies += int(bool(result.is_anomaly))
+                if show and hud is not None:
+                    if not window_open:
+                        cv2.namedWindow(options.window_name, cv2.WINDOW_NORMAL)
+                        window_open = True
+                    cv2.imshow(options.window_name, hud)
+                    if reason := _poll_window(options.window_name):
+                        summary.stop_reason = reason
+                        break
+            else:
+                summary.stop_reason = "max frames"
+        except KeyboardInterrupt as stop:
+            summary.interrupted = True
+            terminated = isinstance(stop, _Stop) and stop.signum == signal.SIGTERM
+            summary.stop_reason = "terminated" if terminated else "interrupted"
+        except OutputError as err:
+            if summary.frames:
+                raise OutputError(f"{err}; the run stopped after {summary.frames} frames") from err.__cause__
+            raise
+        finally:
+            signals.stopping = True
+            reader.stop()  # joins the capture thread (and closes the source) on every way out
+            if outputs is not None:
+                outputs.close()
+            if window_open:
+                cv2.destroyWindow(options.window_name)
+                cv2.waitKey(1)  # lets the GUI thread actually process the destroy
 
     summary.seconds = time.monotonic() - started
     summary.dropped = reader.dropped

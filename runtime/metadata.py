@@ -10,13 +10,12 @@ the runtime calls :func:`load_metadata`, which names the field when something is
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgead.data.io import file_sha256, write_json_atomic
+from edgead.data.io import JSONReadError, file_sha256, read_json_strict, write_json_atomic
 from edgead.data.preprocess import PreprocessConfig
 
 METADATA_NAME = "edgead.json"
@@ -132,14 +131,14 @@ class ExportMetadata:
 
 
 def load_metadata(export_dir: str | Path) -> ExportMetadata:
-    """Read and validate ``<export_dir>/edgead.json``."""
+    """Read and validate ``<export_dir>/edgead.json`` (strict JSON: ``edgead.data.io.read_json_strict``)."""
     path = Path(export_dir) / METADATA_NAME
     if not path.is_file():
         raise MetadataError(f"{path}: not found; expected an export directory made by `edgead export`")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise MetadataError(f"{path}: not valid JSON ({err})") from err
+    try:  # a key given twice (a second "threshold") or a hostile nesting is refused, naming the file
+        data = read_json_strict(path, hint="re-run `edgead export`")
+    except JSONReadError as err:
+        raise MetadataError(str(err)) from None
     return ExportMetadata.from_dict(data, source=str(path))
 
 

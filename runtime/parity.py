@@ -3,10 +3,18 @@
 These figures (score relative error, decisions that flip at the calibrated threshold) are specific to
 anomaly detection; polygraphy compares raw tensors, which ``elementwise`` reports in the same spirit
 (max and median absolute error).
+
+One rule for ``edgead export`` and ``edgead verify``: :data:`TOLERANCES` per precision, widened by
+:func:`tolerances` exactly as far as the export's float64 check (:func:`fp32_envelope`, recorded in
+``edgead.json`` as ``parity.fp32_conditioning``) showed FP32 itself to be inexact for the graph, and judged by
+:func:`judge`. Export runs that judgement on its verification set before it publishes, so an export that
+export accepts passes ``edgead verify`` on ONNX Runtime, and a verify failure means the device differs.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -25,6 +33,39 @@ FP32_ENVELOPE_FACTOR = 10.0
 #: Scores smaller than this share of the largest reference score count as this size in the relative error.
 SCORE_FLOOR = 1e-2
 
+#: What each precision must meet against the PyTorch FP32 reference, in export's verification-set check and in
+#: ``edgead verify``. A decision may flip only for an image whose reference score is within ``score_rel`` of the
+#: threshold (rounding of a score that sits on the threshold; any other flip is also a score error).
+TOLERANCES: dict[str, dict[str, float]] = {
+    "fp32": {"score_rel": 1e-3, "map_rel": 1e-3, "decision_flips": 0, "map_iou": 0.99, "auroc_drop": 0.0},
+    "fp16": {"score_rel": 5e-2, "map_rel": 5e-2, "decision_flips": 0, "map_iou": 0.9, "auroc_drop": 0.02},
+}
+
+
+def tolerances(precision: str, parity: Mapping[str, Any] | None = None) -> dict[str, float]:
+    """:data:`TOLERANCES` of ``precision`` for an export whose ``edgead.json`` holds ``parity``.
+
+    Where export's float64 check passed an ill-conditioned graph (``parity["fp32_conditioning"]``: PyTorch FP32 is
+    ``torch_fp32_vs_float64`` from float64, a correct FP32 backend up to :func:`envelope_allowance` of that), a
+    correct backend may be the sum of the two from the PyTorch reference: the score and map tolerances are widened
+    to that sum (``fp32_conditioning`` in the result). The allowance is recomputed by the rule, not read back.
+    """
+    if precision not in TOLERANCES:
+        raise ValueError(f"precision must be one of {', '.join(TOLERANCES)}, got {precision!r}")
+    tol = dict(TOLERANCES[precision])
+    record = (parity or {}).get("fp32_conditioning")
+    if isinstance(record, Mapping) and record.get("within") is True:
+        try:
+            torch_error = float(record["torch_fp32_vs_float64"])
+        except (KeyError, TypeError, ValueError):
+            torch_error = math.nan
+        widened = envelope_allowance(torch_error) + torch_error if math.isfinite(torch_error) else math.nan
+        if math.isfinite(widened) and widened > 0:
+            tol["fp32_conditioning"] = widened
+            for key in ("score_rel", "map_rel"):
+                tol[key] = max(tol[key], widened)
+    return tol
+
 
 def relative_errors(reference: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """``|scores - reference| / |reference|`` per score, the denominator floored at :data:`SCORE_FLOOR` of the
@@ -33,6 +74,11 @@ def relative_errors(reference: np.ndarray, scores: np.ndarray) -> np.ndarray:
     reference, scores = np.asarray(reference, np.float64), np.asarray(scores, np.float64)
     floor = max(SCORE_FLOOR * float(np.abs(reference).max(initial=0.0)), 1e-12)
     return np.abs(scores - reference) / np.maximum(np.abs(reference), floor)
+
+
+def envelope_allowance(torch_error: float) -> float:
+    """How far from float64 a correct FP32 export may be where PyTorch FP32 is ``torch_error`` from it."""
+    return max(FP32_SCORE_RTOL, FP32_ENVELOPE_FACTOR * torch_error)
 
 
 def fp32_envelope(ref_scores: np.ndarray, scores: np.ndarray, f64_scores: np.ndarray) -> dict[str, Any]:
@@ -44,7 +90,7 @@ def fp32_envelope(ref_scores: np.ndarray, scores: np.ndarray, f64_scores: np.nda
     f64 = np.asarray(f64_scores, np.float64)
     torch_error = float(np.max(relative_errors(f64, ref_scores)))
     export_error = float(np.max(relative_errors(f64, scores)))
-    allowed = max(FP32_SCORE_RTOL, FP32_ENVELOPE_FACTOR * torch_error)
+    allowed = envelope_allowance(torch_error)
     return {
         "torch_fp32_vs_float64": torch_error,
         "export_vs_float64": export_error,
@@ -65,7 +111,10 @@ def compare(
         )
     map_error = np.abs(ref_maps - maps)
     score_rel = relative_errors(ref_scores, scores)
-    flips = int(np.sum(is_anomalous(ref_scores, threshold) != is_anomalous(scores, threshold)))
+    flipped = is_anomalous(ref_scores, threshold) != is_anomalous(scores, threshold)
+    flips = int(np.sum(flipped))
+    # How far from the threshold the flipped images' reference scores were (relative, as score errors are).
+    margin = relative_errors(ref_scores, np.full_like(ref_scores, float(threshold)))[flipped]
     return {
         "n_images": int(len(ref_scores)),
         "map_max_abs_error": float(map_error.max()),
@@ -74,5 +123,36 @@ def compare(
         "score_max_rel_error": float(score_rel.max()),
         "score_median_rel_error": float(np.median(score_rel)),
         "decision_flips": flips,
+        "decision_flip_margin": float(margin.max(initial=0.0)),
         "threshold": float(threshold),
     }
+
+
+def judge(report: Mapping[str, Any], tol: Mapping[str, float]) -> list[str]:
+    """The failed checks of a parity ``report`` (``edgead.runtime.verify.compare``'s) against ``tol``
+    (:func:`tolerances`), each naming the output, the error and the tolerance (empty: pass)."""
+    failures = []
+    if not report.get("finite", True):
+        failures.append("outputs contain NaN or infinity")
+    if report["score_max_rel_error"] > tol["score_rel"]:
+        failures.append(f"score: max relative error {report['score_max_rel_error']:.3e} > {tol['score_rel']:g}")
+    if report["map_max_rel_error"] > tol["map_rel"]:
+        failures.append(f"anomaly_map: max relative error {report['map_max_rel_error']:.3e} > {tol['map_rel']:g}")
+    margin = report.get("decision_flip_margin", math.inf if report["decision_flips"] else 0.0)
+    if report["decision_flips"] > tol["decision_flips"] and margin > tol["score_rel"]:
+        failures.append(
+            f"decisions: {report['decision_flips']} flipped against the threshold, one with a reference score "
+            f"{margin:.3e} (relative) from it, more than the score tolerance {tol['score_rel']:g}"
+        )
+    if "map_iou" in report and report["map_iou"] < tol["map_iou"]:
+        failures.append(f"anomaly_map: IoU of thresholded maps {report['map_iou']:.3f} < {tol['map_iou']:g}")
+    reference, auroc = report.get("auroc_reference"), report.get("auroc")
+    if auroc is not None and reference is not None and reference - auroc > tol["auroc_drop"]:
+        failures.append(f"image AUROC {auroc:.4f} vs reference {reference:.4f}")
+    for name, output in (report.get("polygraphy") or {}).get("outputs", {}).items():
+        if not output["passed"]:
+            failures.append(
+                f"{name}: polygraphy's comparator failed it (max abs error {output['max_abs_error']:.3e} > "
+                f"atol {output['atol']:.3g} and max rel error {output['max_rel_error']:.3e} > rtol {output['rtol']:g})"
+            )
+    return failures

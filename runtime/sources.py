@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import abc
 import math
+import os
 import re
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +38,12 @@ EventCallback = Callable[[str], None]
 STREAM_SCHEMES = ("rtsp://", "rtmp://", "http://", "https://")
 LIVE_KINDS = frozenset({"camera", "stream", "gstreamer"})
 _EXPECTED = "a camera index, a video file, a folder of images, a stream URL or a GStreamer pipeline"
+
+#: FFmpeg's level for OpenCV's FFmpeg backend unless the user sets ``OPENCV_FFMPEG_LOGLEVEL``: AV_LOG_QUIET. A
+#: stream of undecodable parts otherwise prints one decoder line per part (thousands a minute); the reader's own
+#: lines ("gave no decodable frame", "gave up after ...") say what happened instead. Set the variable (e.g. 24 for
+#: FFmpeg warnings) to see the decoder's lines when debugging a stream.
+FFMPEG_LOGLEVEL_DEFAULT = "-8"
 
 
 class SourceError(RuntimeError):
@@ -68,10 +76,12 @@ def describe_source(spec: str) -> tuple[str, Any]:
 
     Returns:
         ``(kind, target)``: ``("camera", int)``, ``("folder", Path)``, ``("image", Path)``, ``("video", Path)``,
-        ``("stream", url)`` or ``("gstreamer", pipeline)``.
+        ``("stream", url)`` or ``("gstreamer", pipeline)``. An existing path wins over the pipeline rule
+        (:func:`looks_like_pipeline`); a V4L2 device node ``/dev/videoN`` is camera N.
 
     Raises:
-        SourceError: The spec is none of these (for example a path that does not exist).
+        SourceError: The spec is none of these: a path that does not exist (named, also when it contains "!"),
+            or one that exists but is a device, FIFO or socket (the message says which).
     """
     text = spec.strip()
     if re.fullmatch(r"\d+", text):
@@ -84,10 +94,54 @@ def describe_source(spec: str) -> tuple[str, Any]:
         return "folder", path
     if text and path.is_file():
         return ("image" if path.suffix.lower() in IMAGE_EXTENSIONS else "video"), path
-    if "!" in text:
+    if text and path.exists():
+        return _special_file(spec, path)
+    if looks_like_pipeline(text):
         return "gstreamer", text
-    hint = " (no file or folder exists at that path)" if text and (path.suffix or "/" in text or "\\" in text) else ""
+    hint = ""
+    if text and (path.suffix or "/" in text or "\\" in text or "!" in text):
+        hint = " (no file or folder exists at that path"
+        if "!" in text:
+            hint += "; nor is it a GStreamer pipeline, whose elements are separated by ' ! '"
+        hint += ")"
     raise SourceError(f"source {spec!r} is not {_EXPECTED}{hint}")
+
+
+def looks_like_pipeline(text: str) -> bool:
+    """Whether SOURCE text is a GStreamer pipeline rather than a file name that happens to contain "!".
+
+    The rule: elements separated by ``" ! "`` (with spaces, as gst-launch-1.0 and every GStreamer example write
+    them), or a ``!`` that leads into ``appsink`` (which an OpenCV pipeline must end in). ``line!3.mp4`` is
+    therefore a (missing) file, ``videotestsrc ! videoconvert ! appsink`` a pipeline.
+    """
+    return bool(re.search(r"\s!\s", text) or re.search(r"!\s*appsink\b", text))
+
+
+def _special_file(spec: str, path: Path) -> tuple[str, Any]:
+    """An existing path that is neither a regular file nor a folder: a V4L2 camera node (``/dev/video0``, or a
+    ``/dev/v4l/by-id/...`` link to one) is that camera's index; anything else (``/dev/zero``, a FIFO, a socket)
+    is an error that says what it is."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise SourceError(f"source {spec!r} cannot be inspected: {exc.strerror or exc}") from exc
+    if stat.S_ISCHR(mode):
+        camera = re.fullmatch(r"video(\d+)", path.resolve().name)
+        if camera:
+            return "camera", int(camera.group(1))
+        what = "a character device"
+    elif stat.S_ISBLK(mode):
+        what = "a block device"
+    elif stat.S_ISFIFO(mode):
+        what = "a named pipe (FIFO)"
+    elif stat.S_ISSOCK(mode):
+        what = "a socket"
+    else:
+        what = "neither a regular file nor a folder"
+    raise SourceError(
+        f"source {spec!r} is {what}, not a video file or a folder of images: expected {_EXPECTED} "
+        "(a camera is given by its index, or as /dev/videoN)"
+    )
 
 
 def _redact_url(url: str) -> str:
@@ -253,6 +307,8 @@ class VideoCaptureSource(FrameSource):
             return cv2.VideoCapture(int(self.target))
         if self.kind == "gstreamer":
             return cv2.VideoCapture(str(self.target), cv2.CAP_GSTREAMER)
+        # Read once, when OpenCV first loads FFmpeg: effective for the first video or stream of the process.
+        os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", FFMPEG_LOGLEVEL_DEFAULT)
         if self.stall_timeout_s is not None:
             ms = max(1, round(self.stall_timeout_s * 1000))
             params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, ms]

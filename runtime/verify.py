@@ -16,7 +16,9 @@ every output with the reference and measures latency:
 - where polygraphy is installed, its comparator's verdict per output with the same tolerances
   (:func:`polygraphy_compare`); the command works without it.
 
-Tolerances per precision (:data:`TOLERANCES`) are printed with the result. Exit codes (the CLI): 0 pass,
+Tolerances per precision (``edgead.runtime.parity.tolerances``: the rule export applies to the same set before
+it publishes, widened where export's float64 check showed the graph's FP32 result to be inexact) are printed with
+the result. Exit codes (the CLI): 0 pass,
 1 parity failure, 2 cannot run here (no GPU, missing package, engine for another GPU, no verification set).
 """
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import os
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -32,16 +35,13 @@ import numpy as np
 from edgead.progress import Progress
 from edgead.runtime.batching import padded_batches
 from edgead.runtime.machine import device_record, gpu_memory_used_mb
-from edgead.runtime.metadata import load_metadata, verified_artifact
+from edgead.runtime.metadata import MetadataError, load_metadata, verified_artifact
+from edgead.runtime.parity import TOLERANCES, tolerances
 from edgead.runtime.parity import compare as parity
+from edgead.runtime.parity import judge as judge_parity
 
 #: Untimed inference calls before the latency runs.
 WARMUP_CALLS = 3
-#: What each precision must meet against the PyTorch FP32 reference.
-TOLERANCES: dict[str, dict[str, float]] = {
-    "fp32": {"score_rel": 1e-3, "map_rel": 1e-3, "decision_flips": 0, "map_iou": 0.99, "auroc_drop": 0.0},
-    "fp16": {"score_rel": 5e-2, "map_rel": 5e-2, "decision_flips": 0, "map_iou": 0.9, "auroc_drop": 0.02},
-}
 BACKENDS = ("auto", "tensorrt", "onnxruntime", "onnxruntime-cuda", "onnxruntime-trt")
 #: ONNX Runtime's execution providers behind the verify backends that name one (checked, never fallen back from).
 ORT_PROVIDERS = {"onnxruntime-cuda": "CUDAExecutionProvider", "onnxruntime-trt": "TensorrtExecutionProvider"}
@@ -67,14 +67,56 @@ def auroc(labels: np.ndarray, scores: np.ndarray) -> float | None:
     return float(greater / (len(pos) * len(neg)))
 
 
+#: The arrays of ``verification.npz``: what each holds and the dtype kind it must have (f: float, i: integer).
+GOLDEN_ARRAYS = {
+    "images": ("preprocessed model inputs (N, C, S, S)", "f"),
+    "labels": ("0 normal / 1 pseudo-anomaly (N,)", "iu"),
+    "maps": ("reference anomaly maps (N, H, W)", "f"),
+    "scores": ("reference image scores (N,)", "f"),
+}
+
+
 def load_golden(export_dir: Path) -> dict[str, np.ndarray]:
+    """The export's verification set, checked: plain numeric arrays (never pickled objects), one entry per image.
+
+    Raises:
+        VerifyUnavailable: The export has no verification set.
+        MetadataError: ``verification.npz`` is not the archive ``edgead export`` writes (names the file, the array
+            and what was expected).
+    """
     meta = load_metadata(export_dir)
     record = meta.artifacts.get("verification")
     if not isinstance(record, dict):
         raise VerifyUnavailable(f"{export_dir}: this export has no verification set; re-export with this edgead")
     path = verified_artifact(export_dir, record)
-    with np.load(path, allow_pickle=False) as data:
-        return {key: data[key] for key in ("images", "labels", "maps", "scores")}
+    expected = "an .npz archive of plain numeric arrays " + ", ".join(GOLDEN_ARRAYS) + " written by `edgead export`"
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise MetadataError(f"{path}: cannot read it ({err}); expected {expected}") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise MetadataError(f"{path}: holds a single array; expected {expected}")
+    golden = {}
+    with archive as data:
+        for key, (what, kinds) in GOLDEN_ARRAYS.items():
+            if key not in data.files:
+                raise MetadataError(f"{path}: no array {key!r} ({what}); expected {expected}")
+            try:
+                array = data[key]
+            except ValueError:  # numpy refuses an object (pickled) array under allow_pickle=False
+                raise MetadataError(
+                    f"{path}: array {key!r} holds Python objects (loading it would need pickle, which edgead never "
+                    f"uses); expected {what} as numbers. Re-run `edgead export`"
+                ) from None
+            except (OSError, EOFError, zipfile.BadZipFile) as err:
+                raise MetadataError(f"{path}: cannot read array {key!r} ({err}); expected {expected}") from None
+            if array.dtype.kind not in kinds:
+                raise MetadataError(f"{path}: array {key!r} has dtype {array.dtype}; expected {what} as numbers")
+            golden[key] = array
+    counts = {key: len(array) if array.ndim else 0 for key, array in golden.items()}
+    if len(set(counts.values())) != 1 or not counts["images"]:
+        raise MetadataError(f"{path}: arrays hold {counts} entries; expected the same number (> 0) of images in each")
+    return golden
 
 
 def _open(export_dir: Path, backend: str, precision: str | None) -> Any:
@@ -145,7 +187,12 @@ def compare(golden: dict[str, np.ndarray], maps: np.ndarray, scores: np.ndarray,
 
 
 def polygraphy_compare(
-    golden: dict[str, np.ndarray], maps: np.ndarray, scores: np.ndarray, precision: str, runner: str
+    golden: dict[str, np.ndarray],
+    maps: np.ndarray,
+    scores: np.ndarray,
+    precision: str,
+    runner: str,
+    tol: dict[str, float] | None = None,
 ) -> dict[str, Any] | None:
     """Polygraphy's comparator (``Comparator.compare_accuracy`` with its simple compare function, max error
     statistic) on both outputs, with this precision's tolerances; None when polygraphy is not installed.
@@ -162,7 +209,7 @@ def polygraphy_compare(
         return None
     import polygraphy
 
-    tol = TOLERANCES[precision]
+    tol = tol if tol is not None else TOLERANCES[precision]
     ref_maps, ref_scores = golden["maps"].astype(np.float32), golden["scores"].astype(np.float32)
     rtol = {"anomaly_map": tol["map_rel"], "score": tol["score_rel"]}
     atol = {"anomaly_map": tol["map_rel"] * float(np.abs(ref_maps).max() or 1.0), "score": 0.0}
@@ -198,29 +245,10 @@ def polygraphy_compare(
     }
 
 
-def judge(report: dict[str, Any], precision: str) -> list[str]:
-    """The failed checks, each naming the output, the error and the tolerance (empty: pass)."""
-    tol = TOLERANCES[precision]
-    failures = []
-    if not report["finite"]:
-        failures.append("outputs contain NaN or infinity")
-    if report["score_max_rel_error"] > tol["score_rel"]:
-        failures.append(f"score: max relative error {report['score_max_rel_error']:.3e} > {tol['score_rel']:g}")
-    if report["map_max_rel_error"] > tol["map_rel"]:
-        failures.append(f"anomaly_map: max relative error {report['map_max_rel_error']:.3e} > {tol['map_rel']:g}")
-    if report["decision_flips"] > tol["decision_flips"]:
-        failures.append(f"decisions: {report['decision_flips']} flipped against the threshold")
-    if report["map_iou"] < tol["map_iou"]:
-        failures.append(f"anomaly_map: IoU of thresholded maps {report['map_iou']:.3f} < {tol['map_iou']:g}")
-    if report["auroc"] is not None and report["auroc_reference"] - report["auroc"] > tol["auroc_drop"]:
-        failures.append(f"image AUROC {report['auroc']:.4f} vs reference {report['auroc_reference']:.4f}")
-    for name, output in (report.get("polygraphy") or {}).get("outputs", {}).items():
-        if not output["passed"]:
-            failures.append(
-                f"{name}: polygraphy's comparator failed it (max abs error {output['max_abs_error']:.3e} > "
-                f"atol {output['atol']:.3g} and max rel error {output['max_rel_error']:.3e} > rtol {output['rtol']:g})"
-            )
-    return failures
+def judge(report: dict[str, Any], precision: str, tol: dict[str, float] | None = None) -> list[str]:
+    """The failed checks, each naming the output, the error and the tolerance (empty: pass):
+    ``edgead.runtime.parity.judge`` with ``tol`` (default: the precision's :data:`TOLERANCES`)."""
+    return judge_parity(report, tol if tol is not None else TOLERANCES[precision])
 
 
 def verify_export(
@@ -245,7 +273,8 @@ def verify_export(
             maps, scores = run_batches(detector.backend, golden["images"])
             bar.advance(n_batches)
             report = compare(golden, maps, scores, detector.metadata.threshold_value)
-            report["polygraphy"] = polygraphy_compare(golden, maps, scores, used["precision"], used["backend"])
+            tol = tolerances(used["precision"], detector.metadata.parity)  # export's rule, on its parity record
+            report["polygraphy"] = polygraphy_compare(golden, maps, scores, used["precision"], used["backend"], tol)
             batch = golden["images"][:size]
             if len(batch) < size:
                 batch = np.repeat(golden["images"][:1], size, axis=0)
@@ -262,11 +291,11 @@ def verify_export(
         memory = gpu_memory_used_mb() if gpu else {"used_mb": None, "reason": "runs on the CPU"}
     finally:
         detector.close()
-    failures = judge(report, used["precision"])
+    failures = judge(report, used["precision"], tol)
     return {
         "export": str(export_dir),
         "backend": used,
-        "tolerances": TOLERANCES[used["precision"]],
+        "tolerances": tol,
         "parity": report,
         "latency_ms": {
             "median": float(np.median(times)),

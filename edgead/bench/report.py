@@ -19,7 +19,7 @@ from edgead.bench.timing import (
     resident_memory_mb,
     write_bench_video,
 )
-from edgead.data.io import write_json_atomic
+from edgead.data.io import OutputPathError, check_output_file, write_json_atomic
 from edgead.runtime.detector import Detector
 from edgead.runtime.machine import cpu_name, gpu_name
 
@@ -78,7 +78,15 @@ def run_bench(
     camera loop is ``edgead run`` on a video file (``video``, or one generated from the frame): decoding runs
     on the capture thread, in parallel with ``predict``, so its FPS is at most ``predict``'s and lower when
     decoding is the slower of the two.
+
+    A PyTorch baseline that cannot be measured (``torch_baseline`` off, torch not installed, the run directory
+    recorded in ``edgead.json`` gone) is a row of the table saying so and why, not a missing row.
+
+    Raises:
+        edgead.data.io.OutputPathError: ``json_path`` cannot be written (checked before measuring).
     """
+    if json_path is not None:
+        check_output_file(json_path, "--json")
     frame = _first_frame(video) if video is not None else _bench_frame(frame_size)
     height, width = frame.shape[:2]
     detector = Detector.load(export_dir, backend=backend, precision=precision)
@@ -100,8 +108,9 @@ def run_bench(
         "memory_after_backend": resident_memory_mb(),
     }
     torch_available = importlib.util.find_spec("torch") is not None
-    run_dir = Path(meta.get("run", {}).get("dir", ""))
-    if torch_baseline and torch_available and (run_dir / "config.json").is_file():
+    recorded_run = meta.get("run", {}).get("dir") or ""
+    run_dir = Path(recorded_run)
+    if torch_baseline and torch_available and recorded_run and (run_dir / "config.json").is_file():
         from edgead.bench.torch_eager import bench_torch_eager
 
         batch = np.stack([detector.preprocess(frame)] * detector.batch_size)
@@ -128,11 +137,18 @@ def run_bench(
             )
     else:
         report["torch_eager"] = None
-        report["torch_eager_skipped"] = (
-            ("torch not installed" if not torch_available else f"run directory {run_dir} not found")
-            if torch_baseline
-            else "disabled"
-        )
+        if not torch_baseline:
+            why = "disabled (--no-torch)"
+        elif not torch_available:
+            why = "torch not installed"
+        elif not recorded_run:
+            why = "edgead.json records no run directory"
+        elif not run_dir.is_dir():
+            why = f"run directory {run_dir} (recorded in edgead.json) not found"
+        else:
+            why = f"run directory {run_dir} has no config.json"
+        report["torch_eager_skipped"] = why
+        rows.append({"name": "torch eager infer", "skipped": why})
     if camera_loop:
         if video is not None:
             report["camera_loop"] = bench_camera_loop(detector, Path(video), max_frames=VIDEO_LOOP_FRAMES)
@@ -149,7 +165,7 @@ def run_bench(
     lines = [
         f"{meta['method']} export {export_dir}, input {'x'.join(map(str, meta['input']['shape']))}, "
         f"frame {width}x{height} ({report['frame']['source']}), on {report['device']}",
-        format_table(rows),
+        _table(rows),
         "infer: the exported graph on a preprocessed batch (the torch eager rows do the same work: 'vs torch' is "
         "their ratio); predict: a whole Detector.predict on the frame (preprocess + infer + map resize + decision)",
     ]
@@ -163,8 +179,23 @@ def run_bench(
     report["table"] = "\n".join(lines)
     detector.close()
     if json_path is not None:
-        write_json_atomic(json_path, report)
+        try:
+            write_json_atomic(json_path, report)  # a temporary file beside it, renamed over it when complete
+        except OSError as err:
+            raise OutputPathError(
+                f"--json {json_path}: cannot write it ({err.strerror or err}); the measurements:\n{report['table']}"
+            ) from None
     return report
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    """:func:`format_table` of the measured rows, then each row that could not be measured, with the reason."""
+    measured = [row for row in rows if "skipped" not in row]
+    table = format_table(measured)
+    for row in rows:
+        if "skipped" in row:
+            table += f"\n{row['name']:<32}not measured: {row['skipped']}"
+    return table
 
 
 def _device_name_safe(on_gpu: bool) -> str:

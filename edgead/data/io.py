@@ -1,14 +1,15 @@
-"""Image and mask file I/O with strict validation (torch-free: numpy + OpenCV only).
+"""Image, mask and JSON file I/O with strict validation (torch-free: numpy + OpenCV only).
 
 Every reader returns the same canonical representation regardless of the file format
 (uint8 RGB for images, bool for masks), so training, evaluation and the runtime never
-see format-dependent differences.
+see format-dependent differences. JSON files edgead reads from users and exports (a run's
+``config.json``, ``--config`` specs, an export's ``edgead.json``) go through :func:`read_json_strict`:
+a duplicated key or excessive nesting is an error naming the file, never a silent last-one-wins.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -24,12 +25,20 @@ __all__ = [
     "LockBusyError",
     "exclusive_lock",
     "IMAGE_EXTENSIONS",
+    "JSON_MAX_DEPTH",
     "ImageReadError",
+    "JSONReadError",
+    "binarise_mask",
     "list_images",
     "read_image",
     "read_image_bgr",
+    "read_json_strict",
     "read_mask",
+    "read_mask_checked",
+    "OutputPathError",
     "atomic_output",
+    "check_output_file",
+    "check_output_folder",
     "file_sha256",
     "write_bytes_atomic",
     "write_image_atomic",
@@ -162,8 +171,44 @@ def _read_colour(path: str | os.PathLike[str], bgr: bool) -> np.ndarray:
     raise ImageReadError(f"unsupported image shape {pixels.shape} in {file_path}: expected 1-4 channels")
 
 
+def binarise_mask(pixels: np.ndarray) -> tuple[np.ndarray, str | None]:
+    """The defect pixels of a decoded mask: those above half of the mask's largest value.
+
+    The rule (half of the value range ``0..max``) reads 0/1 masks, 0/255 masks and 16-bit masks alike, ignores
+    JPEG noise near 0 and halo values near the edges, and treats an all-zero mask as defect-free. In a colour
+    mask a pixel's value is its largest channel (alpha is ignored: it is not a defect label).
+
+    Args:
+        pixels: Decoded mask, (H, W) or (H, W, C), any integer type.
+
+    Returns:
+        ``(mask, note)``: bool array (H, W), and None when the mask is strictly two-valued (0 and one other value,
+        or a single value), else a description of its values (e.g. ``"37 distinct values in 0..255"``) for a
+        warning.
+    """
+    if pixels.ndim == 3:
+        colour = pixels[:, :, :3] if pixels.shape[2] == 4 else pixels
+        pixels = colour.max(axis=2)
+    peak = float(pixels.max(initial=0))
+    mask = pixels.astype(np.float64) > peak / 2.0 if peak > 0 else np.zeros(pixels.shape, dtype=bool)
+    levels = np.unique(pixels)
+    two_valued = len(levels) == 1 or (len(levels) == 2 and levels[0] == 0)
+    note = None if two_valued else f"{len(levels)} distinct values in {float(levels[0]):g}..{peak:g}"
+    return mask, note
+
+
+def read_mask_checked(path: str | os.PathLike[str]) -> tuple[np.ndarray, str | None]:
+    """Reads a defect mask as :func:`read_mask` does and says whether it was strictly two-valued.
+
+    Returns:
+        ``(mask, note)`` of :func:`binarise_mask`: the bool (H, W) mask, and None or what the values were.
+    """
+    return binarise_mask(_decode(path))
+
+
 def read_mask(path: str | os.PathLike[str]) -> np.ndarray:
-    """Reads a defect mask; any nonzero value in any channel marks a defect pixel.
+    """Reads a defect mask: a pixel is a defect where its value is above half of the mask's largest value
+    (:func:`binarise_mask`), so 0/1 and 0/255 masks both work and JPEG noise near 0 is no defect.
 
     Args:
         path: Mask image file.
@@ -175,12 +220,7 @@ def read_mask(path: str | os.PathLike[str]) -> np.ndarray:
         FileNotFoundError: The file does not exist.
         ImageReadError: The file is empty, truncated or not an image.
     """
-    pixels = _decode(path)
-    if pixels.ndim == 3:
-        # Alpha is not a defect label: a fully opaque mask would otherwise be all-defect.
-        colour = pixels[:, :, :3] if pixels.shape[2] == 4 else pixels
-        return np.any(colour != 0, axis=2)
-    return pixels != 0
+    return read_mask_checked(path)[0]
 
 
 def list_images(folder: str | os.PathLike[str]) -> list[Path]:
@@ -253,6 +293,8 @@ def exclusive_lock(path: str | os.PathLike[str]) -> Iterator[None]:
     Raises:
         LockBusyError: another process holds it.
     """
+    import fcntl  # POSIX-only: imported here so that the runtime (which imports this module) runs on Windows
+
     lock_path = Path(path)
     with open(lock_path, "a+") as handle:
         try:
@@ -286,6 +328,66 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes, durable: bool 
     with atomic_output(path, durable=durable) as tmp:
         tmp.write_bytes(data)
     return Path(path)
+
+
+#: Deepest nesting :func:`read_json_strict` accepts by default: edgead's own files are under 10 levels deep; a
+#: hostile file 100,000 levels deep would otherwise exhaust Python's recursion limit.
+JSON_MAX_DEPTH = 64
+
+
+class JSONReadError(ValueError):
+    """A JSON file is not valid JSON, repeats a key, or is nested too deeply (the message names the file)."""
+
+
+def read_json_strict(path: str | os.PathLike[str], max_depth: int = JSON_MAX_DEPTH, hint: str = "") -> Any:
+    """The one way edgead reads a JSON file a user or an export gave it: UTF-8 JSON in which every object
+    has each key once and nothing is nested deeper than ``max_depth`` levels.
+
+    Args:
+        path: JSON file.
+        max_depth: Deepest nesting of objects and lists accepted.
+        hint: Added to the message of invalid JSON (e.g. what the file should be).
+
+    Raises:
+        FileNotFoundError, OSError: The file cannot be opened.
+        JSONReadError: Not UTF-8, not valid JSON, a key given twice (named) or nested too deeply; each names
+            the file.
+    """
+    file_path = Path(path)
+    try:
+        text = file_path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise JSONReadError(f"{file_path}: not UTF-8 text ({err}); expected a JSON file") from None
+    too_deep = f"{file_path}: nested deeper than {max_depth} levels; expected a JSON file edgead wrote or a spec"
+    try:
+        data = json.loads(text, object_pairs_hook=lambda pairs: _unique_keys(pairs, file_path))
+    except json.JSONDecodeError as err:
+        raise JSONReadError(f"{file_path}: not valid JSON ({err})" + (f"; {hint}" if hint else "")) from None
+    except RecursionError:
+        raise JSONReadError(too_deep) from None
+    if json_depth(data, max_depth) > max_depth:
+        raise JSONReadError(too_deep)
+    return data
+
+
+def _unique_keys(pairs: list[tuple[str, Any]], path: Path) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise JSONReadError(f"{path}: key {key!r} appears twice; each key may be given once")
+        result[key] = value
+    return result
+
+
+def json_depth(value: Any, limit: int, level: int = 0) -> int:
+    """Nesting depth of parsed JSON (objects and lists), counted no further than ``limit + 1``."""
+    if level > limit:
+        return level
+    if isinstance(value, dict):
+        return max([json_depth(v, limit, level + 1) for v in value.values()], default=level + 1)
+    if isinstance(value, list):
+        return max([json_depth(v, limit, level + 1) for v in value], default=level + 1)
+    return level
 
 
 def write_json_atomic(
@@ -334,3 +436,63 @@ def write_image_atomic(
     if not ok:
         raise ValueError(f"OpenCV failed to encode {target} as {suffix}")
     write_bytes_atomic(target, encoded.tobytes(), durable=durable)
+
+
+# ------------------------------------------------------------------------------------------ output paths
+class OutputPathError(ValueError):
+    """An output cannot go where it was asked to (a folder where a file goes, a missing or read-only folder, a
+    full disk). Checked before the work starts where possible, so a long run never ends in a traceback."""
+
+
+def _probe_writable(folder: Path, path: Path, what: str) -> None:
+    """Create and remove a temporary file in ``folder``: the one check that answers for read-only mounts,
+    permissions and ACLs alike (``os.access`` says yes to root on a folder it then cannot write)."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=".edgead-write-check.", dir=folder)
+    except OSError as err:
+        reason = err.strerror or str(err)
+        where = "it" if Path(folder) == Path(path) else str(folder)
+        raise OutputPathError(f"{what} {path}: cannot write into {where} ({reason})") from None
+    os.close(fd)
+    os.unlink(name)
+
+
+def check_output_file(path: str | os.PathLike[str], what: str = "--json") -> Path:
+    """Fail before any work when a file cannot be written at ``path``: a folder is there, its folder does not
+    exist (or is a file), or this process cannot write into it. ``what`` names the option in the message.
+
+    Raises:
+        OutputPathError: naming ``path`` and what was expected.
+    """
+    target = Path(path)
+    if target.is_dir():
+        raise OutputPathError(
+            f"{what} {target}: is a folder; expected the name of a file to write, e.g. {target / 'report.json'}"
+        )
+    parent = target.parent
+    if not parent.exists():
+        raise OutputPathError(f"{what} {target}: the folder {parent} does not exist; create it or choose another path")
+    if not parent.is_dir():
+        raise OutputPathError(f"{what} {target}: {parent} is not a folder")
+    _probe_writable(parent, target, what)
+    return target
+
+
+def check_output_folder(path: str | os.PathLike[str], what: str = "--out") -> Path:
+    """Fail before any work when a folder cannot be made or written at ``path``: something other than a folder is
+    there, or the nearest existing folder above it cannot be written. What the folder holds is each command's
+    own check (``predict`` wants it empty, ``eval`` its own earlier report, ``export`` its own versions).
+
+    Raises:
+        OutputPathError: naming ``path`` and what was expected.
+    """
+    target = Path(path)
+    if (target.exists() or target.is_symlink()) and not target.is_dir():
+        raise OutputPathError(f"{what} {target}: exists and is not a folder; expected a folder to write into")
+    existing = target
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputPathError(f"{what} {target}: {existing} is not a folder")
+    _probe_writable(existing, target, what)
+    return target

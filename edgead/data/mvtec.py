@@ -7,12 +7,17 @@ Layout::
     <root>/test/<defect_type>/*              defective test images
     <root>/ground_truth/<defect_type>/<stem>_mask.png   (or <stem>.png) defect masks
 
-Good images have no mask file (an all-zero mask is implied).
+Good images have no mask file (an all-zero mask is implied). A mask pixel is a defect where its value is
+above half of the mask's largest value (``edgead.data.io.binarise_mask``): 0/1 and 0/255 masks both work and
+JPEG noise near 0 is ignored. :func:`load_masks` warns once per call (:class:`MaskValueWarning`, naming a file
+and the rule) when masks are not strictly two-valued (JPEG-compressed, anti-aliased, a gradient), since their
+pixel metrics then depend on that rule.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,12 +26,14 @@ from typing import TypeVar
 
 import numpy as np
 
-from edgead.data.io import list_images, read_image, read_mask
+from edgead.data.io import list_images, read_image, read_mask, read_mask_checked
 from edgead.data.preprocess import PreprocessConfig, preprocess, resize_mask
 
 __all__ = [
     "DatasetLayoutError",
+    "MaskValueWarning",
     "Sample",
+    "held_out_count",
     "list_test",
     "list_train",
     "load_images",
@@ -43,6 +50,10 @@ _R = TypeVar("_R")
 
 class DatasetLayoutError(ValueError):
     """Raised when a dataset folder does not follow the MVTec-AD layout."""
+
+
+class MaskValueWarning(UserWarning):
+    """Ground-truth masks are not strictly two-valued; they were binarised at half of their largest value."""
 
 
 @dataclass(frozen=True)
@@ -190,6 +201,10 @@ def load_images(samples_or_paths: Iterable[Sample | str | os.PathLike[str]], cfg
 def load_masks(samples: Iterable[Sample], size: int) -> np.ndarray:
     """Reads ground-truth masks resized (nearest neighbour) to the model resolution.
 
+    A pixel is a defect where its value is above half of its mask's largest value (``edgead.data.io.binarise_mask``).
+    When some masks are not strictly two-valued (JPEG-compressed, anti-aliased, a gradient), one
+    :class:`MaskValueWarning` per call says how many, names one file and states that rule.
+
     Each mask must have its image's size (checked here too, not only before training, so ``edgead eval``
     never scores a mask drawn for another image size).
 
@@ -202,16 +217,35 @@ def load_masks(samples: Iterable[Sample], size: int) -> np.ndarray:
     """
     sample_list = list(samples)
     masks = np.zeros((len(sample_list), size, size), dtype=np.uint8)
+    notes: list[str | None] = [None] * len(sample_list)
 
     def load_into(index: int) -> None:
         mask_path = sample_list[index].mask_path
         if mask_path is not None:
-            mask = read_mask(mask_path)
+            mask, notes[index] = read_mask_checked(mask_path)
             _check_mask_size(sample_list[index], mask)
             masks[index] = resize_mask(mask, size)
 
     _parallel_map(load_into, range(len(sample_list)))
+    unusual = [index for index, note in enumerate(notes) if note is not None]
+    if unusual:
+        first = unusual[0]
+        n_masks = sum(sample.mask_path is not None for sample in sample_list)
+        warnings.warn(
+            f"{len(unusual)} of {n_masks} masks are not strictly two-valued (e.g. {sample_list[first].mask_path}: "
+            f"{notes[first]}); a pixel counts as a defect where its value is above half of its mask's largest "
+            "value. Save masks as 0/255 PNG (not JPEG) for exact pixel metrics",
+            MaskValueWarning,
+            stacklevel=2,
+        )
     return masks
+
+
+def held_out_count(count: int, fraction: float) -> int:
+    """How many of ``count`` normal images :func:`split_validation` holds out: ``fraction`` of them rounded, but at
+    least one when ``fraction > 0``."""
+    n_val = round(count * fraction)
+    return max(n_val, 1) if fraction > 0.0 and count > 0 else n_val
 
 
 def split_validation(samples: Sequence[_T], fraction: float, seed: int) -> tuple[list[_T], list[_T]]:
@@ -236,9 +270,7 @@ def split_validation(samples: Sequence[_T], fraction: float, seed: int) -> tuple
     if defective:
         raise ValueError(f"validation hold-out takes normal images only; got defective {defective[0].path}")
     count = len(samples)
-    n_val = round(count * fraction)
-    if fraction > 0.0:
-        n_val = max(n_val, 1)
+    n_val = held_out_count(count, fraction)
     if n_val >= count > 0:
         raise ValueError(f"holding out {n_val} of {count} samples leaves none for training")
     chosen = set(np.random.default_rng(seed).permutation(count)[:n_val].tolist())

@@ -22,8 +22,11 @@ import numpy as np
 
 __all__ = [
     "INTERPOLATIONS",
+    "MAX_IMAGE_SIZE",
+    "MIN_IMAGE_SIZE",
     "PreprocessConfig",
     "bgr_to_rgb",
+    "check_image_size",
     "preprocess",
     "preprocess_batch",
     "preprocess_bgr",
@@ -42,6 +45,21 @@ INTERPOLATIONS: dict[str, int] = {
     "lanczos": cv2.INTER_LANCZOS4,
     "bilinear": cv2.INTER_LINEAR,
 }
+
+
+#: Input sizes (``image_size``, ``tile``) a run may have, in pixels. Engineering choice: the backbones and U-Nets
+#: downsample by up to 32, so a smaller input leaves their deepest features less than one pixel wide; above
+#: 4096 px a batch of frames no longer fits a device's memory (and OpenCV refuses to allocate it).
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 4096
+
+
+def check_image_size(value: Any, what: str = "image_size") -> None:
+    """Raise ``ValueError`` unless ``value`` is whole pixels in ``MIN_IMAGE_SIZE..MAX_IMAGE_SIZE``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not MIN_IMAGE_SIZE <= value <= MAX_IMAGE_SIZE:
+        raise ValueError(
+            f"{what} must be whole pixels in {MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE} (the networks downsample by 32), "
+            f"got {value!r}"
+        )
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,10 @@ it means, and (optionally) the allowed values or a range check. ``config.json`` 
 plain dict (``method_params``); :meth:`MethodParams.from_dict` turns it back into the dataclass, naming
 the method, the key and what was expected when something is wrong.
 
+A field whose name ends in ``_candidates`` is a list an automatic choice tries one by one (each entry costs a
+pseudo-validation pass): :meth:`MethodParams.from_dict` drops repeated entries (keeping the first of each, in
+order; :func:`candidate_notes` says so) and refuses more than :data:`MAX_CANDIDATES` distinct ones.
+
 Example:
     >>> @dataclass(frozen=True)
     ... class Params(MethodParams):
@@ -29,6 +33,12 @@ Check = Callable[[Any], str | None]  # returns None when the value is fine, else
 class ParamError(ValueError):
     """A method hyperparameter is unknown, of the wrong type or out of range."""
 
+
+#: Most distinct entries a ``*_candidates`` list may hold. Engineering choice: each candidate is one
+#: pseudo-validation pass (a graph build and a pass over the set, seconds to minutes); the shipped grids hold
+#: at most 7, and 64 still finishes in minutes where 15,000 ran for tens of minutes.
+MAX_CANDIDATES = 64
+CANDIDATES_SUFFIX = "_candidates"
 
 #: Where a default may come from (issue: no default is justified by a test figure).
 ORIGINS: dict[str, str] = {
@@ -86,6 +96,33 @@ def open_unit(value: Any) -> str | None:
     return None if 0.0 < value < 1.0 else "a value in (0, 1)"
 
 
+def distinct_candidates(values: list[Any]) -> list[Any]:
+    """``values`` without repeats, the first of each kept in order (1 and 1.0 count as the same candidate)."""
+    seen: set[Any] = set()
+    kept = []
+    for value in values:
+        key = repr(value) if isinstance(value, list | dict) else value
+        if key not in seen:
+            seen.add(key)
+            kept.append(value)
+    return kept
+
+
+def candidate_notes(given: dict[str, Any] | None, params: MethodParams) -> list[str]:
+    """One line per ``*_candidates`` parameter in ``given`` (e.g. ``--param`` pairs) whose list had repeats that
+    :meth:`MethodParams.from_dict` dropped, for the run's log and summary."""
+    notes = []
+    for name, value in (given or {}).items():
+        if name.endswith(CANDIDATES_SUFFIX) and isinstance(value, list | tuple):
+            kept = getattr(params, name, None)
+            if isinstance(kept, list) and len(kept) < len(value):
+                notes.append(
+                    f"parameter {name}: {len(value)} entries given, {len(kept)} distinct kept (repeats dropped, "
+                    "order kept)"
+                )
+    return notes
+
+
 def _coerce(value: Any, annotation: Any) -> Any:
     """``value`` converted to ``annotation`` where that is lossless (int -> float, list for tuple), else
     raise ``TypeError`` with the expected type."""
@@ -135,6 +172,14 @@ def _coerce(value: Any, annotation: Any) -> Any:
     return value
 
 
+def _shown(value: Any, limit: int = 200) -> str:
+    """``repr(value)``, shortened: an error about a 15,000-entry list should not print all of it."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(value)} entries)" if isinstance(value, list | tuple) else f"{text[:limit]}..."
+
+
 @dataclass(frozen=True)
 class MethodParams:
     """Base of every method's parameter dataclass (fields declared with :func:`param`)."""
@@ -165,16 +210,23 @@ class MethodParams:
             try:
                 value = _coerce(value, hints[name])
             except TypeError as err:
-                raise ParamError(f"{method}: parameter {name}={value!r} must be {err}") from None
+                raise ParamError(f"{method}: parameter {name}={_shown(value)} must be {err}") from None
+            if name.endswith(CANDIDATES_SUFFIX) and isinstance(value, list):
+                value = distinct_candidates(value)
+                if len(value) > MAX_CANDIDATES:
+                    raise ParamError(
+                        f"{method}: parameter {name} has {len(value)} distinct candidates; at most {MAX_CANDIDATES} "
+                        "(each is a pseudo-validation pass): give a shorter list"
+                    )
             choices = field.metadata.get("choices")
             if choices and value not in choices:
                 raise ParamError(
-                    f"{method}: parameter {name}={value!r} must be one of {', '.join(repr(c) for c in choices)}"
+                    f"{method}: parameter {name}={_shown(value)} must be one of {', '.join(repr(c) for c in choices)}"
                 )
             check = field.metadata.get("check")
             problem = check(value) if check is not None and value is not None else None
             if problem:
-                raise ParamError(f"{method}: parameter {name}={value!r} must be {problem}")
+                raise ParamError(f"{method}: parameter {name}={_shown(value)} must be {problem}")
             kwargs[name] = value
         params = cls(**kwargs)
         problem = params.check()
@@ -207,4 +259,16 @@ class MethodParams:
         return rows
 
 
-__all__ = ["FIXED_SEED", "ORIGINS", "MethodParams", "ParamError", "at_least", "open_unit", "param", "positive"]
+__all__ = [
+    "FIXED_SEED",
+    "MAX_CANDIDATES",
+    "ORIGINS",
+    "MethodParams",
+    "ParamError",
+    "at_least",
+    "candidate_notes",
+    "distinct_candidates",
+    "open_unit",
+    "param",
+    "positive",
+]
