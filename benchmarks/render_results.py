@@ -1296,7 +1296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\n{args.readme} is stale: run python benchmarks/render_results.py")
         return 1
     if rendered != current:
-        from edgead.data.io import write_bytes_atomic
+        from edgead.data.files import write_bytes_atomic
 
         write_bytes_atomic(args.readme, rendered.encode())
     return 0

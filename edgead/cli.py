@@ -242,7 +242,7 @@ def train(
         _check_folders(spec.data_paths, "data directory")
         if resume is None and spec.out:  # a new run goes into a new or empty folder (or over an edgead run)
             from edgead.config import CONFIG_NAME
-            from edgead.data.io import check_output_folder
+            from edgead.data.files import check_output_folder
 
             run_out = Path(spec.out)
             if run_out.is_dir() and not (run_out / CONFIG_NAME).is_file() and any(run_out.iterdir()):
@@ -702,7 +702,7 @@ def verify(
     """Prove an export on this device: its verification set against the PyTorch reference, then latency.
 
     Exit code 0: pass; 1: parity failure; 2: cannot run here (no GPU, missing package, no engine)."""
-    from edgead.data.io import check_output_file, write_json_atomic
+    from edgead.data.files import check_output_file, write_json_atomic
     from edgead.runtime.verify import VerifyUnavailable, verify_export
 
     try:
@@ -889,7 +889,7 @@ def bench(
         if video is not None and not video.is_file():
             raise FileNotFoundError(f"--video {video}: file not found")
         if json_path is not None:  # before the measurements: a folder there, a missing or read-only folder
-            from edgead.data.io import check_output_file
+            from edgead.data.files import check_output_file
 
             check_output_file(json_path, "--json")
     except USER_ERRORS as err:

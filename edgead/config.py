@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from edgead import __version__
-from edgead.data.io import read_json_strict, write_bytes_atomic, write_json_atomic  # the one JSON reader, writer
+from edgead.data.files import read_json_strict, write_bytes_atomic, write_json_atomic  # the one JSON reader, writer
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "weights.safetensors"
@@ -118,7 +118,7 @@ class RunConfig:
     @classmethod
     def load(cls, run_dir: Path) -> RunConfig:
         """Read ``<run_dir>/config.json`` with a clear error when it is absent, not valid JSON, repeats a key or is
-        nested too deeply (``edgead.data.io.read_json_strict``)."""
+        nested too deeply (``edgead.data.files.read_json_strict``)."""
         path = Path(run_dir) / CONFIG_NAME
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no run config here; expected a run directory made by `edgead train`")

@@ -15,8 +15,9 @@ import numpy as np
 import torch
 
 from edgead.config import RunConfig, TrainConfig, mark_latest, new_run_dir
+from edgead.data.files import LockBusyError, exclusive_lock
 from edgead.data.holdout import save_holdout
-from edgead.data.io import LockBusyError, exclusive_lock, list_images, read_image
+from edgead.data.io import list_images, read_image
 from edgead.data.mvtec import (
     DatasetLayoutError,
     Sample,
@@ -407,7 +408,7 @@ def write_decisions(
     import csv
     import io
 
-    from edgead.data.io import write_bytes_atomic
+    from edgead.data.files import write_bytes_atomic
     from edgead.runtime.decision import is_anomalous
 
     text = io.StringIO()

@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from edgead.data.io import check_output_folder, write_bytes_atomic, write_json_atomic
+from edgead.data.files import check_output_folder, write_bytes_atomic, write_json_atomic
 from edgead.runtime.overlay import heatmap_overlay  # re-exported: the report and the live runtime share it
 
 _ROC_SIZE = 480
@@ -165,7 +165,7 @@ def _write_manifest(folder: Path, files: set[str]) -> None:
 
 
 def _is_temporary_of(rel: str, owned: set[str]) -> bool:
-    """``rel`` is what :func:`edgead.data.io.atomic_output` leaves of a listed file when killed mid-write."""
+    """``rel`` is what :func:`edgead.data.files.atomic_output` leaves of a listed file when killed mid-write."""
     head, _, name = rel.rpartition("/")
     match = re.fullmatch(r"\.(.+)\.[^./]+\.tmp", name)
     return match is not None and (f"{head}/{match[1]}" if head else match[1]) in owned | {REPORT_MANIFEST}
@@ -212,7 +212,7 @@ def check_report_folder(out_dir: str | os.PathLike[str], also_ours: tuple[str, .
 
     Raises:
         ReportFolderError: ``out_dir`` is not a folder, or holds other files (the error names them).
-        edgead.data.io.OutputPathError: ``out_dir`` cannot be created or written.
+        edgead.data.files.OutputPathError: ``out_dir`` cannot be created or written.
     """
     folder = Path(out_dir)
     if folder.is_dir():

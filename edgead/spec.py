@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from edgead.config import DEFAULT_RUNS_DIR, TrainConfig
-from edgead.data.io import json_depth, read_json_strict
+from edgead.data.files import json_depth, read_json_strict
 from edgead.data.preprocess import check_image_size
 
 #: Deepest nesting a spec file may have (a spec is two levels deep; this stops a hostile file early).
@@ -147,7 +147,7 @@ class RunSpec:
 
 def load_strict(path: Path) -> Any:
     """JSON or YAML (by suffix; JSON when unsure) with duplicate keys and excessive nesting refused (JSON:
-    ``edgead.data.io.read_json_strict``, the one strict JSON reader)."""
+    ``edgead.data.files.read_json_strict``, the one strict JSON reader)."""
     if path.suffix.lower() not in (".yaml", ".yml"):
         try:
             return read_json_strict(path, MAX_DEPTH, hint="a spec file is JSON or YAML (.yaml/.yml)")

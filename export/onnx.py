@@ -11,7 +11,7 @@ import onnx
 import torch
 from torch import nn
 
-from edgead.data.io import atomic_output, file_sha256
+from edgead.data.files import atomic_output, file_sha256
 from edgead.runtime.backends.base import INPUT_NAME, OUTPUT_NAMES
 
 DEFAULT_OPSET = 18

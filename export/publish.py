@@ -33,7 +33,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from edgead.data.io import LockBusyError, OutputPathError, check_output_folder, exclusive_lock
+from edgead.data.files import LockBusyError, OutputPathError, check_output_folder, exclusive_lock
 from edgead.runtime.metadata import METADATA_NAME
 
 PARTIAL = ".partial"

@@ -18,7 +18,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from edgead.data.io import atomic_output, file_sha256, write_bytes_atomic, write_json_atomic
+from edgead.data.files import atomic_output, file_sha256, write_bytes_atomic, write_json_atomic
 from edgead.export.trt_flavours import (
     PRECISIONS,
     BuildSettings,

@@ -5,9 +5,10 @@ any detector or a test double plugs in.
 
 What the loop guarantees, so that the log and the saved evidence can be trusted after any ending:
 
-- Outputs are checked before the source opens (:func:`check_outputs`: a folder given as the log, a file given as
-  the evidence folder, a read-only or full file system) and opened before the capture thread starts; a failure
-  is an :class:`OutputError` naming the path, never a traceback with a capture thread still running.
+- Outputs (written by :mod:`edgead.runtime.outputs`) are checked before the source opens (:func:`check_outputs`:
+  a folder given as the log, a file given as the evidence folder, a read-only or full file system) and opened
+  before the capture thread starts; a failure is an :class:`OutputError` naming the path, never a traceback
+  with a capture thread still running.
 - A log line is one ``write()`` of the whole line; a write that fails part-way (disk full, read-only remount,
   I/O error) is cut back, so the log ends with a complete line, and the run stops with an :class:`OutputError`.
 - An alarm's files are written under temporary names, then its log line, then renamed into place, with SIGINT
@@ -20,29 +21,22 @@ What the loop guarantees, so that the log and the saved evidence can be trusted 
 from __future__ import annotations
 
 import contextlib
-import errno
-import io
-import json
 import math
-import os
-import re
-import shutil
 import signal
 import statistics
-import tempfile
 import threading
 import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any, Protocol
 
 import cv2
 import numpy as np
 
-from edgead.runtime.capture import EventCallback, Frame, FrameReader, create_source
+from edgead.runtime.capture import EventCallback, FrameReader, create_source
+from edgead.runtime.outputs import OutputError, Outputs, check_output, encode_evidence, log_record
 from edgead.runtime.overlay import draw_hud, has_display
 from edgead.runtime.result import Result
 
@@ -52,16 +46,9 @@ _FPS_SMOOTHING = 0.1  # weight of the newest frame interval in the FPS moving av
 _LATENCY_WINDOW = 10_000  # the median is taken over the most recent frames so memory stays bounded on 24/7 runs
 _GET_TIMEOUT_S = 0.1  # wake up this often without frames to keep the window responsive
 _QUIT_KEYS = (ord("q"), ord("Q"), 27)  # q or Esc
-# Free space an output location needs before a run starts (engineering choice: a few thousand log lines or a
-# few alarms; a full disk reports 0). Running out later is caught when a write fails.
-_MIN_FREE_BYTES = 1 << 20
 #: Live sources: seconds connected without a decodable frame before the run gives up (engineering choice: far
 #: above a camera's first keyframe, a few seconds; far below "for ever").
 DEFAULT_GIVE_UP_AFTER_S = 60.0
-
-
-class OutputError(RuntimeError):
-    """The log or the evidence folder cannot be written; the message names the path and the reason."""
 
 
 class Predictor(Protocol):
@@ -152,7 +139,6 @@ class LiveSummary:
     stop_reason: str = ""
 
 
-# ------------------------------------------------------------------------------------------ output checks
 def check_outputs(options: LiveOptions) -> None:
     """Checks, leaving nothing behind, that the log and the evidence folder can be written: the log is not a
     folder, the evidence folder is not a file, the nearest existing folder above each takes a file (not a
@@ -162,309 +148,9 @@ def check_outputs(options: LiveOptions) -> None:
         OutputError: Names the path and what is wrong with it.
     """
     if options.log_path is not None:
-        _check_output(Path(options.log_path), f"the log {options.log_path}", folder=False)
+        check_output(Path(options.log_path), f"the log {options.log_path}", folder=False)
     if options.save_anomalies is not None:
-        _check_output(Path(options.save_anomalies), f"the anomaly folder {options.save_anomalies}", folder=True)
-
-
-def _check_output(path: Path, what: str, folder: bool) -> None:
-    if path.is_dir() and not folder:
-        raise OutputError(f"cannot write {what}: it is a folder; give a file name such as {path / 'run.jsonl'}")
-    if path.exists() and not path.is_dir() and folder:
-        raise OutputError(f"cannot write {what}: it is a file, not a folder")
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if existing != path and not existing.is_dir():
-        raise OutputError(f"cannot write {what}: {existing} is a file, not a folder")
-    refused = _write_error(existing)
-    if refused is not None:
-        if refused.errno == errno.EROFS:
-            reason = "is on a read-only file system"
-        elif refused.errno in (errno.EACCES, errno.EPERM):
-            reason = "is not writable (permission denied)"
-        else:
-            reason = f"cannot be written: {_reason(refused)}"
-        raise OutputError(f"cannot write {what}: {existing} {reason}")
-    free = _free_bytes(existing if existing.is_dir() else existing.parent)
-    if free is not None and free < _MIN_FREE_BYTES:
-        raise OutputError(f"cannot write {what}: no space left on its file system ({free} bytes free)")
-
-
-def _write_error(path: Path) -> OSError | None:
-    """Does what the run will do, leaving nothing behind: creates and removes a file in a folder, or opens an
-    existing file for appending (``os.access`` says yes to root where a write then fails: ACLs, NFS).
-    Returns the error, None when the write works."""
-    try:
-        if path.is_dir():
-            handle, name = tempfile.mkstemp(prefix=".edgead-write-check.", dir=path)
-            os.close(handle)
-            os.unlink(name)
-        elif path.is_file():
-            os.close(os.open(path, os.O_WRONLY | os.O_APPEND))
-    except OSError as exc:
-        return exc
-    return None
-
-
-def _free_bytes(folder: Path) -> int | None:
-    try:
-        return shutil.disk_usage(folder).free
-    except OSError:  # not every file system can say
-        return None
-
-
-def _reason(exc: OSError) -> str:
-    """``No space left on device (ENOSPC)``: the system's words and the errno name users search for."""
-    name = errno.errorcode.get(exc.errno or 0)
-    text = exc.strerror or str(exc)
-    return f"{text} ({name})" if name else text
-
-
-@contextlib.contextmanager
-def _naming(what: str) -> Iterator[None]:
-    """Turns an OSError into an OutputError that names the output."""
-    try:
-        yield
-    except OSError as exc:
-        raise OutputError(f"cannot write {what}: {_reason(exc)}") from exc
-
-
-# ------------------------------------------------------------------------------------------ log and evidence
-class _JsonLinesLog:
-    """Append-only JSON-lines log where every record is one unbuffered write of the whole line; a write that
-    fails part-way is truncated back, so the file always ends with a complete line."""
-
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        # Unbuffered binary append: each line goes to the OS in one write() call, nothing waits in a buffer.
-        self._handle: BinaryIO | None = open(path, "ab", buffering=0)  # closed in close()
-        try:
-            if path.is_file() and self._handle.tell() > 0 and not _ends_with_newline(path):
-                # An earlier run died mid-line (e.g. power loss); start on a fresh line so ours stay parseable.
-                self._write_all(b"\n")
-        except BaseException:
-            self.close()
-            raise
-
-    def _write_chunk(self, data: memoryview) -> int:
-        assert self._handle is not None
-        return self._handle.write(data) or 0
-
-    def _write_all(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:  # raw writes may be partial (a nearly full disk); finish the line or fail
-            view = view[self._write_chunk(view) :]
-
-    def write(self, record: dict[str, Any]) -> int | None:
-        """Appends one line; returns the file's size before it (for :meth:`cut`), None where it has none.
-
-        Raises:
-            OSError: The write failed; whatever part of the line reached the file has been cut off again.
-        """
-        assert self._handle is not None
-        data = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
-        start = self._size()
-        try:
-            self._write_all(data)
-        except BaseException:
-            self.cut(start)
-            raise
-        return start
-
-    def _size(self) -> int | None:
-        assert self._handle is not None
-        try:
-            return os.fstat(self._handle.fileno()).st_size
-        except OSError:
-            return None
-
-    def cut(self, size: int | None) -> None:
-        """Truncates the log back to ``size`` bytes; best effort (a pipe, or a file system that refuses even
-        this, keeps what it has, and the next run starts on a fresh line)."""
-        if size is None or self._handle is None:
-            return
-        with contextlib.suppress(OSError):
-            self._handle.truncate(size)
-
-    def close(self) -> None:
-        if self._handle is not None:
-            with contextlib.suppress(OSError):  # nothing is buffered; a failing close loses nothing
-                self._handle.close()
-            self._handle = None
-
-
-def _ends_with_newline(path: Path) -> bool:
-    with open(path, "rb") as handle:
-        handle.seek(-1, os.SEEK_END)
-        return handle.read(1) == b"\n"
-
-
-def _finite_or_none(value: float) -> float | None:
-    """JSON has no NaN/Infinity; write null instead so every line stays valid JSON."""
-    return value if math.isfinite(value) else None
-
-
-def _log_record(frame: Frame, result: Result, latency_ms: float, dropped: int) -> dict[str, Any]:
-    timings = result.timings
-    return {
-        "frame": frame.index,
-        "name": frame.name,
-        "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
-        "score": _finite_or_none(float(result.score)),
-        "threshold": _finite_or_none(float(result.threshold)),
-        "is_anomaly": bool(result.is_anomaly),
-        "latency_ms": round(latency_ms, 3),
-        "preprocess_ms": _finite_or_none(round(float(timings.get("preprocess", math.nan)), 3)),
-        "infer_ms": _finite_or_none(round(float(timings.get("infer", math.nan)), 3)),
-        "postprocess_ms": _finite_or_none(round(float(timings.get("postprocess", math.nan)), 3)),
-        "dropped": dropped,
-        # a remote predictor (edgead run --triton) also splits its time into client, network and server
-        **{f"{key}_ms": round(float(timings[key]), 3) for key in ("client", "network", "server") if key in timings},
-    }
-
-
-def _safe_stem(name: str) -> str:
-    """File-name-safe stem of a frame name (stream and pipeline names may contain any character)."""
-    stem = Path(name).stem if "." in name else name
-    return re.sub(r"[^A-Za-z0-9._#-]+", "_", stem)[:80] or "frame"
-
-
-def evidence_base(folder: Path, frame: Frame) -> Path:
-    """A name no other alarm has, sortable by time: ``<UTC time, microseconds>_<pid>_<source>_<frame>``.
-
-    The time and process id keep two runs on one stream, two sources with one file name and two processes
-    sharing the folder apart; a counter suffix covers anything that still collides. Nothing is overwritten.
-    """
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
-    stem = f"{stamp}_{os.getpid()}_{_safe_stem(frame.name)}_{frame.index:06d}"
-    base, counter = folder / stem, 0
-    while any(base.with_name(base.name + suffix).exists() for suffix in EVIDENCE_SUFFIXES):
-        counter += 1
-        base = folder / f"{stem}-{counter}"
-    return base
-
-
-#: The files of one saved alarm: the frame, the HUD overlay and the raw map.
-EVIDENCE_SUFFIXES = (".png", "_map.png", "_map.npy")
-
-
-def _encode_evidence(frame_bgr: np.ndarray, hud_bgr: np.ndarray, anomaly_map: np.ndarray) -> list[bytes]:
-    """The bytes of ``<base>.png`` (the frame), ``<base>_map.png`` (the HUD) and ``<base>_map.npy`` (the raw
-    map), encoded in memory so that nothing touches the disk before the commit."""
-    payloads = []
-    for image in (frame_bgr, hud_bgr):  # BGR, the encoder's own order: encoded as they are
-        ok, encoded = cv2.imencode(".png", np.ascontiguousarray(image))
-        if not ok:
-            raise OutputError(f"cannot encode a {image.shape} {image.dtype} image as PNG")
-        payloads.append(encoded.tobytes())
-    buffer = io.BytesIO()
-    np.save(buffer, np.asarray(anomaly_map, dtype=np.float32))
-    payloads.append(buffer.getvalue())
-    return payloads
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    with open(path, "xb") as handle:
-        handle.write(data)
-
-
-def _commit_evidence(
-    folder: Path, frame: Frame, evidence: list[bytes], log: _JsonLinesLog | None, record: dict[str, Any] | None
-) -> list[str]:
-    """Saves one alarm as a group with its log line: files under temporary names, then the line (naming the
-    files), then the renames. Any failure removes the temporary and renamed files and cuts the line again, so
-    no file is left without its line and no line names a missing file; returns the file names.
-
-    Raises:
-        OutputError: A write or rename failed (names the folder or the log and the reason).
-    """
-    base = evidence_base(folder, frame)
-    finals = [base.with_name(base.name + suffix) for suffix in EVIDENCE_SUFFIXES]
-    temps = [final.with_name(f".{final.name}.tmp") for final in finals]  # hidden: never taken for evidence
-    names = [final.name for final in finals]
-    placed: list[Path] = []
-    mark: int | None = None
-    logged = False
-    what = f"the anomaly folder {folder}"
-    try:
-        for temp, data in zip(temps, evidence, strict=True):
-            _write_file(temp, data)
-        if log is not None and record is not None:
-            what = f"the log {log.path}"
-            mark = log.write({**record, "saved": names})
-            logged = True
-            what = f"the anomaly folder {folder}"
-        for temp, final in zip(temps, finals, strict=True):
-            os.replace(temp, final)
-            placed.append(final)
-    except BaseException as exc:
-        for path in (*placed, *temps):
-            with contextlib.suppress(OSError):
-                path.unlink(missing_ok=True)
-        if logged and log is not None:
-            log.cut(mark)
-        if isinstance(exc, OSError):
-            raise OutputError(f"cannot write {what}: {_reason(exc)}") from exc
-        raise
-    return names
-
-
-def _save_anomaly(folder: Path, frame: Frame, hud_bgr: np.ndarray, anomaly_map: np.ndarray) -> list[str]:
-    """Writes one alarm's three files (see :func:`_encode_evidence`, named by :func:`evidence_base`) without a
-    log line; returns the file names."""
-    with _naming(f"the anomaly folder {folder}"):
-        folder.mkdir(parents=True, exist_ok=True)
-    return _commit_evidence(folder, frame, _encode_evidence(frame.image, hud_bgr, anomaly_map), None, None)
-
-
-class _Outputs:
-    """The log and the evidence folder of one run, opened together and written so that they always agree."""
-
-    def __init__(self, options: LiveOptions) -> None:
-        """Creates the evidence folder (and proves it takes a file), then opens the log.
-
-        Raises:
-            OutputError: Either cannot be written.
-        """
-        self.folder = None if options.save_anomalies is None else Path(options.save_anomalies)
-        self.log_every_frame = options.log_every_frame
-        self.log: _JsonLinesLog | None = None
-        if self.folder is not None:
-            with _naming(f"the anomaly folder {self.folder}"):
-                self.folder.mkdir(parents=True, exist_ok=True)
-                probe = self.folder / f".edgead-probe-{os.getpid()}.tmp"
-                try:
-                    _write_file(probe, b"probe")
-                finally:
-                    with contextlib.suppress(OSError):
-                        probe.unlink(missing_ok=True)
-        if options.log_path is not None:
-            with _naming(f"the log {options.log_path}"):
-                self.log = _JsonLinesLog(Path(options.log_path))
-
-    def wants_evidence(self, result: Result) -> bool:
-        return bool(result.is_anomaly) and self.folder is not None
-
-    def wants_line(self, result: Result) -> bool:
-        return self.log is not None and (self.log_every_frame or bool(result.is_anomaly))
-
-    def commit(self, frame: Frame, record: dict[str, Any] | None, evidence: list[bytes] | None) -> None:
-        """Writes the frame's log line (``record``, None = no line) and its evidence (None = none) as a group.
-
-        Raises:
-            OutputError: Something could not be written; nothing of this frame is left behind.
-        """
-        if evidence is not None and self.folder is not None:
-            _commit_evidence(self.folder, frame, evidence, self.log, record)
-        elif record is not None and self.log is not None:
-            with _naming(f"the log {self.log.path}"):
-                self.log.write(record)
-
-    def close(self) -> None:
-        if self.log is not None:
-            self.log.close()
+        check_output(Path(options.save_anomalies), f"the anomaly folder {options.save_anomalies}", folder=True)
 
 
 # ------------------------------------------------------------------------------------------ signals
@@ -583,7 +269,7 @@ def run_live(
     )
 
     summary = LiveSummary()
-    outputs: _Outputs | None = None
+    outputs: Outputs | None = None
     # Every log line says what produced it (export, method, backend, precision) when the predictor tells.
     running: dict[str, Any] = predictor.describe() if hasattr(predictor, "describe") else {}
     latencies: deque[float] = deque(maxlen=_LATENCY_WINDOW)
@@ -595,7 +281,8 @@ def run_live(
     with _StopSignals() as signals:
         try:
             reader.open()  # SourceError for an unopenable source propagates before any output is created
-            outputs = _Outputs(options)  # OutputError here still precedes the capture thread
+            # OutputError here still precedes the capture thread
+            outputs = Outputs(options.save_anomalies, options.log_path, options.log_every_frame)
             reader.start()
             started = time.monotonic()  # the first frame request: opening a stream is not frame time
             while options.max_frames is None or summary.frames < options.max_frames:
@@ -634,10 +321,10 @@ def run_live(
                     hud = draw_hud(frame.image, result, fps, latency_ms, vmin, vmax)
                 evidence = None
                 if hud is not None and outputs.wants_evidence(result):
-                    evidence = _encode_evidence(frame.image, hud, result.anomaly_map)  # slow part: not held
+                    evidence = encode_evidence(frame.image, hud, result.anomaly_map)  # slow part: not held
                 record = None
                 if outputs.wants_line(result):
-                    record = {**_log_record(frame, result, latency_ms, reader.dropped), **running}
+                    record = {**log_record(frame, result, latency_ms, reader.dropped), **running}
                 with signals.held():  # the frame's line and files are written, and counted, or not at all
                     outputs.commit(frame, record, evidence)
                     summary.frames += 1

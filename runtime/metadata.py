@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgead.data.io import JSONReadError, file_sha256, read_json_strict, write_json_atomic
+from edgead.data.files import JSONReadError, file_sha256, read_json_strict, write_json_atomic
 from edgead.data.preprocess import PreprocessConfig
 
 METADATA_NAME = "edgead.json"
@@ -131,7 +131,7 @@ class ExportMetadata:
 
 
 def load_metadata(export_dir: str | Path) -> ExportMetadata:
-    """Read and validate ``<export_dir>/edgead.json`` (strict JSON: ``edgead.data.io.read_json_strict``)."""
+    """Read and validate ``<export_dir>/edgead.json`` (strict JSON: ``edgead.data.files.read_json_strict``)."""
     path = Path(export_dir) / METADATA_NAME
     if not path.is_file():
         raise MetadataError(f"{path}: not found; expected an export directory made by `edgead export`")

@@ -26,13 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from edgead.data.io import (
-    OutputPathError,
-    check_output_folder,
-    write_bytes_atomic,
-    write_image_atomic,
-    write_json_atomic,
-)
+from edgead.data.files import OutputPathError, check_output_folder, write_bytes_atomic, write_json_atomic
+from edgead.data.io import write_image_atomic
 from edgead.progress import Progress
 from edgead.runtime.overlay import draw_hud
 from edgead.runtime.sources import SourceError, create_source
@@ -69,7 +64,7 @@ def check_out_dir(out_dir: Path | None) -> None:
     not empty, or not writable.
 
     Raises:
-        edgead.data.io.OutputPathError: naming the folder.
+        edgead.data.files.OutputPathError: naming the folder.
     """
     if out_dir is None:
         check_output_folder(DEFAULT_ROOT, "predictions folder")
@@ -158,7 +153,7 @@ def predict_source(
 
     Raises:
         ValueError: ``save`` is not one of :data:`SAVE_CHOICES`.
-        edgead.data.io.OutputPathError: ``out_dir`` holds files already or cannot be written, or writing failed
+        edgead.data.files.OutputPathError: ``out_dir`` holds files already or cannot be written, or writing failed
             (a full disk: what this call wrote is removed again).
         SourceError: The source cannot be opened, or an image cannot be read (unless ``skip_bad``).
     """

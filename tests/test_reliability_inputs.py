@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 
 from edgead.cli import app
 from edgead.config import RunConfig
-from edgead.data.io import read_json_strict, read_mask, write_image_atomic
+from edgead.data.files import read_json_strict
+from edgead.data.io import read_mask, write_image_atomic
 from edgead.data.mvtec import MaskValueWarning, Sample, load_masks
 from edgead.data.preprocess import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 from edgead.data.synthetic import generate_dataset

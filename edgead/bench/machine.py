@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from edgead.data.io import write_json_atomic
+from edgead.data.files import write_json_atomic
 from edgead.runtime.machine import cpu_name, device_record, gpu_memory_used_mb, gpu_name
 
 __all__ = ["cpu_name", "device_record", "gpu_memory_used_mb", "gpu_name", "machine_record", "portable", "save_record"]

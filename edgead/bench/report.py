@@ -19,7 +19,7 @@ from edgead.bench.timing import (
     resident_memory_mb,
     write_bench_video,
 )
-from edgead.data.io import OutputPathError, check_output_file, write_json_atomic
+from edgead.data.files import OutputPathError, check_output_file, write_json_atomic
 from edgead.runtime.detector import Detector
 from edgead.runtime.machine import cpu_name, gpu_name
 
@@ -83,7 +83,7 @@ def run_bench(
     recorded in ``edgead.json`` gone) is a row of the table saying so and why, not a missing row.
 
     Raises:
-        edgead.data.io.OutputPathError: ``json_path`` cannot be written (checked before measuring).
+        edgead.data.files.OutputPathError: ``json_path`` cannot be written (checked before measuring).
     """
     if json_path is not None:
         check_output_file(json_path, "--json")

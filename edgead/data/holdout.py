@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from edgead.data.io import file_sha256, read_image, write_bytes_atomic
+from edgead.data.files import file_sha256, write_bytes_atomic
+from edgead.data.io import read_image
 from edgead.data.preprocess import PreprocessConfig, resize_image
 
 HOLDOUT_NAME = "holdout.npz"

@@ -18,7 +18,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from edgead.data.io import write_image_atomic, write_json_atomic
+from edgead.data.files import write_json_atomic
+from edgead.data.io import write_image_atomic
 
 __all__ = [
     "CATEGORIES",

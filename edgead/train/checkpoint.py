@@ -31,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from edgead.config import WEIGHTS_NAME, write_json_atomic
-from edgead.data.io import atomic_output, file_sha256
+from edgead.data.files import atomic_output, file_sha256
 
 TRAINING_STATE_DIR = "training_state"
 MANIFEST_NAME = "checkpoint.json"

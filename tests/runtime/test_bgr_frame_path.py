@@ -15,8 +15,8 @@ from edgead.runtime import overlay
 from edgead.runtime.backends.base import Backend
 from edgead.runtime.batching import padded_batches
 from edgead.runtime.detector import Detector
-from edgead.runtime.live import _save_anomaly
 from edgead.runtime.metadata import ExportMetadata
+from edgead.runtime.outputs import save_anomaly
 from edgead.runtime.overlay import draw_hud, heatmap_overlay
 from edgead.runtime.predict import predict_source
 from edgead.runtime.result import Result
@@ -99,7 +99,7 @@ def test_saved_alarm_pngs_are_the_files_written_before(tmp_path: Path) -> None:
     frame = Frame(image=_frame(72, 96, seed=5), index=3, timestamp=0.0, name="camera0#3")
     result = _result(3.0, 1.0, seed=6)
     hud = draw_hud(frame.image, result, 10.0, 5.0, 0.0, 2.0)
-    names = _save_anomaly(tmp_path / "alarms", frame, hud, result.anomaly_map)
+    names = save_anomaly(tmp_path / "alarms", frame, hud, result.anomaly_map)
     # Before: BGR -> RGB here, RGB -> BGR again inside write_image_atomic.
     write_image_atomic(tmp_path / "frame.png", cv2.cvtColor(frame.image, cv2.COLOR_BGR2RGB))
     write_image_atomic(tmp_path / "map.png", cv2.cvtColor(_old_draw_hud(frame.image, result, 10.0, 5.0, 0.0, 2.0),

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from edgead.cli import app
 from edgead.data.io import write_image_atomic
-from edgead.runtime import live
+from edgead.runtime import live, outputs
 from edgead.runtime.capture import FrameReader, SourceError, VideoCaptureSource, describe_source
 from edgead.runtime.live import LiveOptions, OutputError, run_live
 from edgead.runtime.result import Result
@@ -102,11 +102,11 @@ def test_read_only_and_full_file_systems_are_refused_before_the_run(
     options = LiveOptions(show=False, **({"log_path": target} if what == "log" else {"save_anomalies": target}))
     predictor = AlwaysAlarm()
     with monkeypatch.context() as patch:
-        patch.setattr(live, "_write_error", lambda path: OSError(errno.EROFS, os.strerror(errno.EROFS)))
+        patch.setattr(outputs, "_write_error", lambda path: OSError(errno.EROFS, os.strerror(errno.EROFS)))
         with pytest.raises(OutputError, match=rf"{target.name}: .* is on a read-only file system"):
             run_live(predictor, source, options)
     with monkeypatch.context() as patch:
-        patch.setattr(live, "_free_bytes", lambda folder: 512)
+        patch.setattr(outputs, "_free_bytes", lambda folder: 512)
         with pytest.raises(OutputError, match=rf"{target.name}: no space left .*512 bytes free"):
             run_live(predictor, source, options)
     assert predictor.calls == 0 and not (tmp_path / "out").exists() and not _capture_threads()
@@ -130,7 +130,7 @@ def test_a_log_write_failing_mid_run_stops_cleanly_with_whole_lines(
 ) -> None:
     """The 4th line gets half-written, then the device fails: the half line is cut off, the run stops with the
     reason, the capture thread is joined, and every saved alarm still has its line."""
-    real_write = live._JsonLinesLog._write_chunk
+    real_write = outputs.JsonLinesLog._write_chunk
     calls = 0
 
     def failing(self: Any, view: memoryview) -> int:
@@ -142,7 +142,7 @@ def test_a_log_write_failing_mid_run_stops_cleanly_with_whole_lines(
             raise OSError(code, os.strerror(code))
         return real_write(self, view)
 
-    monkeypatch.setattr(live._JsonLinesLog, "_write_chunk", failing)
+    monkeypatch.setattr(outputs.JsonLinesLog, "_write_chunk", failing)
     log, alarms = tmp_path / "run.jsonl", tmp_path / "alarms"
     options = LiveOptions(show=False, log_path=log, save_anomalies=alarms)
     with pytest.raises(OutputError) as info:
@@ -156,7 +156,7 @@ def test_a_log_write_failing_mid_run_stops_cleanly_with_whole_lines(
 def test_an_evidence_write_failing_mid_run_leaves_no_orphan_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_write = live._write_file
+    real_write = outputs.write_file
     writes = 0
 
     def disk_full_on_the_8th_file(path: Path, data: bytes) -> None:
@@ -166,7 +166,7 @@ def test_an_evidence_write_failing_mid_run_leaves_no_orphan_file(
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         real_write(path, data)
 
-    monkeypatch.setattr(live, "_write_file", disk_full_on_the_8th_file)
+    monkeypatch.setattr(outputs, "write_file", disk_full_on_the_8th_file)
     log, alarms = tmp_path / "run.jsonl", tmp_path / "alarms"
     with pytest.raises(OutputError, match=r"the anomaly folder .*alarms: No space left on device \(ENOSPC\)"):
         run_live(
@@ -199,7 +199,7 @@ def test_a_signal_during_an_alarms_commit_waits_for_it(
 ) -> None:
     """The signal lands while the third alarm's files are being written: that alarm is finished (files, line,
     count), then the loop stops at once."""
-    real_write = live._write_file
+    real_write = outputs.write_file
     writes = 0
 
     def signal_mid_commit(path: Path, data: bytes) -> None:
@@ -212,7 +212,7 @@ def test_a_signal_during_an_alarms_commit_waits_for_it(
     def not_handled(*_: object) -> None:  # instead of SIGTERM's default, which would end pytest itself
         raise AssertionError("run_live left the signal to the previous handler")
 
-    monkeypatch.setattr(live, "_write_file", signal_mid_commit)
+    monkeypatch.setattr(outputs, "write_file", signal_mid_commit)
     log, alarms = tmp_path / "run.jsonl", tmp_path / "alarms"
     previous = signal.signal(signum, not_handled)
     try:

@@ -12,7 +12,7 @@ import torch
 
 import edgead.data.io as io_module
 from edgead.config import TrainConfig
-from edgead.data.io import exclusive_lock
+from edgead.data.files import exclusive_lock
 from edgead.data.synthetic import generate_dataset
 from edgead.methods.score_resilience.method import dsm_loss
 from edgead.nn.unet import ScoreUNet, UNetConfig
