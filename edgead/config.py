@@ -16,7 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from edgead import __version__
-from edgead.data.files import read_json_strict, write_bytes_atomic, write_json_atomic  # the one JSON reader, writer
+from edgead.data.files import (  # the one JSON reader, writer
+    new_folder,
+    read_json_strict,
+    write_bytes_atomic,
+    write_json_atomic,
+)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "weights.safetensors"
@@ -130,17 +135,7 @@ class RunConfig:
 
 def new_run_dir(method: str, runs_root: Path = DEFAULT_RUNS_DIR) -> Path:
     """Create ``<runs_root>/<method>/<UTC timestamp>/`` (suffixed if the second is taken)."""
-    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    base = Path(runs_root) / method
-    base.mkdir(parents=True, exist_ok=True)
-    candidate, n = base / stamp, 1
-    while True:
-        try:
-            candidate.mkdir()
-            return candidate
-        except FileExistsError:
-            n += 1
-            candidate = base / f"{stamp}-{n}"
+    return new_folder(Path(runs_root) / method, _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S"))
 
 
 class LatestNotUpdated(UserWarning):

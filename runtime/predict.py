@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from edgead.data.files import OutputPathError, check_output_folder, write_bytes_atomic, write_json_atomic
+from edgead.data.files import OutputPathError, check_output_folder, new_folder, write_bytes_atomic, write_json_atomic
 from edgead.data.io import write_image_atomic
 from edgead.progress import Progress
 from edgead.runtime.overlay import draw_hud
@@ -83,16 +83,7 @@ def check_out_dir(out_dir: Path | None) -> None:
 
 def _new_default_folder() -> Path:
     """``predictions/<time>``, made here and now (``-2``, ``-3``, ... when the second is taken): never shared."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    DEFAULT_ROOT.mkdir(parents=True, exist_ok=True)
-    candidate, n = DEFAULT_ROOT / stamp, 1
-    while True:
-        try:
-            candidate.mkdir()
-            return candidate
-        except FileExistsError:
-            n += 1
-            candidate = DEFAULT_ROOT / f"{stamp}-{n}"
+    return new_folder(DEFAULT_ROOT, time.strftime("%Y%m%d-%H%M%S"))
 
 
 def _claim(out_dir: Path | None) -> tuple[Path, bool]:

@@ -32,6 +32,7 @@ __all__ = [
     "exclusive_lock",
     "file_sha256",
     "json_depth",
+    "new_folder",
     "read_json_strict",
     "write_bytes_atomic",
     "write_json_atomic",
@@ -254,3 +255,18 @@ def check_output_folder(path: str | os.PathLike[str], what: str = "--out") -> Pa
         raise OutputPathError(f"{what} {target}: {existing} is not a folder")
     _probe_writable(existing, target, what)
     return target
+
+
+def new_folder(parent: str | os.PathLike[str], name: str) -> Path:
+    """Create and return ``parent/name``, or ``name-2``, ``name-3``, ... when it is taken: a folder this call
+    made, never one another process or run also writes into (``mkdir`` without ``exist_ok`` is atomic)."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    candidate, n = parent / name, 1
+    while True:
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            n += 1
+            candidate = parent / f"{name}-{n}"
