@@ -323,3 +323,12 @@ def test_an_object_array_in_the_verification_set_is_refused_naming_the_file(expo
     _no_traceback(result)
     text = " ".join(result.output.split())
     assert "verification.npz: array 'scores' holds Python objects" in text and "as numbers" in text
+
+
+@pytest.mark.parametrize("size", [0, 1, 100_000])
+def test_an_export_input_size_outside_the_range_is_refused_not_replaced_by_the_training_size(size: int) -> None:
+    from edgead.export.exporter import ExportOptions
+
+    with pytest.raises(ValueError, match=rf"--image-size must be whole pixels in 32..4096 .*got {size}"):
+        ExportOptions(image_size=size).validate()
+    ExportOptions(image_size=32).validate()
