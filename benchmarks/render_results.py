@@ -725,7 +725,12 @@ def fusion_table(*records: Record) -> str:
     return table([*header, "test AUPRO"], rows)
 
 
-TILING = ("accuracy_gaussian_bsdata_defaults.json", "accuracy_gaussian_bsdata_tiled448.json")
+TILING = (
+    "accuracy_gaussian_magnetic_tile_defaults.json",
+    "accuracy_gaussian_magnetic_tile_tiled448.json",
+    "accuracy_gaussian_bsdata_defaults.json",
+    "accuracy_gaussian_bsdata_tiled448.json",
+)
 
 
 @renders("tiling", *TILING)
