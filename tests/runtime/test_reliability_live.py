@@ -393,6 +393,10 @@ def _no_crash(text: str) -> None:
     assert "Traceback" not in text and "terminate called" not in text, text[-3000:]
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.slow
 @POSIX_SIGNALS
 @pytest.mark.parametrize(
@@ -409,6 +413,9 @@ def test_signals_stop_run_quickly_and_evidence_matches_the_log(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # as from a terminal: a shell starts background jobs (a CI script run with `&`) with SIGINT ignored,
+        # and run keeps an ignored signal ignored, as a background job should
+        preexec_fn=_default_sigint,
     )
     try:
         deadline = time.monotonic() + 60
