@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from edgead.config import RunConfig, mark_latest, new_run_dir
+from edgead.data.files import new_folder
 from edgead.data.preprocess import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, PreprocessConfig
 from edgead.methods import get_method
 from edgead.methods.base import Method
@@ -156,7 +157,10 @@ def tune_run(
     if not grid:
         raise ValueError(f"{method_name} declares nothing to tune; pass --grid KEY=V1,V2")
     if "image_size" in grid and spec.tile is not None:
-        raise ValueError("--grid image_size with --tile: tiles are scored at the tile size; tune --tile instead")
+        raise ValueError(
+            "--grid image_size with --tile: a tiled run's graph takes its frame size; tune the input size without "
+            "--tile, or tile at one frame size"
+        )
     base = dict(method_params or {})
     cls.parse_params(base)
     inference = [k for k in grid if k in cls.inference_params]
@@ -166,8 +170,7 @@ def tune_run(
     inference_grid = candidates({k: grid[k] for k in inference}) if inference else [{}]
     # the default's fit first: it calibrates the set
     fit_grid.sort(key=lambda values: any(values[k] != default[k] for k in values))
-    work = Path(runs_root) / method_name / f".tune-{time.strftime('%Y%m%d-%H%M%S')}"
-    work.mkdir(parents=True, exist_ok=False)
+    work = new_folder(Path(runs_root) / method_name, f".tune-{time.strftime('%Y%m%d-%H%M%S')}")  # this tune's own
     start = time.perf_counter()
     total = len(fit_grid) * len(inference_grid)
     rows: list[dict[str, Any]] = []
