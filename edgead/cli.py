@@ -250,29 +250,14 @@ def train(
                 raise ValueError(f"--out {run_out}: holds files that are not an edgead run ({names}); choose another "
                                  "--out (a new or empty folder)")  # fmt: skip
             check_output_folder(run_out, "--out")
-        import warnings
-
-        from edgead.config import LatestNotUpdated
         from edgead.pipeline import train_run
 
-        show_warning = warnings.showwarning
-
-        def one_line(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
-            if issubclass(category, LatestNotUpdated):  # `latest` left alone: said in one line, not a stack
-                err_console.print(f"warning: {message}", markup=False, soft_wrap=True)
-            else:
-                show_warning(message, category, *args, **kwargs)
-
-        warnings.showwarning = one_line
-        try:
-            run_dir, summary = train_run(
-                spec,
-                resume=resume,
-                progress=options["progress"],
-                on_event=lambda line: err_console.print(line, markup=False, soft_wrap=True),
-            )
-        finally:
-            warnings.showwarning = show_warning
+        run_dir, summary = train_run(
+            spec,
+            resume=resume,
+            progress=options["progress"],
+            on_event=lambda line: err_console.print(line, markup=False, soft_wrap=True),
+        )
     except USER_ERRORS as err:
         _fail(err)
     except KeyboardInterrupt as err:

@@ -11,6 +11,7 @@ import dataclasses
 import datetime as _dt
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,13 +161,14 @@ def _is_own_latest(link: Path) -> bool:
     return bool(name) and Path(name).name == name and (link.parent / name / CONFIG_NAME).is_file()
 
 
-def mark_latest(run_dir: Path) -> str | None:
+def mark_latest(run_dir: Path, report: Callable[[str], None] | None = None) -> str | None:
     """Point ``<runs_root>/<method>/latest`` at ``run_dir`` (a symlink, replaced atomically; a text file
     holding the directory name where symlinks are not allowed).
 
     Only edgead's own pointer is ever replaced: a ``latest`` that is a user's file, a folder or a link elsewhere
-    is left as it is. Returns None, or why ``latest`` was not updated (also issued as :class:`LatestNotUpdated`
-    warning; never an exception: the run is saved either way)."""
+    is left as it is. Returns None, or why ``latest`` was not updated, which also goes to ``report`` (the
+    caller's event line), or without one is issued as a :class:`LatestNotUpdated` warning; never an exception:
+    the run is saved either way."""
     run_dir = Path(run_dir)
     link = run_dir.parent / "latest"
     if not _is_own_latest(link):
@@ -175,7 +177,7 @@ def mark_latest(run_dir: Path) -> str | None:
             kind = f"a link to {os.readlink(link)}"
         elif link.is_dir():
             kind = "a folder"
-        return _latest_not_updated(f"{link} is {kind}; left as it is", run_dir)
+        return _latest_not_updated(f"{link} is {kind}; left as it is", run_dir, report)
     tmp = run_dir.parent / f".latest.{os.getpid()}.tmp"
     try:
         try:
@@ -188,14 +190,17 @@ def mark_latest(run_dir: Path) -> str | None:
                 link.unlink()
             write_bytes_atomic(link, run_dir.name.encode())
     except OSError as err:
-        return _latest_not_updated(f"{link} could not be written ({err.strerror or err})", run_dir)
+        return _latest_not_updated(f"{link} could not be written ({err.strerror or err})", run_dir, report)
     return None
 
 
-def _latest_not_updated(why: str, run_dir: Path) -> str:
-    """Warn (one line) that ``latest`` was not updated, and return the message."""
+def _latest_not_updated(why: str, run_dir: Path, report: Callable[[str], None] | None) -> str:
+    """Say (to ``report``, else as a warning) that ``latest`` was not updated, and return the message."""
     message = f"{why}, so it does not point at this run; the run is saved in {run_dir}"
-    warnings.warn(message, LatestNotUpdated, stacklevel=3)
+    if report is not None:
+        report(message)
+    else:
+        warnings.warn(message, LatestNotUpdated, stacklevel=3)
     return message
 
 

@@ -202,7 +202,8 @@ def train_run(
             return None, summary
         config.state.update({"summary": summary})
         config.save(run_dir)
-        mark_latest(run_dir)
+        say = None if on_event is None else lambda message: on_event(f"warning: {message}")
+        mark_latest(run_dir, report=say)  # a `latest` that is not edgead's own is left alone, said in one line
         return run_dir, summary
     finally:
         locks.close()

@@ -243,7 +243,7 @@ def tune_run(
         final = new_run_dir(method_name, runs_root)
         final.rmdir()
         chosen.rename(final)
-        mark_latest(final)
+        mark_latest(final, report=lambda message: log(f"warning: {message}"))
         if keep_candidates is not None:
             keep_candidates.mkdir(parents=True, exist_ok=True)
             for _, run_dir in fits:
