@@ -29,7 +29,7 @@ from edgead.bench.report import run_bench
 from edgead.config import RunConfig, TrainConfig
 from edgead.data.mvtec import list_test, load_images, load_masks
 from edgead.export.exporter import ExportOptions, export_run
-from edgead.methods import load_method
+from edgead.methods import get_method, load_method
 from edgead.metrics import compute_metrics, image_auroc, pixel_auroc, rank_correlation
 from edgead.pipeline import train_run
 from edgead.spec import RunSpec
@@ -129,9 +129,8 @@ def reselect(run: Path, work: Path) -> Path:
     config.method_params.update({"tau": "auto", "k": "auto", "edit_weighting": "auto"})
     config.state.pop("selection", None)
     config.save(copy)
-    method = type(load_method(copy)).load(copy, config)
-    method._pixel_ctx = None  # the stored held-out normals
-    method.after_training(None)
+    method = get_method("lafite").load(copy, config)
+    method.after_training(None)  # a loaded run: the selection uses its stored held-out normals
     method.config.save(copy)
     return copy
 

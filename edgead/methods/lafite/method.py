@@ -208,6 +208,9 @@ class LafitE(ScoreUNetMethod):
     Params = LafitEParams
     params: LafitEParams
     default_image_size = 224  # Sec. 4.1
+    #: The fit's pixel-space context (set by :meth:`fit`); None for a loaded run, whose selection
+    #: (:meth:`after_training`) then uses the run's stored held-out normals.
+    _pixel_ctx: FitContext | None = None
     inference_params = ScoreUNetMethod.inference_params | {
         "tau", "k", "edit", "edit_weighting", "ddim_steps", "smoothing_sigma", "pool_size", "noise_seed",
     }  # fmt: skip
