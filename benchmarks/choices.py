@@ -25,7 +25,7 @@ from typing import Any
 
 from edgead.bench.machine import save_record
 from edgead.config import RunConfig, TrainConfig
-from edgead.methods import get_method, load_method
+from edgead.methods import get_method
 from edgead.metrics import rank_correlation
 from edgead.pipeline import score_test_split, train_run
 from edgead.spec import RunSpec
@@ -62,7 +62,7 @@ def figures_on_test(run_dir: Path, data: Path, params: dict[str, Any] | None = N
     """Image and pixel AUROC and AUPRO of the run (with ``params`` over its own) on the test split."""
     config = RunConfig.load(run_dir)
     config.method_params.update(params or {})
-    method = type(load_method(run_dir)).load(run_dir, config)
+    method = get_method(config.method).load(run_dir, config)
     return score_test_split(method.inference_graph(), method.frame_preprocess_config, data).headline()
 
 
