@@ -38,6 +38,7 @@ USER_ERRORS = (FileNotFoundError, ValueError, NotImplementedError, FloatingPoint
 def _running(used: dict) -> str:
     """``METHOD from EXPORT on BACKEND [providers] (PRECISION)`` for the run/predict banners."""
     providers = f" [{', '.join(used['providers'])}]" if used.get("providers") else ""
+    providers += f" [{used['device']}]" if used.get("device") else ""
     return f"{used['method']} from {used['export']} on {used['backend']}{providers} ({used['precision']})"
 
 
@@ -87,6 +88,13 @@ def _parse_params(items: list[str]) -> dict[str, object]:
 
 #: Every command where a person waits shows progress with an ETA (plain lines when not on a terminal).
 OPT_PROGRESS = typer.Option(True, "--progress/--no-progress", help="Show progress (with an ETA) on standard error.")
+OPT_BACKEND_HELP = 'auto, tensorrt, onnxruntime or openvino (pip install "edgead[openvino]").'
+OPT_PRECISION = typer.Option(
+    None, "--precision", help="fp32, fp16 or int8, if the export has it (default: fp32, or the engine's)."
+)
+OPT_DEVICE = typer.Option(
+    None, "--device", help="With --backend openvino: CPU (default), GPU, NPU, ... (edgead info lists them)."
+)
 
 
 # ------------------------------------------------------------------------------------------------ run spec
@@ -446,7 +454,9 @@ def info(
     table.add_column("component")
     table.add_column("version / status")
     table.add_row("python", f"{platform.python_version()} ({sys.platform})")
-    for module in ("numpy", "cv2", "onnx", "onnxruntime", "torch", "timm", "tensorrt", "tensorrt_rtx", "pycuda"):
+    for module in (
+        "numpy", "cv2", "onnx", "onnxruntime", "openvino", "torch", "timm", "tensorrt", "tensorrt_rtx", "pycuda"
+    ):  # fmt: skip
         if importlib.util.find_spec(module) is None:
             table.add_row(module, "not installed")
             continue
@@ -459,6 +469,13 @@ def info(
         import onnxruntime
 
         table.add_row("onnxruntime providers", ", ".join(onnxruntime.get_available_providers()))
+    if importlib.util.find_spec("openvino") is not None:
+        from edgead.runtime.backends.openvino import available_devices
+
+        found = available_devices()
+        table.add_row(
+            "openvino devices (--device)", "; ".join(f"{d['device']}: {d['name']}" for d in found) or "none found"
+        )
     if importlib.util.find_spec("torch") is not None:
         import torch
 
@@ -521,7 +538,9 @@ def export(
     precision: str = typer.Option(
         "fp32",
         "--precision",
-        help="fp32, or fp16 (also writes model.fp16.onnx with normalisation, reductions and pooling in FP32).",
+        help="fp32; fp16 (also writes model.fp16.onnx with normalisation, reductions and pooling in FP32); int8 "
+        "(also writes model.int8.onnx: the networks quantized, calibrated on held-out normals, with its own "
+        "threshold, refused when it strays from FP32 beyond the stated tolerance).",
     ),
     fmt: str = typer.Option(
         "onnx",
@@ -574,6 +593,12 @@ def export(
         "on held-out normals, then averaged or maxed (repeat for more).",
     ),
     fuse_how: str = typer.Option("auto", "--fuse-how", help="auto (chosen on pseudo-validation), mean or max."),
+    accept_int8_loss: bool = typer.Option(
+        False,
+        "--accept-int8-loss",
+        help="With --precision int8: write the INT8 graph even where it fails the gate against FP32 (the failures "
+        "are printed and recorded in edgead.json).",
+    ),
     runs_root: Path = typer.Option(Path("runs"), "--runs-root", help="Where to look for the latest run."),
     exports_root: Path = typer.Option(Path("exports"), "--exports-root", help="Parent of default export folders."),
 ) -> None:
@@ -613,6 +638,7 @@ def export(
             engine_cache=engine_cache,
             fuse=tuple(fuse),
             fuse_how=fuse_how,
+            accept_int8_loss=accept_int8_loss,
         )
         target = out or exports_root / method
         meta = export_run(run_dir, target, options, log=lambda line: console.print(line, soft_wrap=True, markup=False))
@@ -637,8 +663,9 @@ def predict(
         "predictions/<time>); a failed predict removes what it wrote there.",
     ),
     save: str = typer.Option("anomalies", "--save", help="Overlays to write: all, anomalies or none."),
-    backend: str = typer.Option("auto", "--backend", help="auto, tensorrt or onnxruntime."),
-    precision: str | None = typer.Option(None, "--precision", help="fp32 or fp16 (default: what the export has)."),
+    backend: str = typer.Option("auto", "--backend", help=OPT_BACKEND_HELP),
+    precision: str | None = OPT_PRECISION,
+    device: str | None = OPT_DEVICE,
     threshold: float | None = typer.Option(None, "--threshold", help="Override the calibrated threshold."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images instead of stopping."),
     exports_root: Path = typer.Option(Path("exports"), "--exports-root", help="Where to look for the newest export."),
@@ -655,7 +682,7 @@ def predict(
         check_out_dir(out)  # before the export is loaded: a non-empty or unwritable --out is refused
         detector = Detector.load(
             export_dir or _latest_export(exports_root), backend=backend, precision=precision, threshold=threshold,
-            on_event=say,
+            on_event=say, device=device,
         )  # fmt: skip
         say(f"predicting with {_running(detector.describe())}")
         summary = predict_source(detector, source, out, save=save, skip_bad=skip_bad, on_event=say, progress=progress)
@@ -676,9 +703,11 @@ def verify(
     backend: str = typer.Option(
         "auto",
         "--backend",
-        help="auto, tensorrt, onnxruntime, onnxruntime-cuda or onnxruntime-trt (ONNX Runtime's TensorRT provider).",
+        help="auto, tensorrt, onnxruntime, onnxruntime-cuda, onnxruntime-trt (ONNX Runtime's TensorRT provider) "
+        "or openvino.",
     ),
-    precision: str | None = typer.Option(None, "--precision", help="fp32 or fp16 (default: what the export has)."),
+    precision: str | None = OPT_PRECISION,
+    device: str | None = OPT_DEVICE,
     runs: int = typer.Option(50, "--runs", help="Timed inference calls after warm-up."),
     json_path: Path | None = typer.Option(None, "--json", help="Write the report as JSON."),
     exports_root: Path = typer.Option(Path("exports"), "--exports-root", help="Where to look for the newest export."),
@@ -694,7 +723,9 @@ def verify(
         if json_path is not None:  # before the run: a folder there, a missing or read-only folder
             check_output_file(json_path, "--json")
         target = export_dir or _latest_export(exports_root)
-        report = verify_export(target, backend=backend, precision=precision, runs=runs, progress=progress)
+        report = verify_export(
+            target, backend=backend, precision=precision, runs=runs, progress=progress, device=device
+        )
     except VerifyUnavailable as err:
         err_console.print(f"cannot verify here: {err}", markup=False, soft_wrap=True)
         raise typer.Exit(code=2) from None
@@ -750,8 +781,9 @@ def run_camera(
         "by ' ! ') or a folder of images.",
     ),
     export_dir: Path | None = typer.Option(None, "--export", help="Export directory (default: newest under exports/)."),
-    backend: str = typer.Option("auto", "--backend", help="auto, tensorrt or onnxruntime."),
-    precision: str | None = typer.Option(None, "--precision", help="fp32 or fp16 (default: what the export has)."),
+    backend: str = typer.Option("auto", "--backend", help=OPT_BACKEND_HELP),
+    precision: str | None = OPT_PRECISION,
+    device: str | None = OPT_DEVICE,
     threshold: float | None = typer.Option(None, "--threshold", help="Override the calibrated threshold."),
     show: bool | None = typer.Option(
         None, "--show/--headless", help="Show the overlay window (default: only when a display is available)."
@@ -828,6 +860,7 @@ def run_camera(
                 precision=precision,
                 threshold=threshold,
                 on_event=say,
+                device=device,
             )
         say(f"running {_running(detector.describe())}")
         summary = run_live(detector, camera, options, on_event=say)
@@ -843,8 +876,9 @@ def run_camera(
 @app.command()
 def bench(
     export_dir: Path | None = typer.Option(None, "--export", help="Export directory (default: newest under exports/)."),
-    backend: str = typer.Option("auto", "--backend", help="auto, tensorrt or onnxruntime."),
-    precision: str | None = typer.Option(None, "--precision", help="fp32 or fp16."),
+    backend: str = typer.Option("auto", "--backend", help=OPT_BACKEND_HELP),
+    precision: str | None = OPT_PRECISION,
+    device: str | None = OPT_DEVICE,
     warmup: float = typer.Option(2.0, "--warmup", help="Warm-up seconds before measuring."),
     duration: float = typer.Option(10.0, "--duration", help="Measured seconds (at least 50 runs)."),
     torch_baseline: bool = typer.Option(
@@ -893,6 +927,7 @@ def bench(
             json_path=json_path,
             video=video,
             frame_size=(int(parts[0]), int(parts[1])),
+            device=device,
         )
     except USER_ERRORS as err:
         _fail(err)

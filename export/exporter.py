@@ -46,9 +46,9 @@ from edgead.runtime.backends.onnxruntime import OnnxRuntimeBackend
 from edgead.runtime.metadata import PRECISIONS, ExportMetadata, artifact_record
 from edgead.runtime.parity import FP32_SCORE_RTOL, compare, fp32_envelope, judge, relative_errors, tolerances
 from edgead.runtime.verify import compare as verify_compare
-from edgead.runtime.verify import polygraphy_compare, run_batches
+from edgead.runtime.verify import polygraphy_compare, reference_for, run_batches
 
-FP32_NAME, FP16_NAME = "model.onnx", "model.fp16.onnx"
+FP32_NAME, FP16_NAME, INT8_NAME = "model.onnx", "model.fp16.onnx", "model.int8.onnx"
 #: --format triton: the same graphs with a dynamic batch dimension (1..--max-batch) for Triton's batching.
 BATCHED_NAME, BATCHED_FP16_NAME = "model.batched.onnx", "model.batched.fp16.onnx"
 DEFAULT_TRITON_MAX_BATCH = 8
@@ -81,6 +81,9 @@ class ExportOptions:
     #: Further trained runs fused with the exported one into one graph (``edgead.methods.fusion``), and how.
     fuse: tuple[Path, ...] = ()
     fuse_how: str = "auto"
+    #: ``--precision int8``: write the INT8 graph even where it fails the gate against FP32 (the failures are
+    #: printed and recorded in ``edgead.json``; the user chose the loss).
+    accept_int8_loss: bool = False
 
     def validate(self) -> None:
         if self.format not in FORMATS:
@@ -102,6 +105,8 @@ class ExportOptions:
             raise ValueError(f"--fuse-how must be auto, mean or max, got {self.fuse_how!r}")
         if self.image_size is not None:
             check_image_size(self.image_size, "--image-size")
+        if self.accept_int8_loss and self.precision != "int8":
+            raise ValueError("--accept-int8-loss goes with --precision int8")
         if self.fuse and self.image_size is not None:
             raise ValueError("--fuse keeps the runs' own input size: leave out --image-size")
 
@@ -314,15 +319,26 @@ def store_golden_data(job: ExportJob) -> list[Path]:
     labels = np.concatenate([np.full(len(job.sets[name][pick[name]]), int(name == "pseudo")) for name in names])
     maps = np.concatenate([job.ref[name][0][pick[name]] for name in names]).astype(np.float32)
     scores = np.concatenate([job.ref[name][1][pick[name]] for name in names]).astype(np.float32)
-    path = job.staging / GOLDEN_NAME
-    with open(path, "wb") as handle:
-        np.savez_compressed(handle, images=images, labels=labels.astype(np.int8), maps=maps, scores=scores)
-    job.artifacts["verification"] = artifact_record(
-        job.staging, GOLDEN_NAME, images=len(images), reference="PyTorch FP32", threshold=job.threshold["value"]
-    )
     job.golden = {"images": images, "labels": labels.astype(np.int8), "maps": maps, "scores": scores}
+    path = write_golden_data(job)
     check_verification_set(job, "fp32", FP32_NAME)
     return [path]
+
+
+def write_golden_data(job: ExportJob) -> Path:
+    """(Re)write ``verification.npz`` from ``job.golden`` and its record (an INT8 export adds its references)."""
+    path = job.staging / GOLDEN_NAME
+    with open(path, "wb") as handle:
+        np.savez_compressed(handle, **job.golden)
+    references = "PyTorch FP32" + (", INT8 on ONNX Runtime (CPU)" if "scores_int8" in job.golden else "")
+    job.artifacts["verification"] = artifact_record(
+        job.staging,
+        GOLDEN_NAME,
+        images=len(job.golden["images"]),
+        reference=references,
+        threshold=job.threshold["value"],
+    )
+    return path
 
 
 def check_verification_set(job: ExportJob, precision: str, onnx_name: str) -> None:
@@ -332,9 +348,11 @@ def check_verification_set(job: ExportJob, precision: str, onnx_name: str) -> No
     (``edgead.runtime.parity.tolerances``). So an export this accepts passes verify on ONNX Runtime, and one
     that verify would fail is not written."""
     maps, scores = _run_onnx(job.staging / onnx_name, job.golden["images"])
-    report = verify_compare(job.golden, maps, scores, job.threshold["value"])
+    reference = reference_for(job.golden, precision)
+    threshold = job.threshold["int8"]["value"] if precision == "int8" else job.threshold["value"]
+    report = verify_compare(reference, maps, scores, threshold)
     tol = tolerances(precision, job.parity)
-    report["polygraphy"] = polygraphy_compare(job.golden, maps, scores, precision, "onnxruntime", tol)
+    report["polygraphy"] = polygraphy_compare(reference, maps, scores, precision, "onnxruntime", tol)
     failures = judge(report, tol)
     job.parity[f"verification_set_{precision}"] = {**report, "tolerances": tol, "passed": not failures}
     job.log(
@@ -385,6 +403,14 @@ def export_fp16_onnx(job: ExportJob) -> list[Path]:
     return [path]
 
 
+def export_int8_onnx(job: ExportJob) -> list[Path]:
+    """The graph's networks quantized to INT8 (``edgead.export.int8``), calibrated on the held-out normals, with
+    its own threshold, gated against FP32 (``edgead.runtime.parity.INT8_GATE``)."""
+    from edgead.export.int8 import int8_step
+
+    return int8_step(job)
+
+
 def _fp32_layers(job: ExportJob, onnx_name: str) -> tuple[str, ...]:
     """FP16 engines: the FP32 ONNX's nodes that weakly typed TensorRT must keep in FP32 (ignored by strongly
     typed flavours, which build from the FP16 ONNX)."""
@@ -409,15 +435,22 @@ def build_tensorrt_engine(job: ExportJob) -> list[Path]:
         compute_capabilities=options.compute_capabilities,
         fp32_layers=_fp32_layers(job, FP32_NAME),
     )
-    info = build_engine(
-        job.staging / FP32_NAME,
-        job.staging / engine_name,
-        settings,
-        flavour=flavour,
-        cache_dir=options.engine_cache,
-        log=lambda line: job.log(f"  {line}"),
-        fp16_onnx_path=(job.staging / FP16_NAME) if options.precision == "fp16" else None,
-    )
+    try:
+        info = build_engine(
+            job.staging / FP32_NAME,
+            job.staging / engine_name,
+            settings,
+            flavour=flavour,
+            cache_dir=options.engine_cache,
+            log=lambda line: job.log(f"  {line}"),
+            fp16_onnx_path=(job.staging / FP16_NAME) if options.precision == "fp16" else None,
+            int8_onnx_path=(job.staging / INT8_NAME) if options.precision == "int8" else None,
+        )
+    except (RuntimeError, ValueError, FileNotFoundError) as err:  # parser or builder errors, listed by build_engine
+        raise ExportError(
+            f"{flavour.name} {flavour.version} could not build the {options.precision} engine: {err}; the export "
+            "is not written (export --format onnx and build on the device, or see `edgead verify`)"
+        ) from err
     job.artifacts["engines"] = [
         artifact_record(
             job.staging,
@@ -600,6 +633,7 @@ COMMON_STEPS: tuple[tuple[str, Step], ...] = (
 PRECISION_STEPS: dict[str, tuple[tuple[str, Step], ...]] = {
     "fp32": (),
     "fp16": (("ONNX FP16", export_fp16_onnx),),
+    "int8": (("ONNX INT8", export_int8_onnx),),
 }
 
 #: --format -> how it is built (ultralytics keeps its exporters in one table the same way).
@@ -617,7 +651,7 @@ FORMATS: dict[str, ExportFormat] = {
             "triton",
             "ONNX plus a Triton model repository (triton/): dynamic-batch graphs, a TensorRT plan where NVIDIA "
             "TensorRT is installed, DeepStream config",
-            PRECISIONS,
+            ("fp32", "fp16"),
             steps=(("ONNX batched (Triton)", export_batched_onnx), ("TensorRT plan (Triton)", build_triton_engine)),
             after_metadata=(("Triton repository", write_triton_repository),),
         ),

@@ -265,6 +265,7 @@ def build_engine(
     cache_dir: str | os.PathLike[str] | None = None,
     log: Log = print,
     fp16_onnx_path: str | os.PathLike[str] | None = None,
+    int8_onnx_path: str | os.PathLike[str] | None = None,
 ) -> EngineInfo:
     """Builds (or copies from the engine cache) a fixed-shape engine for the ``image`` input.
 
@@ -276,6 +277,7 @@ def build_engine(
         cache_dir: Engine cache: ``<cache_dir>/<key>.engine`` is copied instead of building and filled after.
         log: Receives progress lines.
         fp16_onnx_path: The FP16 ONNX; None uses ``<stem>.fp16.onnx`` beside ``onnx_path`` if it exists.
+        int8_onnx_path: The INT8 QDQ ONNX; None uses ``<stem>.int8.onnx`` beside ``onnx_path`` if it exists.
 
     Returns:
         What was built.
@@ -292,7 +294,12 @@ def build_engine(
         fp16_onnx = sibling if sibling.is_file() else None
     else:
         fp16_onnx = Path(fp16_onnx_path)
-    onnx, flags = choose_onnx_for(flavour, settings.precision, fp32_onnx, fp16_onnx)
+    if int8_onnx_path is None:
+        sibling = fp32_onnx.with_name(f"{fp32_onnx.stem}.int8.onnx")
+        int8_onnx = sibling if sibling.is_file() else None
+    else:
+        int8_onnx = Path(int8_onnx_path)
+    onnx, flags = choose_onnx_for(flavour, settings.precision, fp32_onnx, fp16_onnx, int8_onnx)
     if not onnx.is_file():
         raise FileNotFoundError(f"ONNX model not found: {onnx}")
     gpu_name, capability = _target(flavour, settings)

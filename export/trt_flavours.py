@@ -96,15 +96,18 @@ def detect_flavour(preferred: str | None = None) -> Flavour:
 
 
 def choose_onnx_for(
-    flavour: Flavour, precision: str, fp32_onnx: Path, fp16_onnx: Path | None
+    flavour: Flavour, precision: str, fp32_onnx: Path, fp16_onnx: Path | None, int8_onnx: Path | None = None
 ) -> tuple[Path, frozenset[str]]:
     """Picks the ONNX to parse and the builder flags to set: the one place handling the flavour difference.
 
     Args:
         flavour: Target flavour.
-        precision: ``"fp32"`` or ``"fp16"``.
+        precision: ``"fp32"``, ``"fp16"`` or ``"int8"``.
         fp32_onnx: The FP32 export.
         fp16_onnx: The FP16 export (``model.fp16.onnx``) or None if there is none.
+        int8_onnx: The INT8 QDQ export (``model.int8.onnx``) or None if there is none. Every flavour builds INT8
+            from it (explicit quantization); TensorRT 10 also needs ``BuilderFlag.INT8`` to honour its Q/DQ
+            layers, strongly typed flavours take the types from the graph.
 
     Returns:
         ``(onnx path, builder flag names)``, e.g. ``(fp32_onnx, {"FP16"})`` for TensorRT 10 FP16.
@@ -117,6 +120,12 @@ def choose_onnx_for(
         raise ValueError(f"unknown precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     if precision == "fp32":
         return Path(fp32_onnx), frozenset()
+    if precision == "int8":
+        if int8_onnx is None:
+            raise FileNotFoundError(
+                f"an INT8 engine is built from the INT8 QDQ ONNX next to {fp32_onnx}; export it with --precision int8"
+            )
+        return Path(int8_onnx), frozenset() if flavour.strongly_typed else frozenset({"INT8"})
     if not flavour.fp16_from_onnx:
         return Path(fp32_onnx), frozenset({"FP16"})
     if fp16_onnx is None:

@@ -13,10 +13,17 @@ from edgead.data.preprocess import PreprocessConfig, preprocess_bgr
 from edgead.runtime.backends.base import Backend, BackendError
 from edgead.runtime.batching import padded_batches
 from edgead.runtime.decision import decision_threshold, is_anomalous
-from edgead.runtime.metadata import PRECISIONS, ExportMetadata, find_engine, load_metadata, verified_artifact
+from edgead.runtime.metadata import (
+    ONNX_KEYS,
+    PRECISIONS,
+    ExportMetadata,
+    find_engine,
+    load_metadata,
+    verified_artifact,
+)
 from edgead.runtime.result import Result
 
-BACKENDS = ("auto", "tensorrt", "onnxruntime")
+BACKENDS = ("auto", "tensorrt", "onnxruntime", "openvino")
 
 
 def _tensorrt_usable() -> bool:
@@ -60,6 +67,8 @@ class Detector:
             "backend": getattr(self.backend, "name", type(self.backend).__name__),
             "precision": self.precision,
         }
+        if getattr(self.backend, "device", None):  # OpenVINO: the device it compiled for
+            described["device"] = self.backend.device
         session = getattr(self.backend, "session", None)
         if session is not None:  # the execution providers ONNX Runtime actually registered (a CUDA fallback shows)
             described["providers"] = list(session.get_providers())
@@ -73,7 +82,7 @@ class Detector:
     @threshold.setter
     def threshold(self, override: float | None) -> None:
         """Override the calibrated threshold (None restores it); the one override point of the runtime."""
-        self._threshold = decision_threshold(self.metadata.threshold_value, override)
+        self._threshold = decision_threshold(self.metadata.threshold_for(self.precision), override)
 
     @classmethod
     def load(
@@ -84,18 +93,21 @@ class Detector:
         threshold: float | None = None,
         providers: Sequence[str] | None = None,
         on_event: Callable[[str], None] | None = None,
+        device: str | None = None,
     ) -> Detector:
         """Open an export directory made by ``edgead export``.
 
         Args:
             export_dir: Holds ``edgead.json`` and the artifacts it lists.
             backend: ``auto`` (TensorRT when an engine, TensorRT and pycuda are present, else ONNX Runtime),
-                ``tensorrt`` or ``onnxruntime``.
-            precision: ``fp32`` or ``fp16``; None takes the engine's precision for TensorRT and FP32 for ONNX
-                Runtime.
+                ``tensorrt``, ``onnxruntime`` or ``openvino`` (``pip install "edgead[openvino]"``).
+            precision: ``fp32``, ``fp16`` or ``int8`` (an export made with that ``--precision``); None takes the
+                engine's precision for TensorRT and FP32 for ONNX Runtime and OpenVINO. INT8 scores are judged by
+                the INT8 graph's own calibrated threshold.
             threshold: Overrides the calibrated decision threshold in the metadata.
             providers: ONNX Runtime execution providers (default: CUDA if installed, then CPU).
             on_event: Receives a line when ``auto`` falls back from TensorRT to ONNX Runtime.
+            device: OpenVINO's device (``CPU`` by default, ``GPU``, ``NPU``, ...); only with ``openvino``.
 
         Raises:
             MetadataError: Missing metadata, or an artifact whose SHA-256 does not match it.
@@ -105,12 +117,14 @@ class Detector:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         if precision not in (None, *PRECISIONS):
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        if device is not None and backend != "openvino":
+            raise ValueError(f"a device ({device!r}) is chosen only for the openvino backend, not {backend!r}")
         # Resolved once: an export folder is a link that a new export switches atomically, so every file must
         # come from the version the link named at this instant (edgead.export.publish).
         requested = Path(export_dir)
         export_dir = requested.resolve()
         meta = load_metadata(export_dir)
-        engine = find_engine(meta, precision)
+        engine = find_engine(meta, precision) if backend != "openvino" else None
         if backend == "tensorrt" or (backend == "auto" and engine is not None and _tensorrt_usable()):
             if engine is None:
                 raise BackendError(
@@ -128,19 +142,20 @@ class Detector:
                     raise
                 if on_event:
                     on_event(f"TensorRT unavailable ({err}); using ONNX Runtime")
-        key = "onnx_fp16" if precision == "fp16" else "onnx"
+        chosen = precision or "fp32"
+        key = ONNX_KEYS[chosen]
         if key not in meta.artifacts:
-            raise BackendError(f"{export_dir}: no {precision} ONNX in this export; export with --precision {precision}")
-        from edgead.runtime.backends.onnxruntime import OnnxRuntimeBackend
-
+            raise BackendError(f"{export_dir}: no {chosen} ONNX in this export; export with --precision {chosen}")
         path = verified_artifact(export_dir, meta.artifacts[key])
-        return cls(
-            OnnxRuntimeBackend(path, providers=providers),
-            meta,
-            threshold,
-            export_dir=requested,
-            precision="fp16" if key == "onnx_fp16" else "fp32",
-        )
+        if backend == "openvino":
+            from edgead.runtime.backends.openvino import DEFAULT_DEVICE, OpenVINOBackend
+
+            runner: Backend = OpenVINOBackend(path, device=device or DEFAULT_DEVICE)
+        else:
+            from edgead.runtime.backends.onnxruntime import OnnxRuntimeBackend
+
+            runner = OnnxRuntimeBackend(path, providers=providers)
+        return cls(runner, meta, threshold, export_dir=requested, precision=chosen)
 
     def preprocess(self, frame_bgr: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """The training-time preprocessing of a BGR frame (``edgead.data.preprocess.preprocess_bgr``: the same

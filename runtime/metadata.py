@@ -22,7 +22,9 @@ METADATA_NAME = "edgead.json"
 #: Version 2: ``notes`` (declared by the method's graph) and ``steps`` (export step timings) added.
 FORMAT_VERSION = 2
 #: The precisions an export can hold (one ONNX each) and a backend can run.
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")
+#: The ``edgead.json`` artifact key of each precision's ONNX.
+ONNX_KEYS = {"fp32": "onnx", "fp16": "onnx_fp16", "int8": "onnx_int8"}
 
 
 class MetadataError(ValueError):
@@ -64,7 +66,18 @@ class ExportMetadata:
 
     @property
     def threshold_value(self) -> float:
+        """The calibrated threshold of the FP32 and FP16 graphs."""
         return float(self.threshold["value"])
+
+    def threshold_for(self, precision: str) -> float:
+        """The calibrated threshold of ``precision``'s graph: INT8 has its own (its scores are calibrated on the
+        same held-out normals, at the same false-alarm rate: ``threshold.int8``), FP32 and FP16 share one."""
+        if precision == "int8":
+            own = self.threshold.get("int8")
+            if not isinstance(own, dict):
+                raise MetadataError("edgead.json: an INT8 export needs 'threshold.int8'; re-run `edgead export`")
+            return float(own["value"])
+        return self.threshold_value
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -103,6 +116,11 @@ class ExportMetadata:
         value = self.threshold.get("value")
         if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
             raise MetadataError(f"{source}: field 'threshold.value' must be a finite number, got {value!r}")
+        if "int8" in self.threshold:
+            own = self.threshold["int8"]
+            value = own.get("value") if isinstance(own, dict) else None
+            if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+                raise MetadataError(f"{source}: field 'threshold.int8.value' must be a finite number, got {value!r}")
         shape = self.input.get("shape")
         if not (isinstance(shape, list) and len(shape) == 4 and all(isinstance(v, int) and v > 0 for v in shape)):
             raise MetadataError(f"{source}: field 'input.shape' must be [batch, channels, size, size], got {shape!r}")

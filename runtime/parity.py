@@ -39,7 +39,66 @@ SCORE_FLOOR = 1e-2
 TOLERANCES: dict[str, dict[str, float]] = {
     "fp32": {"score_rel": 1e-3, "map_rel": 1e-3, "decision_flips": 0, "map_iou": 0.99, "auroc_drop": 0.0},
     "fp16": {"score_rel": 5e-2, "map_rel": 5e-2, "decision_flips": 0, "map_iou": 0.9, "auroc_drop": 0.02},
+    # INT8 is held to the export's own INT8 outputs (ONNX Runtime, CPU): another backend's INT8 kernels round
+    # differently. Measured, OpenVINO against ONNX Runtime on the gaussian graph: magnetic_tile scores 4 % apart at
+    # most, maps 8 % of their largest value, thresholded-map IoU 0.96; on the generated test data (flat normal
+    # maps, where rounding moves pixels across the 90th-percentile cut) IoU 0.59. How far INT8 is from FP32 is
+    # export's gate (INT8_GATE).
+    "int8": {"score_rel": 1e-1, "map_rel": 1.5e-1, "decision_flips": 0, "map_iou": 0.5, "auroc_drop": 0.02},
 }
+
+#: What an INT8 graph must meet against the PyTorch FP32 reference on the export's held-out normals and the
+#: pseudo-anomalies made from them, each precision judged at its own calibrated threshold: the normal vs
+#: pseudo-anomaly AUROC may drop this much (and the test AUROC, where ``--data`` brings a test split), at most this
+#: share of the images may get another decision, and the ranking of the images by score must keep this
+#: (Spearman) correlation. INT8 moves scores too far for a relative-error tolerance (the Mahalanobis distance of
+#: gaussian's opposite components amplifies quantization noise: scores 50-200 % off), so the gate is on what a
+#: detector decides and how it ranks. The ranking clause is there because AUROC on pseudo-anomalies alone
+#: missed a real loss: gaussian on magnetic_tile kept 0.974 of 0.977 on pseudo-anomalies, but its ranking
+#: correlation fell to 0.92 and its test AUROC from 0.930 to 0.879 (``benchmarks/results/int8_*.json``).
+INT8_GATE: dict[str, float] = {"auroc_drop": 0.02, "decision_flip_share": 0.1, "rank_correlation": 0.95}
+
+
+def int8_gate(
+    labels: np.ndarray, ref_scores: np.ndarray, ref_threshold: float, scores: np.ndarray, threshold: float
+) -> dict[str, Any]:
+    """INT8 scores against the FP32 reference, each at its own threshold (:data:`INT8_GATE`); ``failures``
+    lists what is beyond it (empty: pass)."""
+    from edgead.runtime.verify import auroc
+
+    labels = np.asarray(labels).astype(bool)
+    flips = is_anomalous(np.asarray(ref_scores), ref_threshold) != is_anomalous(np.asarray(scores), threshold)
+    order_ref, order = np.argsort(np.argsort(ref_scores)), np.argsort(np.argsort(scores))
+    report: dict[str, Any] = {
+        "n_images": int(len(scores)),
+        "auroc_fp32": auroc(labels, ref_scores),
+        "auroc_int8": auroc(labels, scores),
+        "decision_flips": int(flips.sum()),
+        "decision_flip_share": float(flips.mean()) if len(flips) else 0.0,
+        "score_rank_correlation": float(np.corrcoef(order_ref, order)[0, 1]) if len(scores) > 1 else 1.0,
+        "tolerances": dict(INT8_GATE),
+    }
+    failures = []
+    if report["auroc_fp32"] is not None and report["auroc_int8"] is not None:
+        drop = report["auroc_fp32"] - report["auroc_int8"]
+        if drop > INT8_GATE["auroc_drop"]:
+            failures.append(
+                f"normal vs pseudo-anomaly AUROC {report['auroc_int8']:.4f} (INT8) vs {report['auroc_fp32']:.4f} "
+                f"(FP32): a drop of {drop:.4f} > {INT8_GATE['auroc_drop']:g}"
+            )
+    if report["score_rank_correlation"] < INT8_GATE["rank_correlation"]:
+        failures.append(
+            f"the images' ranking by score keeps a correlation of {report['score_rank_correlation']:.3f} with FP32's "
+            f"< {INT8_GATE['rank_correlation']:g}"
+        )
+    if report["decision_flip_share"] > INT8_GATE["decision_flip_share"]:
+        failures.append(
+            f"{report['decision_flips']} of {report['n_images']} images ({report['decision_flip_share']:.1%}) get "
+            f"another decision than FP32 > {INT8_GATE['decision_flip_share']:.0%}"
+        )
+    report["failures"] = failures
+    report["passed"] = not failures
+    return report
 
 
 def tolerances(precision: str, parity: Mapping[str, Any] | None = None) -> dict[str, float]:

@@ -42,7 +42,7 @@ from edgead.runtime.parity import judge as judge_parity
 
 #: Untimed inference calls before the latency runs.
 WARMUP_CALLS = 3
-BACKENDS = ("auto", "tensorrt", "onnxruntime", "onnxruntime-cuda", "onnxruntime-trt")
+BACKENDS = ("auto", "tensorrt", "onnxruntime", "onnxruntime-cuda", "onnxruntime-trt", "openvino")
 #: ONNX Runtime's execution providers behind the verify backends that name one (checked, never fallen back from).
 ORT_PROVIDERS = {"onnxruntime-cuda": "CUDAExecutionProvider", "onnxruntime-trt": "TensorrtExecutionProvider"}
 
@@ -74,6 +74,25 @@ GOLDEN_ARRAYS = {
     "maps": ("reference anomaly maps (N, H, W)", "f"),
     "scores": ("reference image scores (N,)", "f"),
 }
+
+
+#: Arrays an INT8 export adds: the INT8 graph's own outputs on ONNX Runtime (CPU) at export, the reference an INT8
+#: backend is held to (INT8 is compared with INT8; how far INT8 is from FP32 export measured and gated).
+INT8_ARRAYS = {"maps_int8": "INT8 reference anomaly maps (N, H, W)", "scores_int8": "INT8 reference scores (N,)"}
+
+
+def reference_for(golden: dict[str, np.ndarray], precision: str) -> dict[str, np.ndarray]:
+    """The verification set with the reference ``precision`` is compared with: PyTorch FP32 for FP32 and FP16,
+    the export's INT8 outputs for INT8.
+
+    Raises:
+        VerifyUnavailable: An INT8 check on a verification set without INT8 references.
+    """
+    if precision != "int8":
+        return golden
+    if not all(key in golden for key in INT8_ARRAYS):
+        raise VerifyUnavailable("this export's verification set has no INT8 reference; re-export with --precision int8")
+    return {**golden, "maps": golden["maps_int8"], "scores": golden["scores_int8"]}
 
 
 def load_golden(export_dir: Path) -> dict[str, np.ndarray]:
@@ -113,13 +132,19 @@ def load_golden(export_dir: Path) -> dict[str, np.ndarray]:
             if array.dtype.kind not in kinds:
                 raise MetadataError(f"{path}: array {key!r} has dtype {array.dtype}; expected {what} as numbers")
             golden[key] = array
+        for key, what in INT8_ARRAYS.items():
+            if key in data.files:
+                array = data[key]
+                if array.dtype.kind != "f":
+                    raise MetadataError(f"{path}: array {key!r} has dtype {array.dtype}; expected {what} as numbers")
+                golden[key] = array
     counts = {key: len(array) if array.ndim else 0 for key, array in golden.items()}
     if len(set(counts.values())) != 1 or not counts["images"]:
         raise MetadataError(f"{path}: arrays hold {counts} entries; expected the same number (> 0) of images in each")
     return golden
 
 
-def _open(export_dir: Path, backend: str, precision: str | None) -> Any:
+def _open(export_dir: Path, backend: str, precision: str | None, device: str | None = None) -> Any:
     from edgead.runtime.backends.base import BackendError
     from edgead.runtime.detector import Detector
 
@@ -145,7 +170,7 @@ def _open(export_dir: Path, backend: str, precision: str | None) -> Any:
                 detector.close()
                 raise VerifyUnavailable(f"ONNX Runtime could not start {wanted} here and would run on {ran}")
             return detector
-        return Detector.load(export_dir, backend=backend, precision=precision)
+        return Detector.load(export_dir, backend=backend, precision=precision, device=device)
     except BackendError as err:
         raise VerifyUnavailable(str(err)) from err
     except ImportError as err:
@@ -252,7 +277,12 @@ def judge(report: dict[str, Any], precision: str, tol: dict[str, float] | None =
 
 
 def verify_export(
-    export_dir: str | Path, backend: str = "auto", precision: str | None = None, runs: int = 50, progress: bool = False
+    export_dir: str | Path,
+    backend: str = "auto",
+    precision: str | None = None,
+    runs: int = 50,
+    progress: bool = False,
+    device: str | None = None,
 ) -> dict[str, Any]:
     """Run the export's verification set on ``backend``; returns the report (``passed`` says the verdict).
     ``progress`` shows the inference calls (verification batches, warm-up, timed runs) with an ETA.
@@ -264,7 +294,7 @@ def verify_export(
         raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     export_dir = Path(export_dir)
     golden = load_golden(export_dir)
-    detector = _open(export_dir, backend, precision)
+    detector = _open(export_dir, backend, precision, device)
     try:
         used = detector.describe()  # names ONNX Runtime's registered providers too
         size = int(detector.backend.input_shape[0])
@@ -272,9 +302,15 @@ def verify_export(
         with Progress("verify", n_batches + WARMUP_CALLS + max(runs, 1), unit="calls", enabled=progress) as bar:
             maps, scores = run_batches(detector.backend, golden["images"])
             bar.advance(n_batches)
-            report = compare(golden, maps, scores, detector.metadata.threshold_value)
+            reference = reference_for(golden, used["precision"])
+            report = compare(reference, maps, scores, detector.metadata.threshold_for(used["precision"]))
             tol = tolerances(used["precision"], detector.metadata.parity)  # export's rule, on its parity record
-            report["polygraphy"] = polygraphy_compare(golden, maps, scores, used["precision"], used["backend"], tol)
+            report["polygraphy"] = polygraphy_compare(reference, maps, scores, used["precision"], used["backend"], tol)
+            if used["precision"] == "int8":  # how far this device's INT8 is from the FP32 reference (reported)
+                report["vs_fp32"] = {
+                    "auroc_fp32": auroc(golden["labels"], golden["scores"]),
+                    "auroc_int8": report["auroc"],
+                }
             batch = golden["images"][:size]
             if len(batch) < size:
                 batch = np.repeat(golden["images"][:1], size, axis=0)

@@ -23,6 +23,18 @@ def make_tiny_run(root: Path, image_size: int = 32, steps: int = 5) -> tuple[Pat
     return data, run_dir
 
 
+def make_gaussian_run(root: Path, image_size: int = 64) -> tuple[Path, Path]:
+    """Return ``(data_root, run_dir)`` of the gaussian method (bundled ImageNet backbone, statistics fitted in
+    seconds) on a generated dataset: a fitted model for the INT8 and backend tests, where an untrained network's
+    noise would say nothing."""
+    data = generate_dataset(root / "data", size=image_size, n_train=40, n_test_good=6, n_test_defect=6, seed=3)
+    run_dir, _ = train_run(
+        RunSpec(method="gaussian", data=[data], image_size=image_size, runs_root=root / "runs", device="cpu"),
+        progress=False,
+    )
+    return data, run_dir
+
+
 def train_on_demo_data(method: str, root: Path, steps: int = 600) -> tuple[Path, Path, dict]:
     """The acceptance tests' run: ``method`` (tiny preset) trained on the demo's generated defects with the
     demo's short-run settings; returns ``(data_root, run_dir, summary)``."""

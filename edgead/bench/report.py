@@ -69,6 +69,7 @@ def run_bench(
     min_runs: int = 50,
     video: Path | None = None,
     frame_size: tuple[int, int] = DEFAULT_FRAME_SIZE,
+    device: str | None = None,
 ) -> dict[str, Any]:
     """Measure everything and return the report (``report["table"]`` is the printable summary).
 
@@ -89,7 +90,7 @@ def run_bench(
         check_output_file(json_path, "--json")
     frame = _first_frame(video) if video is not None else _bench_frame(frame_size)
     height, width = frame.shape[:2]
-    detector = Detector.load(export_dir, backend=backend, precision=precision)
+    detector = Detector.load(export_dir, backend=backend, precision=precision, device=device)
     meta = detector.metadata
     backend_result = bench_detector(detector, frame, warmup_s, duration_s, min_runs)
     label = f"{detector.backend.name} {precision or detector.precision}"

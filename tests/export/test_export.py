@@ -184,7 +184,9 @@ def test_bad_options_are_rejected(tiny: tuple[Path, Path, Path], tmp_path: Path)
     with pytest.raises(ValueError, match="--format"):
         export_run(run_dir, tmp_path, ExportOptions(format="tflite"), log=lambda _: None)
     with pytest.raises(ValueError, match="--precision"):
-        export_run(run_dir, tmp_path, ExportOptions(precision="int8"), log=lambda _: None)
+        export_run(run_dir, tmp_path, ExportOptions(precision="int4"), log=lambda _: None)
+    with pytest.raises(ValueError, match="--format triton is made at precision fp32, fp16"):
+        export_run(run_dir, tmp_path, ExportOptions(precision="int8", format="triton"), log=lambda _: None)
 
 
 def test_metadata_is_valid_json_with_hashes(tiny: tuple[Path, Path, Path]) -> None:

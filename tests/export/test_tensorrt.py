@@ -122,7 +122,7 @@ def test_choose_onnx_fp16_needs_fp16_export_when_strongly_typed() -> None:
     # TensorRT 10 builds FP16 from the FP32 ONNX, so a missing FP16 export is fine there.
     assert choose_onnx_for(TRT10, "fp16", Path("model.onnx"), None) == (Path("model.onnx"), frozenset({"FP16"}))
     with pytest.raises(ValueError, match="precision"):
-        choose_onnx_for(RTX, "int8", Path("model.onnx"), None)
+        choose_onnx_for(RTX, "int4", Path("model.onnx"), None)
 
 
 def test_engine_cache_key_changes_with_every_field() -> None:
