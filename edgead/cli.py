@@ -432,6 +432,38 @@ def demo(
 
 
 @app.command()
+def doctor(
+    camera: str | None = typer.Option(
+        None, "--camera", help="Also open this SOURCE (as edgead run would), read a frame, report its size and FPS."
+    ),
+    export_dir: Path | None = typer.Option(None, "--export", help="Also load this export and verify it here."),
+    runs_root: Path = typer.Option(Path("runs"), "--runs-root", help="Where runs are written (checked writable)."),
+    exports_root: Path = typer.Option(Path("exports"), "--exports-root", help="Where exports go (checked writable)."),
+    json_path: Path | None = typer.Option(None, "--json", help="Also write the checks as JSON."),
+) -> None:
+    """Check this machine for what a deployment needs; one line per check with what to fix. Exit 0 when
+    nothing failed, 1 when something needed is missing or broken."""
+    from edgead.data.files import check_output_file, write_json_atomic
+    from edgead.runtime.doctor import run_doctor
+
+    try:
+        if json_path is not None:
+            check_output_file(json_path, "--json")
+        report = run_doctor(camera=camera, export_dir=export_dir, runs_root=runs_root, exports_root=exports_root)
+        if json_path is not None:
+            write_json_atomic(json_path, report)
+    except USER_ERRORS as err:
+        _fail(err)
+    for check in report["checks"]:
+        line = f"[{check['status']:>4}] {check['name']}: {check['detail']}"
+        console.print(line + (f"  -> {check['fix']}" if check["fix"] else ""), soft_wrap=True, markup=False)
+    failed = [c["name"] for c in report["checks"] if c["status"] == "fail"]
+    console.print(f"doctor: {'FAILED: ' + ', '.join(failed) if failed else 'everything needed is here'}", markup=False)
+    if failed:
+        raise typer.Exit(code=1)
+
+
+@app.command()
 def info(
     method: str | None = typer.Option(
         None,

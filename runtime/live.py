@@ -37,7 +37,7 @@ import numpy as np
 
 from edgead.runtime.capture import EventCallback, FrameReader, create_source
 from edgead.runtime.outputs import OutputError, Outputs, check_output, encode_evidence, log_record
-from edgead.runtime.overlay import draw_hud, has_display
+from edgead.runtime.overlay import draw_hud, has_display, why_no_window
 from edgead.runtime.result import Result
 
 __all__ = ["LiveOptions", "LiveSummary", "OutputError", "Predictor", "check_outputs", "run_live"]
@@ -144,13 +144,18 @@ def check_outputs(options: LiveOptions) -> None:
     folder, the evidence folder is not a file, the nearest existing folder above each takes a file (not a
     read-only file system, not without permission) and has at least 1 MiB free.
 
+    With ``show=True`` it also checks that a window can open (a GUI OpenCV build and a display), so that
+    ``run --show`` fails at once with the command that fixes it.
+
     Raises:
         OutputError: Names the path and what is wrong with it.
+        RuntimeError: ``show=True`` where no window can open (says why and what to do).
     """
     if options.log_path is not None:
         check_output(Path(options.log_path), f"the log {options.log_path}", folder=False)
     if options.save_anomalies is not None:
         check_output(Path(options.save_anomalies), f"the anomaly folder {options.save_anomalies}", folder=True)
+    _resolve_show(options.show)  # --show without a window backend or a display fails before the detector loads
 
 
 # ------------------------------------------------------------------------------------------ signals
@@ -219,11 +224,9 @@ class _StopSignals:
 def _resolve_show(show: bool | None) -> bool:
     if show is None:
         return has_display()
-    if show and not has_display():
-        raise RuntimeError(
-            "cannot show a window: no display (DISPLAY/WAYLAND_DISPLAY unset) or OpenCV has no GUI backend "
-            "(opencv-python-headless); run without --show or install opencv-python"
-        )
+    reason = why_no_window() if show else None
+    if reason is not None:
+        raise RuntimeError(f"cannot show a window (--show): {reason}")
     return show
 
 

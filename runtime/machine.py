@@ -1,6 +1,8 @@
 """What machine this is, for reports made without torch (``edgead verify``, ``edgead bench``) and for the
 benchmark records (``edgead.bench.machine`` adds torch's view): CPU model, NVIDIA GPU name and the device
-memory a process holds. Reads ``/proc/cpuinfo`` and ``nvidia-smi`` only; never imports torch.
+memory a process holds. Reads ``/proc/cpuinfo`` and ``nvidia-smi``; on a Jetson, which has no ``nvidia-smi``,
+the device tree, ``/etc/nv_tegra_release``, the GPU's devfreq node in sysfs (clocks) and ``/proc/meminfo``
+(the GPU shares the system memory), the same sources ``tegrastats`` reads. Never imports torch.
 """
 
 from __future__ import annotations
@@ -25,6 +27,70 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+#: Where a Jetson's files are; tests point it at a copy (``root``).
+ROOT = Path("/")
+#: devfreq node names of Jetson GPUs (Orin: 17000000.ga10b / .gpu, Xavier: 17000000.gv11b, TX2/Nano: .gp10b).
+_JETSON_GPU_NODES = ("gpu", "ga10b", "gv11b", "gp10b", "gm20b")
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text(errors="replace").replace("\x00", "").strip()
+    except OSError:
+        return None
+
+
+def is_jetson(root: Path | None = None) -> bool:
+    """Whether this is an NVIDIA Jetson (L4T): ``/etc/nv_tegra_release`` or a device-tree model naming one."""
+    root = ROOT if root is None else root
+    model = _read(root / "proc/device-tree/model") or ""
+    return (root / "etc/nv_tegra_release").is_file() or "jetson" in model.lower()
+
+
+def jetson_record(root: Path | None = None) -> dict[str, Any] | None:
+    """A Jetson's model, L4T release, GPU clock (current / max, MHz, from its devfreq node) and memory
+    (total / available MB, shared by CPU and GPU); None when this is no Jetson."""
+    root = ROOT if root is None else root
+    if not is_jetson(root):
+        return None
+    release = (_read(root / "etc/nv_tegra_release") or "").splitlines()
+    record: dict[str, Any] = {
+        "model": _read(root / "proc/device-tree/model"),
+        "l4t": release[0].lstrip("# ").strip() if release else None,
+        "gpu_clock_mhz": None,
+        "memory_mb": None,
+    }
+    devfreq = root / "sys/class/devfreq"
+    nodes = sorted(devfreq.iterdir()) if devfreq.is_dir() else []
+    for node in nodes:
+        if node.name.split(".")[-1] in _JETSON_GPU_NODES:
+            current, highest = _read(node / "cur_freq"), _read(node / "max_freq")
+            if current and current.isdigit():
+                record["gpu_clock_mhz"] = {
+                    "current": int(current) / 1e6,
+                    "max": int(highest) / 1e6 if highest and highest.isdigit() else None,
+                    "node": node.name,
+                }
+                break
+    memory = _meminfo(root)
+    if memory:
+        record["memory_mb"] = memory
+    return record
+
+
+def _meminfo(root: Path | None = None) -> dict[str, float] | None:
+    root = ROOT if root is None else root
+    fields = {}
+    for line in (_read(root / "proc/meminfo") or "").splitlines():
+        name, _, value = line.partition(":")
+        parts = value.split()
+        if parts and parts[0].isdigit():
+            fields[name.strip()] = int(parts[0]) / 1024  # kB -> MB
+    if "MemTotal" not in fields or "MemAvailable" not in fields:
+        return None
+    return {"total": round(fields["MemTotal"], 1), "available": round(fields["MemAvailable"], 1)}
+
+
 def gpu_memory_used_mb(pid: int | None = None) -> dict[str, Any]:
     """Device memory this process holds now, from ``nvidia-smi --query-compute-apps`` (TensorRT and ONNX
     Runtime keep their pools once allocated, so after a run this is its peak). Returns ``{"used_mb": float,
@@ -33,8 +99,16 @@ def gpu_memory_used_mb(pid: int | None = None) -> dict[str, Any]:
     """
     pid = os.getpid() if pid is None else pid
     smi = shutil.which("nvidia-smi")
+    if smi is None and is_jetson():
+        memory = _meminfo()
+        if memory is None:
+            return {"used_mb": None, "reason": "a Jetson whose /proc/meminfo cannot be read"}
+        return {
+            "used_mb": round(memory["total"] - memory["available"], 1),
+            "source": "/proc/meminfo (Jetson: CPU and GPU share this memory; all processes, as tegrastats' RAM)",
+        }
     if smi is None:
-        return {"used_mb": None, "reason": "nvidia-smi not found (no NVIDIA driver here, or a Jetson: use tegrastats)"}
+        return {"used_mb": None, "reason": "nvidia-smi not found (no NVIDIA driver here)"}
     query = [smi, "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"]
     try:
         done = subprocess.run(query, capture_output=True, text=True, timeout=20, check=True)
@@ -51,10 +125,11 @@ def gpu_memory_used_mb(pid: int | None = None) -> dict[str, Any]:
 
 
 def gpu_name() -> str | None:
-    """The first NVIDIA GPU's name from ``nvidia-smi`` (torch-free), or None."""
+    """The first NVIDIA GPU's name from ``nvidia-smi`` (torch-free), a Jetson's model, or None."""
     smi = shutil.which("nvidia-smi")
     if smi is None:
-        return None
+        jetson = jetson_record()
+        return jetson["model"] if jetson else None
     try:
         done = subprocess.run([smi, "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True,
                               timeout=20, check=True)  # fmt: skip
@@ -71,4 +146,5 @@ def device_record() -> dict[str, Any]:
         "cpu": cpu_name(),
         "cpu_cores": os.cpu_count(),
         "gpu": gpu_name(),
+        **({"jetson": jetson} if (jetson := jetson_record()) else {}),
     }

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from edgead.data.files import JSONReadError, file_sha256, read_json_strict, write_json_atomic
@@ -166,12 +166,24 @@ def artifact_record(export_dir: str | Path, file_name: str, **fields: Any) -> di
     return {"file": file_name, "sha256": file_sha256(path), "bytes": path.stat().st_size, **fields}
 
 
+def is_plain_file_name(name: str) -> bool:
+    """Whether ``name`` is one file name on every platform: no ``/`` or ``\\`` separator, no drive (``C:``),
+    not ``.`` or ``..`` (an ``edgead.json`` written on Linux is read on Windows, and the reverse)."""
+    return (
+        bool(name)
+        and name not in (".", "..")
+        and PurePosixPath(name).name == name
+        and PureWindowsPath(name).name == name
+        and not PureWindowsPath(name).drive
+    )
+
+
 def verified_artifact(export_dir: str | Path, record: dict[str, Any]) -> Path:
     """Return the artifact's path after checking that it is a plain file name inside the export (never
     ``../`` or an absolute path: another export's model must not run with this export's threshold) and that
     its SHA-256 matches the metadata."""
     name = record.get("file")
-    if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+    if not isinstance(name, str) or not name or not is_plain_file_name(name):
         raise MetadataError(
             f"{Path(export_dir) / METADATA_NAME}: artifact file {name!r} must be a file name inside the export folder"
         )

@@ -191,6 +191,36 @@ def _opencv_gui_backend() -> str | None:
     return gui_backend()
 
 
+def gui_install_command() -> str:
+    """The exact command that replaces a headless OpenCV by the GUI build of the same version (the two packages
+    both provide ``cv2`` and conflict when both are installed)."""
+    from importlib import metadata
+
+    for package in ("opencv-python-headless", "opencv-contrib-python-headless"):
+        try:
+            version = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+        gui = package.replace("-headless", "")
+        return f'pip uninstall -y {package} && pip install "{gui}=={version}"'
+    return 'pip install "opencv-python"  (OpenCV with its window backend)'
+
+
+def why_no_window() -> str | None:
+    """Why ``cv2.imshow`` cannot open a window here, with what to do; None when it can (:func:`has_display`)."""
+    if _opencv_gui_backend() is None:
+        return (
+            f"this OpenCV ({cv2.__version__}) is a headless build, without a window backend; to show the "
+            f"overlay, switch to the GUI build: {gui_install_command()}"
+        )
+    if has_display():
+        return None
+    return (
+        "no display: DISPLAY and WAYLAND_DISPLAY are unset (an SSH session, a service or a container); run it "
+        "from the desktop session (or ssh -X), or leave out --show"
+    )
+
+
 def has_display() -> bool:
     """Whether ``cv2.imshow`` can open a window here.
 

@@ -78,24 +78,59 @@ class LockBusyError(RuntimeError):
         self.path, self.holder = path, holder
 
 
+def _try_lock(handle: Any) -> bool:
+    """Take an exclusive, non-blocking lock on the open file ``handle``; False when another process holds it.
+    POSIX: ``flock`` on the whole file; Windows: ``msvcrt.locking`` on its first byte. Each platform's module is
+    imported here, never at module level, so that every module imports on both."""
+    if os.name == "nt":
+        import msvcrt
+
+        handle.seek(0)
+        try:
+            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)  # type: ignore[attr-defined]
+        except OSError:
+            return False
+        return True
+    import fcntl
+
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _unlock(handle: Any) -> None:
+    if os.name == "nt":
+        import msvcrt
+
+        handle.seek(0)
+        msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)  # type: ignore[attr-defined]
+        return
+    import fcntl
+
+    fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 @contextlib.contextmanager
 def exclusive_lock(path: str | os.PathLike[str]) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``path`` (created if missing) without waiting.
+    """Hold an exclusive lock on ``path`` (created if missing) without waiting (``flock`` on POSIX,
+    ``msvcrt.locking`` on Windows).
 
-    The kernel drops the lock when the process dies, so a killed holder never leaves a stale lock.
+    The operating system drops the lock when the process dies, so a killed holder never leaves a stale lock.
 
     Raises:
         LockBusyError: another process holds it.
     """
-    import fcntl  # POSIX-only: imported here so that the runtime (which imports this module) runs on Windows
-
     lock_path = Path(path)
     with open(lock_path, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            raise LockBusyError(lock_path, handle.read().strip() or "another process") from None
+        if not _try_lock(handle):
+            try:  # Windows forbids reading the locked byte from here: the holder is then not named
+                handle.seek(0)
+                holder = handle.read().strip()
+            except OSError:
+                holder = ""
+            raise LockBusyError(lock_path, holder or "another process") from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()}")
@@ -105,7 +140,7 @@ def exclusive_lock(path: str | os.PathLike[str]) -> Iterator[None]:
         finally:
             handle.seek(0)
             handle.truncate()
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            _unlock(handle)
 
 
 def file_sha256(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:

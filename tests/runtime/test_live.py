@@ -196,10 +196,33 @@ def test_bad_image_in_folder_stops_with_source_error_after_good_frames(tmp_path:
     assert len(_log_lines(log_path)) == 2
 
 
-def test_show_without_display_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(live, "has_display", lambda: False)
-    with pytest.raises(RuntimeError, match="cannot show a window"):
-        run_live(BrightnessPredictor(), str(tmp_path), LiveOptions(show=True))
+def test_show_without_a_window_says_why_and_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgead.runtime import overlay
+
+    if overlay.gui_backend() is None:  # this machine's OpenCV (the base install's headless build)
+        with pytest.raises(RuntimeError, match=r"headless build.*pip uninstall -y opencv-python-headless && pip "):
+            run_live(BrightnessPredictor(), str(tmp_path), LiveOptions(show=True))
+    monkeypatch.setattr(overlay, "_opencv_gui_backend", lambda: "GTK3")  # a GUI build, but no display
+    monkeypatch.setattr(overlay.sys, "platform", "linux")
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    with pytest.raises(RuntimeError, match=r"cannot show a window \(--show\): no display"):
+        live.check_outputs(LiveOptions(show=True))
+
+
+def test_run_show_fails_before_the_detector_loads(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from edgead.cli import app
+    from edgead.runtime import overlay
+
+    if overlay.why_no_window() is None:
+        pytest.skip("this machine can open a window")
+    result = CliRunner().invoke(
+        app, ["run", "--camera", str(tmp_path), "--export", str(tmp_path / "no-export"), "--show"]
+    )
+    assert result.exit_code == 2 and "cannot show a window" in result.output
+    assert "no-export" not in result.output  # the missing export was never reached
 
 
 def test_auto_show_stays_headless_here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
