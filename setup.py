@@ -24,4 +24,4 @@ def discover_packages() -> tuple[list[str], dict[str, str]]:
 
 if __name__ == "__main__":
     packages, package_dir = discover_packages()
-    setup(packages=packages, package_dir=package_dir, package_data={"": ["README.md"]})
+    setup(packages=packages, package_dir=package_dir, package_data={"": ["README.md", "*.html"]})

@@ -844,6 +844,12 @@ def run_camera(
         None, "--triton", help="Score on a Triton server instead (host:port, grpc://host:port or http://host:port)."
     ),
     model: str | None = typer.Option(None, "--model", help="With --triton: the model's name on the server."),
+    web: str | None = typer.Option(
+        None,
+        "--web",
+        help="Serve a live page at [HOST:]PORT while running (frame and heatmap, score plot, alarm gallery, "
+        'status); 127.0.0.1 unless a host is given; port 0 picks a free one. Needs pip install "edgead[web]".',
+    ),
 ) -> None:
     """Run an exported detector live: capture thread, heatmap overlay, alarms, log, saved anomalies.
 
@@ -895,7 +901,20 @@ def run_camera(
                 device=device,
             )
         say(f"running {_running(detector.describe())}")
-        summary = run_live(detector, camera, options, on_event=say)
+        if web is not None:
+            from edgead.runtime.web import LiveWeb, parse_address
+
+            host, port = parse_address(web)
+            options.web = LiveWeb(host, port, evidence_dir=save_anomalies)
+            say(f"live page: {options.web.start()}")
+            export = detector.describe().get("export")
+            options.web.set_info(version=Path(export).resolve().name if export else None)
+        summary: Any = None
+        try:
+            summary = run_live(detector, camera, options, on_event=say)
+        finally:
+            if options.web is not None:  # the page says the run ended, then the server stops
+                options.web.stop(summary.stop_reason if summary is not None else "stopped by an error")
     except (*USER_ERRORS, SourceError, BackendError, RuntimeError) as err:
         _fail(err)
     console.print(

@@ -79,6 +79,8 @@ class LiveOptions:
         give_up_after_s: Live sources: stop with a SourceError once the source has been connected this many
             seconds, over any number of reconnects, without one decodable frame (a stream of garbage, a camera
             that opens but sends nothing); None or infinity = never.
+        web: The live page (``edgead.runtime.web.LiveWeb``, started by the caller) handed every result; None =
+            no page.
 
     Raises:
         ValueError: A number is out of range (the message names the field and the value).
@@ -96,6 +98,7 @@ class LiveOptions:
     max_reconnect_attempts: int | None = None
     stall_timeout_s: float | None = None
     give_up_after_s: float | None = DEFAULT_GIVE_UP_AFTER_S
+    web: Any = None
 
     def __post_init__(self) -> None:
         if self.max_frames is not None and self.max_frames < 1:
@@ -284,6 +287,8 @@ def run_live(
     with _StopSignals() as signals:
         try:
             reader.open()  # SourceError for an unopenable source propagates before any output is created
+            if options.web is not None:
+                options.web.set_info(source=source.label, **running)
             # OutputError here still precedes the capture thread
             outputs = Outputs(options.save_anomalies, options.log_path, options.log_every_frame)
             reader.start()
@@ -329,9 +334,17 @@ def run_live(
                 if outputs.wants_line(result):
                     record = {**log_record(frame, result, latency_ms, reader.dropped), **running}
                 with signals.held():  # the frame's line and files are written, and counted, or not at all
-                    outputs.commit(frame, record, evidence)
+                    saved = outputs.commit(frame, record, evidence)
                     summary.frames += 1
                     summary.anomalies += int(bool(result.is_anomaly))
+                if options.web is not None:  # hands over references; the page's server does the rest
+                    alarm = None
+                    if saved:
+                        line = record or {**log_record(frame, result, latency_ms, reader.dropped), **running}
+                        alarm = {**line, "saved": saved}
+                    counters = {"frames": summary.frames, "anomalies": summary.anomalies, "fps": fps}
+                    counters.update(dropped=reader.dropped, reconnects=reader.reconnects)
+                    options.web.publish(frame.image, result, counters, latency_ms, alarm)
                 if show and hud is not None:
                     if not window_open:
                         cv2.namedWindow(options.window_name, cv2.WINDOW_NORMAL)

@@ -339,17 +339,19 @@ class Outputs:
     def wants_line(self, result: Result) -> bool:
         return self.log is not None and (self.log_every_frame or bool(result.is_anomaly))
 
-    def commit(self, frame: Frame, record: dict[str, Any] | None, evidence: list[bytes] | None) -> None:
-        """Writes the frame's log line (``record``, None = no line) and its evidence (None = none) as a group.
+    def commit(self, frame: Frame, record: dict[str, Any] | None, evidence: list[bytes] | None) -> list[str]:
+        """Writes the frame's log line (``record``, None = no line) and its evidence (None = none) as a group;
+        returns the names of the evidence files (empty without evidence).
 
         Raises:
             OutputError: Something could not be written; nothing of this frame is left behind.
         """
         if evidence is not None and self.folder is not None:
-            commit_evidence(self.folder, frame, evidence, self.log, record)
-        elif record is not None and self.log is not None:
+            return commit_evidence(self.folder, frame, evidence, self.log, record)
+        if record is not None and self.log is not None:
             with naming(f"the log {self.log.path}"):
                 self.log.write(record)
+        return []
 
     def close(self) -> None:
         if self.log is not None:
