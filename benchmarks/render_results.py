@@ -706,7 +706,7 @@ def choices_candidates(*records: Record) -> str:
     return table([*header, "test image AUROC", "test pixel AUROC", "test AUPRO"], rows)
 
 
-FUSION = ("fusion_bsdata_gaussian+lafite.json",)
+FUSION = ("fusion_magnetic_tile_gaussian+lafite.json", "fusion_bsdata_gaussian+lafite.json")
 
 
 @renders("fusion", *FUSION)
@@ -800,7 +800,7 @@ def input_size_summary(*records: Record) -> str:
     return table(header, rows)
 
 
-LAFITE_CALIBRATED = ("lafite_bsdata_calibrated.json",)
+LAFITE_CALIBRATED = ("lafite_magnetic_tile_calibrated.json", "lafite_bsdata_calibrated.json")
 
 
 @renders("lafite-calibrated", *LAFITE_SELECTION, *LAFITE_CALIBRATED)
@@ -829,6 +829,94 @@ def lafite_calibrated(*records: Record) -> str:
     header += ["best tau on test", "Spearman, 5 taus", "pair set strength (reference AUROC)", "pair chosen"]
     header += ["best pair on test", "Spearman, 14 pairs", "test image AUROC", "test pixel AUROC", "date"]
     return table(header, rows)
+
+
+# Issue 26: INT8 and OpenVINO on the CPU.
+
+INT8 = tuple(
+    f"int8_{method}_{dataset}.json"
+    for method in ("gaussian", "lafite", "score-resilience")
+    for dataset in ("magnetic_tile", "bsdata")
+)
+
+
+@renders("int8", *INT8)
+def int8_table(*records: Record) -> str:
+    rows = []
+    for r in records:
+        for name, row in r["results"].items():
+            if "not_measured" in row:
+                rows.append([r["method"], r["dataset"], name, f"not measured: {row['not_measured']}", *["-"] * 6])
+                continue
+            t, g, p = row["test"], row["graph_ms"], row["predict_ms"]
+            rows.append([r["method"], r["dataset"], name, auroc(t["image_auroc"]), auroc(t["pixel_auroc"])])
+            rows[-1] += [
+                f"{num(g['median'], 1)} / {num(g['p99'], 1)}",
+                num(row["graph_speedup_vs_onnxruntime_fp32"], 2),
+            ]
+            rows[-1] += [f"{num(p['median'], 1)} / {num(p['p99'], 1)}", r["machine"]["date"][:10]]
+    header = ["method", "data set", "backend, precision", "test image AUROC", "test pixel AUROC"]
+    header += ["graph ms (median / p99)", "graph speed-up vs ONNX Runtime FP32", "predict 1280x720 ms (median / p99)"]
+    return table([*header, "date"], rows)
+
+
+@renders("int8-gate", *INT8)
+def int8_gate_table(*records: Record) -> str:
+    rows = []
+    for r in records:
+        g = r["gate"]
+        verdict = "pass" if g["passed"] else "refused: " + "; ".join(g["failures"])
+        rows.append([r["method"], r["dataset"], g["n_images"], f"{auroc(g['auroc_fp32'])} / {auroc(g['auroc_int8'])}"])
+        rows[-1] += [f"{g['decision_flips']} ({num(100 * g['decision_flip_share'], 1)} %)"]
+        rows[-1] += [num(g["score_rank_correlation"], 3), verdict]
+    header = ["method", "data set", "held-out images", "pseudo-val AUROC FP32 / INT8", "decisions that differ"]
+    return table([*header, "score rank correlation", "export's gate"], rows)
+
+
+@renders("int8-quantizers", "int8_quantizers_gaussian_magnetic_tile.json")
+def int8_quantizers_table(*records: Record) -> str:
+    rows = []
+    for r in records:
+        for name, row in r["results"].items():
+            for backend, b in row.items():
+                rows.append([r["method"], r["dataset"], name, backend, auroc(b["pseudo_validation_auroc"])])
+                rows[-1] += [auroc(b["test_image_auroc"]), num(b["graph_ms"], 1)]
+    header = ["method", "data set", "graph", "backend", "pseudo-val AUROC", "test image AUROC", "graph ms (median)"]
+    return table(header, rows)
+
+
+# Issue 28: what the live page costs the loop.
+
+
+@renders("web-overhead", "web_overhead_gaussian.json")
+def web_overhead_table(*records: Record) -> str:
+    rows = []
+    for r in records:
+        s = r["summary"]
+        for name, label in (("without", "without --web"), ("with_page", "with --web, one page open")):
+            row = s[name]
+            rows.append([label, num(row["fps"], 1), num(row["latency_p50_ms"], 1), num(row["latency_p99_ms"], 1)])
+        crowd = r["crowded"]
+        c = crowd["run"]
+        label = f"with --web, {crowd['streams_held']} streams held ({crowd['readers_that_never_read']} never read)"
+        rows.append([label, num(c["fps"], 1), num(c["latency_p50_ms"], 1), num(c["latency_p99_ms"], 1)])
+    return table(["loop", "FPS", "latency p50 ms", "latency p99 ms"], rows)
+
+
+# Issue 29: edgead update on a changed line.
+
+
+@renders("update", "update_gaussian_magnetic_tile.json", "update_lafite_magnetic_tile.json")
+def update_table(*records: Record) -> str:
+    rows = []
+    for r in records:
+        b, a = r["before"], r["after"]
+        before = f"{b['held_back_false_alarms']} of {b['held_back_images']}"
+        rows.append([r["method"], r["dataset"], r["added_images"], before])
+        rows[-1] += [f"{a['held_back_false_alarms']} of {a['held_back_images']}", auroc(b["test"]["image_auroc"])]
+        rows[-1] += [auroc(a["test"]["image_auroc"]), num(r["test_image_auroc_change"], 4), num(r["update_seconds"], 1)]
+    header = ["method", "data set", "images added", "false alarms before", "after", "test image AUROC before"]
+    return table([*header, "after", "change", "update seconds (2 cores)"], rows)
 
 
 # mdps.

@@ -56,7 +56,7 @@ def open_page(url: str) -> tuple[Any, Any, Any]:
     manager = sync_playwright().start()
     browser = manager.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
     page = browser.new_page(viewport={"width": 1280, "height": 800})
-    page.goto(url)
+    page.goto(url, wait_until="domcontentloaded")
     return manager, browser, page
 
 

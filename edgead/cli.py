@@ -432,6 +432,45 @@ def demo(
 
 
 @app.command()
+def update(
+    run: Path = typer.Option(..., "--run", help="The run to update (kept unchanged)."),
+    normal: list[Path] = typer.Option(..., "--normal", help="A folder of normal images to add (repeatable)."),
+    runs_root: Path | None = typer.Option(None, "--runs-root", help="Where the new run goes (default: beside it)."),
+) -> None:
+    """Add normal images to a gaussian or lafite run without training: a new run (lineage recorded) that
+    exports and recalibrates as any run. gaussian refits its statistics; lafite extends its memory bank."""
+    from edgead.update import UpdateError, update_run
+
+    try:
+        new_run, summary = update_run(run, list(normal), runs_root=runs_root, on_event=lambda line: console.print(line))
+    except (*USER_ERRORS, UpdateError) as err:
+        _fail(err)
+    console.print(
+        f"updated run: {new_run} ({summary['seconds']:.1f} s); next: edgead export --run {new_run}", markup=False
+    )
+
+
+@app.command()
+def feedback(
+    alarms: list[str] = typer.Argument(..., help="Saved alarms: their name, or any of their file names."),
+    mark: str = typer.Option(..., "--mark", help="false-alarm or defect."),
+    alarms_dir: Path = typer.Option(..., "--alarms", help="The run's --save-anomalies folder (only read)."),
+    out: Path = typer.Option(Path("feedback"), "--out", help="The feedback folder (feedback.jsonl is appended)."),
+    log: Path | None = typer.Option(None, "--log", help="The run's --log: each mark keeps the alarm's log line."),
+    note: str = typer.Option("", "--note", help="A remark kept with the mark."),
+) -> None:
+    """Mark saved alarms as false alarms or confirmed defects: one line each in OUT/feedback.jsonl (append-only)
+    and a copy of the frame in OUT/<mark>/; the evidence itself is never changed."""
+    from edgead.runtime.feedback import FeedbackError, record_feedback
+
+    try:
+        lines = record_feedback(list(alarms), mark, alarms_dir, out, log=log, note=note)
+    except (*USER_ERRORS, FeedbackError) as err:
+        _fail(err)
+    console.print(f"{len(lines)} alarm(s) marked {mark} in {out / 'feedback.jsonl'}", markup=False)
+
+
+@app.command()
 def doctor(
     camera: str | None = typer.Option(
         None, "--camera", help="Also open this SOURCE (as edgead run would), read a frame, report its size and FPS."
@@ -844,6 +883,18 @@ def run_camera(
         None, "--triton", help="Score on a Triton server instead (host:port, grpc://host:port or http://host:port)."
     ),
     model: str | None = typer.Option(None, "--model", help="With --triton: the model's name on the server."),
+    follow: bool = typer.Option(
+        False,
+        "--follow",
+        help="Watch the export folder and switch to a newer version when it loads and passes verify here "
+        "(between two frames; a version that fails is refused and the running one kept).",
+    ),
+    drift_window: int = typer.Option(
+        200,
+        "--drift-window",
+        help="Frames in the drift watch's window: a log record when their median score leaves the normals' 90th "
+        "percentile (0: no watch).",
+    ),
     web: str | None = typer.Option(
         None,
         "--web",
@@ -863,6 +914,8 @@ def run_camera(
     from edgead.runtime.live import LiveOptions, check_outputs, run_live
 
     say = lambda line: err_console.print(line, markup=False)  # noqa: E731
+    if drift_window < 0 or 0 < drift_window < 10:
+        _fail(ValueError(f"--drift-window {drift_window}: expected 0 (no watch) or at least 10 frames"))
     if (triton is None) != (model is None):
         _fail(ValueError("--triton and --model go together: --triton HOST:PORT --model NAME"))
     if max_frames is not None and max_frames < 1:
@@ -883,6 +936,7 @@ def run_camera(
             skip_bad=skip_bad,
             stall_timeout_s=stall_timeout,
             give_up_after_s=give_up_after,
+            drift_window=drift_window or None,
         )
         # Before the detector loads (seconds for an engine): a wrong SOURCE or output path fails at once.
         describe_source(camera)
@@ -901,20 +955,36 @@ def run_camera(
                 device=device,
             )
         say(f"running {_running(detector.describe())}")
+        if follow:
+            if triton is not None:
+                raise ValueError("--follow watches a local export folder; with --triton the server holds the model")
+            from edgead.runtime.follow import ExportFollower
+            from edgead.runtime.verify import verify_export
+
+            chosen = detector.precision
+            options.follow = ExportFollower(
+                export_dir or _latest_export(exports_root),
+                load=lambda path: Detector.load(path, backend=backend, precision=chosen, device=device),
+                check=lambda path: verify_export(path, backend=backend, precision=chosen, runs=3, device=device)[
+                    "failures"
+                ],
+                on_event=lambda event: None,  # the loop sets its own, writing each event between two frames
+            )
+            options.follow.start()
         if web is not None:
             from edgead.runtime.web import LiveWeb, parse_address
 
             host, port = parse_address(web)
             options.web = LiveWeb(host, port, evidence_dir=save_anomalies)
             say(f"live page: {options.web.start()}")
-            export = detector.describe().get("export")
-            options.web.set_info(version=Path(export).resolve().name if export else None)
         summary: Any = None
         try:
             summary = run_live(detector, camera, options, on_event=say)
         finally:
             if options.web is not None:  # the page says the run ended, then the server stops
                 options.web.stop(summary.stop_reason if summary is not None else "stopped by an error")
+            if options.follow is not None:
+                options.follow.stop()
     except (*USER_ERRORS, SourceError, BackendError, RuntimeError) as err:
         _fail(err)
     console.print(

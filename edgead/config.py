@@ -103,6 +103,8 @@ class RunConfig:
     spec: dict[str, Any] = field(default_factory=dict)
     #: tiled inference (``edgead.methods.tiling``): ``frame_size``, ``tile``, ``overlap``; empty: none
     tiling: dict[str, Any] = field(default_factory=dict)
+    #: ``edgead update``: the run this one was made from and the normal images it added; empty: trained
+    lineage: dict[str, Any] = field(default_factory=dict)
     edgead_version: str = __version__
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
 

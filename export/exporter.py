@@ -43,6 +43,7 @@ from edgead.methods import get_method
 from edgead.methods.base import run_graph
 from edgead.runtime.backends.base import INPUT_NAME, OUTPUT_NAMES
 from edgead.runtime.backends.onnxruntime import OnnxRuntimeBackend
+from edgead.runtime.drift import normal_quantiles
 from edgead.runtime.metadata import PRECISIONS, ExportMetadata, artifact_record
 from edgead.runtime.parity import FP32_SCORE_RTOL, compare, fp32_envelope, judge, relative_errors, tolerances
 from edgead.runtime.verify import compare as verify_compare
@@ -247,6 +248,7 @@ def calibrate_threshold(job: ExportJob) -> None:
     normal_scores = job.ref["normal"][1]
     job.threshold = threshold_from_normal_scores(normal_scores, job.options.false_alarm_rate)
     job.threshold["source"] = job.normal_source
+    job.threshold["normal_quantiles"] = normal_quantiles(normal_scores)  # edgead run's drift watch
     if "pseudo" in job.ref:
         job.threshold["pseudo_anomalies"] = pseudo_anomaly_check(
             normal_scores, job.ref["pseudo"][1], job.threshold["value"]

@@ -50,10 +50,13 @@ class Detector:
         *,
         export_dir: Path | None = None,
         precision: str = "fp32",
+        version: str | None = None,
     ) -> None:
         self.backend = backend
         self.metadata = metadata
         self.export_dir = export_dir
+        #: The export version folder the files came from (the link a later export switches is not followed).
+        self.version = version
         self.precision = precision
         self.preprocess_config = PreprocessConfig.from_dict(metadata.preprocess)
         self.threshold = threshold  # type: ignore[assignment]  # the setter applies the override rule
@@ -67,6 +70,8 @@ class Detector:
             "backend": getattr(self.backend, "name", type(self.backend).__name__),
             "precision": self.precision,
         }
+        if self.version is not None:
+            described["version"] = self.version
         if getattr(self.backend, "device", None):  # OpenVINO: the device it compiled for
             described["device"] = self.backend.device
         session = getattr(self.backend, "session", None)
@@ -136,7 +141,10 @@ class Detector:
             path = verified_artifact(export_dir, engine)
             try:
                 backend_ = TensorRTBackend(path, flavour=engine["flavour"])
-                return cls(backend_, meta, threshold, export_dir=requested, precision=engine["precision"])
+                return cls(
+                    backend_, meta, threshold, export_dir=requested, precision=engine["precision"],
+                    version=export_dir.name,
+                )  # fmt: skip
             except BackendError as err:
                 if backend == "tensorrt":
                     raise
@@ -155,7 +163,7 @@ class Detector:
             from edgead.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
             runner = OnnxRuntimeBackend(path, providers=providers)
-        return cls(runner, meta, threshold, export_dir=requested, precision=chosen)
+        return cls(runner, meta, threshold, export_dir=requested, precision=chosen, version=export_dir.name)
 
     def preprocess(self, frame_bgr: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """The training-time preprocessing of a BGR frame (``edgead.data.preprocess.preprocess_bgr``: the same

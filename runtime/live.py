@@ -36,6 +36,9 @@ import cv2
 import numpy as np
 
 from edgead.runtime.capture import EventCallback, FrameReader, create_source
+from edgead.runtime.drift import DEFAULT_WINDOW as DEFAULT_DRIFT_WINDOW
+from edgead.runtime.drift import DriftWatch
+from edgead.runtime.follow import export_version
 from edgead.runtime.outputs import OutputError, Outputs, check_output, encode_evidence, log_record
 from edgead.runtime.overlay import draw_hud, has_display, why_no_window
 from edgead.runtime.result import Result
@@ -81,6 +84,9 @@ class LiveOptions:
             that opens but sends nothing); None or infinity = never.
         web: The live page (``edgead.runtime.web.LiveWeb``, started by the caller) handed every result; None =
             no page.
+        follow: An ``edgead.runtime.follow.ExportFollower`` (``run --follow``): a newer verified export version
+            is taken between two frames; None = the export loaded at the start, for the whole run.
+        drift_window: Frames in the drift watch's window (``edgead.runtime.drift``); None = no watch.
 
     Raises:
         ValueError: A number is out of range (the message names the field and the value).
@@ -99,6 +105,8 @@ class LiveOptions:
     stall_timeout_s: float | None = None
     give_up_after_s: float | None = DEFAULT_GIVE_UP_AFTER_S
     web: Any = None
+    follow: Any = None
+    drift_window: int | None = DEFAULT_DRIFT_WINDOW
 
     def __post_init__(self) -> None:
         if self.max_frames is not None and self.max_frames < 1:
@@ -109,6 +117,8 @@ class LiveOptions:
             raise ValueError(f"max_reconnect_attempts must be >= 0, got {self.max_reconnect_attempts}")
         if self.stall_timeout_s is not None and not (math.isfinite(self.stall_timeout_s) and self.stall_timeout_s > 0):
             raise ValueError(f"stall_timeout_s must be a positive number of seconds, got {self.stall_timeout_s}")
+        if self.drift_window is not None and self.drift_window < 10:
+            raise ValueError(f"drift_window must be at least 10 frames, got {self.drift_window}")
         if self.give_up_after_s is not None and not self.give_up_after_s > 0:  # "not >" also refuses NaN
             raise ValueError(f"give_up_after_s must be a positive number of seconds, got {self.give_up_after_s}")
 
@@ -277,7 +287,11 @@ def run_live(
     summary = LiveSummary()
     outputs: Outputs | None = None
     # Every log line says what produced it (export, method, backend, precision) when the predictor tells.
-    running: dict[str, Any] = predictor.describe() if hasattr(predictor, "describe") else {}
+    running: dict[str, Any] = _running(predictor)
+    watch = _drift_watch(predictor, options.drift_window, on_event)
+    events: deque[dict[str, Any]] = deque()  # from the follower's thread; written by the loop, between frames
+    if options.follow is not None:
+        options.follow.on_event = events.append
     latencies: deque[float] = deque(maxlen=_LATENCY_WINDOW)
     latency_total = 0.0
     mean_interval: float | None = None
@@ -305,8 +319,19 @@ def run_live(
                     summary.stop_reason = "end of source"
                     break
 
+                if options.follow is not None and (swap := options.follow.take()) is not None:
+                    previous, retired, (version, predictor) = running.get("version"), predictor, swap
+                    running = _running(predictor)
+                    watch = _drift_watch(predictor, options.drift_window, on_event)
+                    events.append({"event": "export switched", "from": previous, "to": version})
+                    if hasattr(retired, "close"):
+                        retired.close()
                 # The predictor decides (its threshold is the one override point: ``Detector.threshold``).
                 result = predictor.predict(frame.image)
+                if watch is not None and (drift := watch.update(float(result.score))) is not None:
+                    events.append(drift)
+                    if options.web is not None:
+                        options.web.set_info(drift=drift["event"])
                 now = time.monotonic()
                 latency_ms = (now - frame.timestamp) * 1000.0
                 latencies.append(latency_ms)
@@ -337,6 +362,11 @@ def run_live(
                     saved = outputs.commit(frame, record, evidence)
                     summary.frames += 1
                     summary.anomalies += int(bool(result.is_anomaly))
+                while events:  # drift, a switched or refused export: after the frame's own line
+                    event = {"time": _utc_now(), "frame": frame.index, **events.popleft()}
+                    with signals.held():
+                        outputs.event({**event, **running})
+                    on_event(" ".join(f"{k}={v}" for k, v in event.items() if k != "time"))
                 if options.web is not None:  # hands over references; the page's server does the rest
                     alarm = None
                     if saved:
@@ -381,6 +411,37 @@ def run_live(
         summary.median_latency_ms = statistics.median(latencies)
     on_event(f"stopped ({summary.stop_reason}): {summary.frames} frames, {summary.anomalies} anomalies")
     return summary
+
+
+def _running(predictor: Any) -> dict[str, Any]:
+    """What every log line says produced it: export, its version, method, backend, precision."""
+    running: dict[str, Any] = predictor.describe() if hasattr(predictor, "describe") else {}
+    if running.get("export") and not running.get("version"):  # a predictor that does not say its version
+        running["version"] = export_version(running["export"])
+    return running
+
+
+def _drift_watch(predictor: Any, window: int | None, on_event: EventCallback) -> DriftWatch | None:
+    """The drift watch on the predictor's calibration (the INT8 graph's own for INT8), or None with a line why."""
+    if window is None:
+        return None
+    meta = getattr(predictor, "metadata", None)
+    if meta is None:
+        return None  # a remote predictor (Triton): its calibration is not here
+    threshold = meta.threshold
+    if getattr(predictor, "precision", "") == "int8":
+        threshold = threshold.get("int8", threshold)
+    quantiles = threshold.get("normal_quantiles")
+    if not isinstance(quantiles, dict):
+        on_event("drift watch off: this export stores no normal score quantiles (re-export with this edgead)")
+        return None
+    return DriftWatch(quantiles, window)
+
+
+def _utc_now() -> str:
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
 def _poll_window(window_name: str) -> str | None:

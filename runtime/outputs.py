@@ -353,6 +353,16 @@ class Outputs:
                 self.log.write(record)
         return []
 
+    def event(self, record: dict[str, Any]) -> None:
+        """A log line that is no frame (drift, an export switched or refused); nothing without a log.
+
+        Raises:
+            OutputError: The log could not be written.
+        """
+        if self.log is not None:
+            with naming(f"the log {self.log.path}"):
+                self.log.write(record)
+
     def close(self) -> None:
         if self.log is not None:
             self.log.close()

@@ -47,6 +47,10 @@ MAX_STREAMS = 8
 MAX_STREAM_FPS = 30.0
 DEFAULT_STREAM_FPS = 5.0
 JPEG_QUALITY = 80
+#: Frames wider than this are shrunk before the overlay is drawn and encoded for the page: a 1280x720 frame
+#: costs the server a quarter of the work (the loop's CPU on a small box), and the page shows it at about
+#: this width anyway. The saved evidence keeps full resolution.
+VIEW_WIDTH = 640
 INSTALL_HINT = 'pip install "edgead[web]"'
 
 
@@ -172,6 +176,9 @@ class LiveWeb:
             from edgead.runtime.overlay import draw_hud
 
             threshold = float(result.threshold)
+            if frame.shape[1] > VIEW_WIDTH:
+                height = round(frame.shape[0] * VIEW_WIDTH / frame.shape[1])
+                frame = cv2.resize(frame, (VIEW_WIDTH, height), interpolation=cv2.INTER_AREA)
             hud = draw_hud(frame, result, status.get("fps"), status.get("latency_ms") or 0.0, 0.0, 2.0 * threshold)
             ok, data = cv2.imencode(".jpg", hud, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
             self._jpeg = (seq, data.tobytes() if ok else b"")

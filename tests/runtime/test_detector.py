@@ -430,7 +430,8 @@ def test_soak_no_lost_log_lines_and_bounded_memory(exported: tuple[Path, Path, P
     before = _rss_mb()
     summary = run_live(detector, str(video), options, on_event=lambda _: None)
     growth = _rss_mb() - before
-    lines = (tmp_path / "run.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in (tmp_path / "run.jsonl").read_text().splitlines()]
+    lines = [r for r in records if "event" not in r]  # frame lines (random frames also make drift records)
     assert summary.frames == 1500 and len(lines) == 2 * 1500
-    assert [json.loads(line)["frame"] for line in lines[1500:]] == list(range(1500))
+    assert [r["frame"] for r in lines[1500:]] == list(range(1500))
     assert growth < 50, f"resident memory grew by {growth:.1f} MB over 1500 frames"

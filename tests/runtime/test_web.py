@@ -93,6 +93,8 @@ def test_memory_is_bounded_and_publish_never_waits(served: LiveWeb) -> None:
     per_call_us = (time.perf_counter() - start) / (SCORE_RING + 500) * 1e6
     assert per_call_us < 200, f"publish took {per_call_us:.0f} us"
     assert len(served.scores()["points"]) == SCORE_RING and len(served.alarms()) == web_module.ALARM_LIST
+    view = cv2.imdecode(np.frombuffer(get(served.url + "frame.jpg")[1], np.uint8), cv2.IMREAD_COLOR)
+    assert view.shape[:2] == (360, web_module.VIEW_WIDTH)  # a 1280x720 frame is shown (and encoded) at 640 px
     stuck.close()
 
 
@@ -146,10 +148,11 @@ def test_a_browser_sees_frames_scores_and_alarms_during_a_real_run(tmp_path: Pat
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "edgead.cli", "run", "--camera", str(video), "--export", str(tmp_path / "export"),
-               "--headless", "--web", str(port), "--save-anomalies", str(tmp_path / "alarms")]  # fmt: skip
+    # Relative paths, run from tmp_path: the page (and the README's screenshot) shows no path of this machine.
+    command = [sys.executable, "-m", "edgead.cli", "run", "--camera", video.name, "--export", "export",
+               "--headless", "--web", str(port), "--save-anomalies", "alarms"]  # fmt: skip
     env = {**os.environ, "XDG_RUNTIME_DIR": str(tmp_path / "xdg")}
-    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
     try:
         url = f"http://127.0.0.1:{port}/"
         deadline = time.monotonic() + 60
@@ -162,13 +165,13 @@ def test_a_browser_sees_frames_scores_and_alarms_during_a_real_run(tmp_path: Pat
         with playwright.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
             page = browser.new_page(viewport={"width": 1280, "height": 800})
-            page.goto(url)
+            page.goto(url, wait_until="domcontentloaded")
             page.wait_for_function("Number(document.getElementById('frames').textContent) > 0", timeout=30_000)
             first = int(page.inner_text("#frames"))
             page.wait_for_function(f"Number(document.getElementById('frames').textContent) > {first}", timeout=30_000)
             page.wait_for_function("points.length > 5", timeout=30_000)
             page.wait_for_selector("#alarms img", timeout=60_000)
-            assert page.evaluate("document.getElementById('frame').naturalWidth") == 320
+            assert page.evaluate("document.getElementById('frame').naturalWidth") == 320  # under VIEW_WIDTH: as is
             page.wait_for_timeout(1500)
             shot = tmp_path / "live_page.png"
             page.screenshot(path=str(shot))

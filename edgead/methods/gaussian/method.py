@@ -7,7 +7,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -125,6 +125,8 @@ class GaussianOPCA(Method):
     summary = "pretrained EfficientNet-Lite0 features, opposite PCA, Ledoit-Wolf Gaussian, Mahalanobis"
     Params = GaussianParams
     params: GaussianParams
+    #: ``edgead update``: the statistics are fitted again on the original and the added normal images.
+    update: ClassVar[str] = "refit"
     #: Backbone convention: EfficientNet-Lite0's native input (224 x 224, also one of the paper's sizes in
     #: Sec. 4.1). Images are resized to the square without keeping the aspect ratio, as Sec. 4.1 does ("all
     #: images ... are resized to a specific resolution"); the shared preprocessing has no other mode. Neither

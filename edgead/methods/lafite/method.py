@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -208,6 +209,8 @@ class LafitE(ScoreUNetMethod):
     Params = LafitEParams
     params: LafitEParams
     default_image_size = 224  # Sec. 4.1
+    #: ``edgead update``: the added images' feature slices join the memory bank (:meth:`extend`).
+    update: ClassVar[str] = "extend"
     #: The fit's pixel-space context (set by :meth:`fit`); None for a loaded run, whose selection
     #: (:meth:`after_training`) then uses the run's stored held-out normals.
     _pixel_ctx: FitContext | None = None
@@ -396,6 +399,31 @@ class LafitE(ScoreUNetMethod):
         record["chosen"] = chosen
         self.record_choice("selection", record, chosen)
         return {"selection": record}
+
+    def extend(self, images: torch.Tensor, run_dir: Path, config: RunConfig, train: Any) -> dict[str, Any]:
+        """``edgead update``: the added normal images' features (eq. 1), standardised with the statistics the
+        U-Net was trained on, join the memory bank; the new coreset is selected (eq. 9's greedy k-center rule)
+        from the old coreset and every added slice, keeping the run's coreset size plus the added images'
+        share (``coreset_keep`` of their slices), capped at ``coreset_max``. The U-Net is copied unchanged."""
+        p = self.params
+        start = time.perf_counter()
+        x0 = self.standardiser(self.raw_features(images, train.batch_size, torch.device("cpu")))
+        n, c, h, w = x0.shape
+        added = x0.permute(0, 2, 3, 1).reshape(-1, c)
+        pool = torch.cat([self.coreset, added])
+        count = min(len(self.coreset) + math.ceil(p.coreset_keep * len(added)), p.coreset_max, len(pool))
+        index = greedy_coreset(pool, count, p.projection_dim, train.seed)
+        kept_old = int((index < len(self.coreset)).sum())
+        self.coreset = pool[index].clone()
+        save_tensors_atomic(self.feature_state(), Path(run_dir) / FEATURES_FILE)
+        for name in ("weights.safetensors",):  # the U-Net, unchanged
+            source = Path(self.run_dir or "") / name
+            if source.is_file():
+                shutil.copyfile(source, Path(run_dir) / name)
+        info = {"added_images": n, "added_slices": len(added), "coreset": count, "kept_from_old_coreset": kept_old,
+                "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
+        config.state["memory_bank"] = {**config.state.get("memory_bank", {}), "update": info}
+        return info
 
     # -- graph ---------------------------------------------------------------------------------------------
 
