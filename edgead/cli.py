@@ -901,6 +901,15 @@ def run_camera(
         help="Serve a live page at [HOST:]PORT while running (frame and heatmap, score plot, alarm gallery, "
         'status); 127.0.0.1 unless a host is given; port 0 picks a free one. Needs pip install "edgead[web]".',
     ),
+    web_token: str | None = typer.Option(
+        None,
+        "--web-token",
+        envvar="EDGEAD_WEB_TOKEN",
+        help="The operator's token: the page's feedback buttons work only with it (without one they are refused).",
+    ),
+    feedback_dir: Path = typer.Option(
+        Path("feedback"), "--feedback", help="Where the page's feedback buttons record (as edgead feedback --out)."
+    ),
 ) -> None:
     """Run an exported detector live: capture thread, heatmap overlay, alarms, log, saved anomalies.
 
@@ -975,7 +984,9 @@ def run_camera(
             from edgead.runtime.web import LiveWeb, parse_address
 
             host, port = parse_address(web)
-            options.web = LiveWeb(host, port, evidence_dir=save_anomalies)
+            options.web = LiveWeb(
+                host, port, evidence_dir=save_anomalies, token=web_token, feedback_dir=feedback_dir, log_path=log
+            )
             say(f"live page: {options.web.start()}")
         summary: Any = None
         try:

@@ -12,8 +12,10 @@ never a queue).
 Endpoints: ``/`` (the page: plain HTML and JavaScript from this package, no build step, no CDN),
 ``/api/status``, ``/api/scores?after=SEQ``, ``/api/alarms``, ``/alarms/FILE`` (a saved alarm's image, only
 names the run itself logged), ``/frame.jpg``, ``/stream.mjpg?fps=N`` (MJPEG), ``/api/runs`` (every live page
-on this machine, for an index). Bound to 127.0.0.1 unless a host is given. The page changes nothing: there is
-no endpoint that does.
+on this machine, for an index), and one that changes something: ``POST /api/feedback`` (the alarm gallery's
+"false alarm" / "defect" buttons: ``edgead feedback``'s append-only record), refused unless the request
+carries the token the operator set (``run --web-token``; without one the buttons are refused). Bound to
+127.0.0.1 unless a host is given.
 
 Needs the ``web`` extra (FastAPI and uvicorn): ``pip install "edgead[web]"``.
 """
@@ -88,7 +90,15 @@ def _alive(pid: int) -> bool:
 class LiveWeb:
     """The bridge between the camera loop and the page server (one per ``run``)."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, evidence_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        evidence_dir: Path | None = None,
+        token: str | None = None,
+        feedback_dir: Path | None = None,
+        log_path: Path | None = None,
+    ) -> None:
         try:
             import fastapi  # noqa: F401
             import uvicorn  # noqa: F401
@@ -96,6 +106,10 @@ class LiveWeb:
             raise RuntimeError(f"--web needs FastAPI and uvicorn ({INSTALL_HINT}): {err}") from None
         self.host, self.port = host, port
         self.evidence_dir = Path(evidence_dir) if evidence_dir is not None else None
+        #: The operator's token: the only way to change anything from the page (the feedback buttons).
+        self.token = token or None
+        self.feedback_dir = Path(feedback_dir) if feedback_dir is not None else Path("feedback")
+        self.log_path = Path(log_path) if log_path is not None else None
         self._lock = threading.Lock()
         self._frame: np.ndarray | None = None
         self._result: Any = None
@@ -194,7 +208,7 @@ class LiveWeb:
         return path if known and path.is_file() else None
 
     def app(self) -> Any:
-        from fastapi import FastAPI, HTTPException, Query
+        from fastapi import FastAPI, Header, HTTPException, Query
         from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 
         app = FastAPI(title="edgead live", docs_url=None, redoc_url=None, openapi_url=None)
@@ -226,6 +240,31 @@ class LiveWeb:
             if path is None:
                 raise HTTPException(404, f"no saved alarm file {name!r} in this run")
             return FileResponse(path)
+
+        @app.post("/api/feedback")
+        def feedback(body: dict[str, Any], authorization: str = Header("")) -> JSONResponse:
+            """An operator's mark on an alarm (``edgead feedback``'s record), only with the operator's token."""
+            import hmac
+
+            if web.token is None:
+                raise HTTPException(403, "feedback from the page needs run --web-token TOKEN (nothing was changed)")
+            if not hmac.compare_digest(authorization.encode(), f"Bearer {web.token}".encode()):
+                raise HTTPException(401, "wrong or missing token (nothing was changed)")
+            name, mark, note = body.get("alarm"), body.get("mark"), body.get("note", "")
+            if not isinstance(name, str) or web.alarm_file(name) is None:
+                raise HTTPException(404, f"no saved alarm {name!r} in this run")
+            from edgead.runtime.feedback import FeedbackError, record_feedback
+
+            assert web.evidence_dir is not None  # alarm_file found it there
+            try:
+                lines = record_feedback([name], str(mark), web.evidence_dir, web.feedback_dir, web.log_path, str(note))
+            except FeedbackError as err:
+                raise HTTPException(400, str(err)) from None
+            with web._lock:
+                for alarm in web._alarms:
+                    if name in alarm.get("saved", []):
+                        alarm["mark"] = lines[0]["mark"]
+            return JSONResponse(lines[0])
 
         @app.get("/frame.jpg")
         def frame() -> Response:

@@ -83,6 +83,46 @@ def test_endpoints_serve_what_the_loop_handed_over(served: LiveWeb, tmp_path: Pa
     assert any(run["url"] == served.url for run in runs)
 
 
+def post(url: str, body: dict, token: str | None) -> tuple[int, dict]:
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_feedback_buttons_need_the_operators_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "xdg"))
+    alarms = tmp_path / "alarms"
+    alarms.mkdir()
+    names = ["a1.png", "a1_map.png", "a1_map.npy"]
+    for name in names:
+        (alarms / name).write_bytes(b"x")
+    for token in (None, "s3cret"):
+        page = LiveWeb("127.0.0.1", 0, evidence_dir=alarms, token=token, feedback_dir=tmp_path / "feedback")
+        page.start()
+        try:
+            page.publish(np.zeros((20, 30, 3), np.uint8), result(2.0), {"frames": 1}, 5.0, {"frame": 0, "saved": names})
+            url = page.url + "api/feedback"
+            code, reply = post(url, {"alarm": "a1.png", "mark": "false-alarm"}, "s3cret")
+            if token is None:
+                assert code == 403 and "--web-token" in reply["detail"]
+                continue
+            assert code == 200 and reply["mark"] == "false-alarm"
+            assert post(url, {"alarm": "a1.png", "mark": "defect"}, "wrong")[0] == 401
+            assert post(url, {"alarm": "a1.png", "mark": "defect"}, None)[0] == 401
+            assert post(url, {"alarm": "../etc/passwd", "mark": "defect"}, "s3cret")[0] == 404
+            assert post(url, {"alarm": "a1.png", "mark": "maybe"}, "s3cret")[0] == 400
+            assert page.alarms()[0]["mark"] == "false-alarm"
+        finally:
+            page.stop("test over")
+    lines = (tmp_path / "feedback" / "feedback.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["alarm"] == "a1"  # refused requests wrote nothing
+    assert sorted(p.name for p in alarms.iterdir()) == sorted(names)  # the evidence untouched
+
+
 def test_memory_is_bounded_and_publish_never_waits(served: LiveWeb) -> None:
     frame = np.zeros((720, 1280, 3), np.uint8)
     stuck = socket.create_connection(("127.0.0.1", int(served.url.rsplit(":", 1)[1].strip("/"))))
@@ -150,7 +190,7 @@ def test_a_browser_sees_frames_scores_and_alarms_during_a_real_run(tmp_path: Pat
         port = probe.getsockname()[1]
     # Relative paths, run from tmp_path: the page (and the README's screenshot) shows no path of this machine.
     command = [sys.executable, "-m", "edgead.cli", "run", "--camera", video.name, "--export", "export",
-               "--headless", "--web", str(port), "--save-anomalies", "alarms"]  # fmt: skip
+               "--headless", "--web", str(port), "--save-anomalies", "alarms", "--web-token", "t0ken"]  # fmt: skip
     env = {**os.environ, "XDG_RUNTIME_DIR": str(tmp_path / "xdg")}
     run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
     try:
@@ -171,6 +211,9 @@ def test_a_browser_sees_frames_scores_and_alarms_during_a_real_run(tmp_path: Pat
             page.wait_for_function(f"Number(document.getElementById('frames').textContent) > {first}", timeout=30_000)
             page.wait_for_function("points.length > 5", timeout=30_000)
             page.wait_for_selector("#alarms img", timeout=60_000)
+            page.fill("#token", "t0ken")  # the operator marks the newest alarm from the page
+            page.click("#alarms button[data-mark='false-alarm']")
+            page.wait_for_function("/marked: false-alarm/.test(document.getElementById('alarms').textContent)")
             assert page.evaluate("document.getElementById('frame').naturalWidth") == 320  # under VIEW_WIDTH: as is
             page.wait_for_timeout(1500)
             shot = tmp_path / "live_page.png"
@@ -189,3 +232,5 @@ def test_a_browser_sees_frames_scores_and_alarms_during_a_real_run(tmp_path: Pat
         output = run.communicate()[0]
     assert run.returncode == 0, output
     assert "live page: http://127.0.0.1" in output
+    marks = (tmp_path / "feedback" / "feedback.jsonl").read_text().splitlines()
+    assert len(marks) >= 1 and json.loads(marks[0])["mark"] == "false-alarm"
