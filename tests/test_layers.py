@@ -15,7 +15,7 @@ ROOTS = {"edgead": "edgead", "edgead.export": "export", "edgead.runtime": "runti
 #: top floor first; a module belongs to the floor of its longest matching prefix
 FLOORS: list[tuple[str, tuple[str, ...]]] = [
     ("face", ("edgead.cli",)),
-    ("flows", ("edgead.pipeline", "edgead.tune", "edgead.report", "edgead.demo", "edgead.bench")),
+    ("flows", ("edgead.pipeline", "edgead.tune", "edgead.update", "edgead.report", "edgead.demo", "edgead.bench")),
     ("build", ("edgead.export",)),
     ("methods", ("edgead.methods",)),
     ("core", ("edgead.train", "edgead.nn", "edgead.diffusion", "edgead.metrics")),
