@@ -111,6 +111,30 @@ def update_run(
         "added_images": len(added),
         "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
+    try:
+        summary = _fill(target, run_dir, config, new_config, method_cls, kind, added, frame, on_event)
+    except BaseException:  # a half-written run is never left behind; the old one was only read
+        shutil.rmtree(target, ignore_errors=True)
+        raise
+    summary["seconds"] = round(time.perf_counter() - start, 1)
+    new_config.state.update({"summary": {**config.state.get("summary", {}), "update": summary}})
+    new_config.save(target)
+    mark_latest(target, report=on_event)
+    return target, summary
+
+
+def _fill(
+    target: Path,
+    run_dir: Path,
+    config: RunConfig,
+    new_config: RunConfig,
+    method_cls: Any,
+    kind: str,
+    added: list[Path],
+    frame: PreprocessConfig,
+    on_event: Callable[[str], None] | None,
+) -> dict[str, Any]:
+    """The new run's files: the held-out images, then the refitted statistics or the extended memory bank."""
     shutil.copyfile(run_dir / HOLDOUT_NAME, target / HOLDOUT_NAME)
     say = on_event or (lambda _: None)
     train_cfg = TrainConfig.from_dict(config.train)
@@ -133,11 +157,7 @@ def update_run(
         new_config.save(target)
         images = torch.from_numpy(np.ascontiguousarray(load_images(added, frame)))
         summary = method.extend(images, target, new_config, train_cfg)
-    summary["seconds"] = round(time.perf_counter() - start, 1)
-    new_config.state.update({"summary": {**config.state.get("summary", {}), "update": summary}})
-    new_config.save(target)
-    mark_latest(target, report=say)
-    return target, summary
+    return summary
 
 
 __all__ = ["UpdateError", "normal_images", "original_training_paths", "update_run"]

@@ -52,6 +52,11 @@ def test_gaussian_update_refits_in_a_new_run(tmp_path: Path) -> None:
     assert summary["seconds"] > 0
     meta = export_run(new_run, tmp_path / "export", ExportOptions(), log=lambda _: None)
     assert meta.threshold["value"] > 0
+    runs = sorted(p.name for p in run_dir.parent.iterdir())
+    data.rename(tmp_path / "moved")  # the original images are gone: refused, and no half-written run is left
+    with pytest.raises(UpdateError, match="training data .* is gone"):
+        update_run(run_dir, [added])
+    assert sorted(p.name for p in run_dir.parent.iterdir()) == runs
 
 
 @pytest.mark.slow  # trains a tiny lafite run
