@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib.util
 import json
 import re
 import shutil
@@ -35,6 +34,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from edgead.runtime.machine import module_version, nvidia_gpus
 
 RESULTS = Path(__file__).resolve().parent / "results" / "gpu"
 #: Most valuable first: the fast statistical method proves the whole path; the diffusion methods follow.
@@ -96,21 +97,13 @@ class Proof:
 def machine() -> dict[str, Any]:
     """The GPU (name, compute capability, driver), CUDA as torch sees it, TensorRT and ONNX Runtime."""
     record: dict[str, Any] = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-    smi = shutil.which("nvidia-smi")
-    if smi:
-        query = [smi, "--query-gpu=name,compute_cap,driver_version", "--format=csv,noheader"]
-        done = subprocess.run(query, capture_output=True, text=True, timeout=20)
-        rows = [[f.strip() for f in line.split(",")] for line in done.stdout.splitlines() if line.strip()]
-        record["gpus"] = [dict(zip(("name", "compute_capability", "driver"), row, strict=False)) for row in rows]
+    gpus = nvidia_gpus()
+    record["gpus"] = gpus if isinstance(gpus, list) else []
+    if isinstance(gpus, str):
+        record["gpus_reason"] = gpus
     for module in ("torch", "tensorrt", "tensorrt_rtx", "onnxruntime", "pycuda", "polygraphy"):
-        if importlib.util.find_spec(module) is None:
-            record[module] = None
-            continue
-        try:
-            imported = __import__(module)
-            record[module] = str(getattr(imported, "__version__", "installed"))
-        except Exception as err:  # the PyPI tensorrt stub fails at import
-            record[module] = f"broken: {str(err).splitlines()[0][:120]}"
+        version, error = module_version(module)  # the PyPI tensorrt stub fails at import
+        record[module] = f"broken: {error}" if error else version
     if record.get("torch") and not str(record["torch"]).startswith("broken"):
         import torch
 

@@ -514,6 +514,7 @@ def info(
     import importlib.util
 
     from edgead.methods import BROKEN, discover, planned_methods
+    from edgead.runtime.machine import module_version
 
     if method is not None:
         try:
@@ -528,14 +529,8 @@ def info(
     for module in (
         "numpy", "cv2", "onnx", "onnxruntime", "openvino", "torch", "timm", "tensorrt", "tensorrt_rtx", "pycuda"
     ):  # fmt: skip
-        if importlib.util.find_spec(module) is None:
-            table.add_row(module, "not installed")
-            continue
-        try:
-            mod = __import__(module)
-            table.add_row(module, str(getattr(mod, "__version__", "installed")))
-        except Exception as err:  # a broken install should still let `info` report the rest
-            table.add_row(module, f"import failed: {err}")
+        version, error = module_version(module)  # a broken install still lets `info` report the rest
+        table.add_row(module, error or version or "not installed")
     if importlib.util.find_spec("onnxruntime") is not None:
         import onnxruntime
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import errno
-import importlib.util
 import shutil
 import time
 from collections.abc import Callable
@@ -44,6 +43,7 @@ from edgead.methods.base import run_graph
 from edgead.runtime.backends.base import INPUT_NAME, OUTPUT_NAMES
 from edgead.runtime.backends.onnxruntime import OnnxRuntimeBackend
 from edgead.runtime.drift import normal_quantiles
+from edgead.runtime.machine import module_version
 from edgead.runtime.metadata import PRECISIONS, ExportMetadata, artifact_record
 from edgead.runtime.parity import FP32_SCORE_RTOL, compare, fp32_envelope, judge, relative_errors, tolerances
 from edgead.runtime.verify import compare as verify_compare
@@ -665,13 +665,8 @@ def tool_versions() -> dict[str, str | None]:
     """Versions of the libraries that produced an export."""
     versions: dict[str, str | None] = {"edgead": __version__}
     for module in ("torch", "onnx", "onnxruntime", "onnxscript", "tensorrt", "tensorrt_rtx"):
-        if importlib.util.find_spec(module) is None:
-            versions[module] = None
-            continue
-        try:
-            versions[module] = str(getattr(__import__(module), "__version__", "unknown"))
-        except Exception:  # a broken optional install (e.g. the PyPI tensorrt stub) is recorded, not fatal
-            versions[module] = "broken install"
+        version, error = module_version(module)  # a broken optional install is recorded, not fatal
+        versions[module] = "broken install" if error else version
     return versions
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ast
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -102,26 +103,32 @@ def mixed_precision_graph(graph: nn.Module) -> nn.Module:
 SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 
 
-def fp32_node_names(graph: nn.Module, model: Any) -> list[str]:
-    """Names of the nodes of ``model`` (the FP32 ONNX of ``graph``) that the rules above keep in FP32: every node
-    outside the graph's networks and inside a :func:`keeps_fp32` module. A node's module is the deepest of the
-    name scopes the exporter records on it; a node without scopes (a graph traced first, such as one with
-    gradients) counts as outside the networks, so it stays FP32: accuracy before speed."""
+def split_nodes(graph: nn.Module, model: Any, set_aside: Callable[[nn.Module], bool]) -> tuple[list[str], list[str]]:
+    """``(inside, outside)``: the names of the nodes of ``model`` (the ONNX of ``graph``) inside the graph's
+    networks (:func:`fp16_module_names`) and outside every module of theirs that ``set_aside`` marks, and of every
+    other node. A node's module is the deepest of the name scopes the exporter records on it; a node without
+    scopes (a graph traced first, such as one with gradients) counts as outside the networks."""
     networks = fp16_module_names(graph)
-    islands = [
+    aside = [
         f"{name}.{path}" if path else name
         for name in networks
         for path, module in graph.get_submodule(name).named_modules()
-        if keeps_fp32(module)
+        if set_aside(module)
     ]
 
     def within(path: str, prefixes: list[str]) -> bool:
         return any(path == prefix or path.startswith(prefix + ".") for prefix in prefixes)
 
-    names = []
+    inside, outside = [], []
     for node in model.graph.node:
         scopes = next((ast.literal_eval(p.value) for p in node.metadata_props if p.key == SCOPES_KEY), [])
         path = scopes[-2] if len(scopes) >= 2 else ""
-        if not within(path, networks) or within(path, islands):
-            names.append(node.name)
-    return names
+        (inside if within(path, networks) and not within(path, aside) else outside).append(node.name)
+    return inside, outside
+
+
+def fp32_node_names(graph: nn.Module, model: Any) -> list[str]:
+    """Names of the nodes of ``model`` (the FP32 ONNX of ``graph``) that the rules above keep in FP32: every node
+    outside the graph's networks and inside a :func:`keeps_fp32` module (:func:`split_nodes`); a node without
+    scopes stays FP32: accuracy before speed."""
+    return split_nodes(graph, model, keeps_fp32)[1]

@@ -31,7 +31,6 @@ ONNX PTQ was not tried.
 
 from __future__ import annotations
 
-import ast
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,7 +39,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from edgead.export.fp16 import SCOPES_KEY, fp16_module_names
+from edgead.export.fp16 import split_nodes
 from edgead.runtime.backends.base import INPUT_NAME
 
 #: Operators an INT8 graph must have inside its networks, or there is nothing for INT8 to speed up.
@@ -66,32 +65,11 @@ class Int8Error(RuntimeError):
     """The INT8 graph could not be made (names the step and why)."""
 
 
-def _scope_path(node: Any) -> str:
-    scopes = next((ast.literal_eval(p.value) for p in node.metadata_props if p.key == SCOPES_KEY), [])
-    return scopes[-2] if len(scopes) >= 2 else ""
-
-
 def int8_node_names(graph: nn.Module, model: Any) -> tuple[list[str], list[str]]:
     """``(inside, excluded)``: the names of the nodes of ``model`` (the FP32 ONNX of ``graph``) that the rules
-    above hand to the quantizer, and of every other node. A node without recorded scopes counts as outside the
-    networks."""
-    networks = fp16_module_names(graph)
-    declared = [
-        f"{name}.{path}" if path else name
-        for name in networks
-        for path, module in graph.get_submodule(name).named_modules()
-        if getattr(module, "keep_fp32", False)
-    ]
-
-    def within(path: str, prefixes: list[str]) -> bool:
-        return any(path == prefix or path.startswith(prefix + ".") for prefix in prefixes)
-
-    quantized, excluded = [], []
-    for node in model.graph.node:
-        path = _scope_path(node)
-        inside = within(path, networks) and not within(path, declared)
-        (quantized if inside else excluded).append(node.name)
-    return quantized, excluded
+    above hand to the quantizer (the networks, less the modules that declare ``keep_fp32``), and of every other
+    node (:func:`edgead.export.fp16.split_nodes`)."""
+    return split_nodes(graph, model, lambda module: getattr(module, "keep_fp32", False))
 
 
 class _NormalImages:

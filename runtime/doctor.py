@@ -19,13 +19,13 @@ import importlib.util
 import platform
 import re
 import shutil
-import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from edgead.runtime.machine import module_version, nvidia_gpus
 
 STATUSES = ("ok", "warn", "fail", "skip")
 #: What the runtime needs (import name, pip name); ``fail`` when missing.
@@ -59,23 +59,6 @@ class Check:
         return f"[{self.status:>4}] {self.name}: {self.detail}" + (f"  -> {self.fix}" if self.fix else "")
 
 
-def _version(module: str) -> tuple[str | None, str | None]:
-    """``(version, error)``: None, None when not installed; an error text when the import fails."""
-    if importlib.util.find_spec(module) is None:
-        return None, None
-    try:
-        imported = importlib.import_module(module)
-    except Exception as err:  # a broken install (e.g. PyPI's tensorrt stub) is reported, not raised
-        return None, f"installed but its import fails: {str(err).splitlines()[0][:160] if str(err) else err!r}"
-    version = getattr(imported, "__version__", None)
-    if version is None:  # rich, tritonclient: the distribution that provides the module knows
-        from importlib import metadata
-
-        dists = metadata.packages_distributions().get(module.split(".")[0], [])
-        version = metadata.version(dists[0]) if dists else "installed"
-    return str(version), None
-
-
 def check_python() -> Check:
     version = platform.python_version()
     if sys.version_info[:2] < MIN_PYTHON:
@@ -86,13 +69,13 @@ def check_python() -> Check:
 def check_packages() -> list[Check]:
     checks = []
     for module, pip_name in REQUIRED:
-        version, error = _version(module)
+        version, error = module_version(module)
         if version is None:
             checks.append(Check(module, "fail", error or "not installed", f"pip install {pip_name}"))
         else:
             checks.append(Check(module, "ok", version))
     for module, source in OPTIONAL:
-        version, error = _version(module)
+        version, error = module_version(module)
         if error:
             checks.append(Check(module, "warn", error, f"reinstall it ({source}) or uninstall it"))
         elif version is None:
@@ -146,24 +129,6 @@ def check_onnxruntime() -> Check:
 
     providers = onnxruntime.get_available_providers()
     return Check("onnxruntime providers", "ok", ", ".join(providers))
-
-
-def nvidia_gpus(runner: Callable[..., Any] = subprocess.run) -> list[dict[str, str]] | str:
-    """NVIDIA GPUs from ``nvidia-smi`` (name, compute capability, driver), or the reason there are none."""
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        return "nvidia-smi not found (no NVIDIA driver here)"
-    query = [smi, "--query-gpu=name,compute_cap,driver_version", "--format=csv,noheader"]
-    try:
-        done = runner(query, capture_output=True, text=True, timeout=20, check=True)
-    except (OSError, subprocess.SubprocessError) as err:
-        return f"nvidia-smi failed: {err}"
-    gpus = []
-    for line in done.stdout.splitlines():
-        fields = [field.strip() for field in line.split(",")]
-        if len(fields) == 3:
-            gpus.append({"name": fields[0], "compute_capability": fields[1], "driver": fields[2]})
-    return gpus or "nvidia-smi lists no GPU"
 
 
 def check_gpus(gpus: list[dict[str, str]] | str | None = None) -> list[Check]:
@@ -242,23 +207,16 @@ def check_camera(spec: str, timeout_s: float = 10.0) -> Check:
 
 
 def check_writable(path: Path, what: str) -> Check:
-    from edgead.data.files import OutputPathError, check_output_folder
+    from edgead.data.files import OutputPathError, check_output_folder, nearest_existing
 
     try:
         check_output_folder(path, what)
     except OutputPathError as err:
         return Check(f"write {what}", "fail", str(err), "choose another folder or fix its permissions")
-    free = shutil.disk_usage(_nearest_existing(path)).free / 2**30
+    free = shutil.disk_usage(nearest_existing(path)).free / 2**30
     status = "ok" if free >= 1.0 else "warn"
     return Check(f"write {what}", status, f"{path}: writable, {free:.1f} GiB free",
                  "" if status == "ok" else "less than 1 GiB free: exports and saved alarms need room")  # fmt: skip
-
-
-def _nearest_existing(path: Path) -> Path:
-    path = Path(path).absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
 
 
 def check_export(export_dir: Path, runs: int = 10) -> Check:

@@ -47,8 +47,7 @@ class ExportFollower:
         self._load, self._check = load, check
         self.on_event = on_event  # the loop replaces it with its own queue
         self.poll_s = poll_s
-        self.current = self.export_dir.resolve()
-        self._seen = {self.current}
+        self._seen = {self.export_dir.resolve()}  # the version the loop starts on
         self._ready: tuple[Path, Any] | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="edgead-follow", daemon=True)
@@ -69,7 +68,6 @@ class ExportFollower:
         if ready is None:
             return None
         self._ready = None
-        self.current = ready[0]
         return ready[0].name, ready[1]
 
     def poll_once(self) -> None:

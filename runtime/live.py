@@ -39,7 +39,7 @@ from edgead.runtime.capture import EventCallback, FrameReader, create_source
 from edgead.runtime.drift import DEFAULT_WINDOW as DEFAULT_DRIFT_WINDOW
 from edgead.runtime.drift import DriftWatch
 from edgead.runtime.follow import export_version
-from edgead.runtime.outputs import OutputError, Outputs, check_output, encode_evidence, log_record
+from edgead.runtime.outputs import OutputError, Outputs, check_output, encode_evidence, log_record, utc_now
 from edgead.runtime.overlay import draw_hud, has_display, why_no_window
 from edgead.runtime.result import Result
 
@@ -363,7 +363,7 @@ def run_live(
                     summary.frames += 1
                     summary.anomalies += int(bool(result.is_anomaly))
                 while events:  # drift, a switched or refused export: after the frame's own line
-                    event = {"time": _utc_now(), "frame": frame.index, **events.popleft()}
+                    event = {"time": utc_now(), "frame": frame.index, **events.popleft()}
                     with signals.held():
                         outputs.event({**event, **running})
                     on_event(" ".join(f"{k}={v}" for k, v in event.items() if k != "time"))
@@ -436,12 +436,6 @@ def _drift_watch(predictor: Any, window: int | None, on_event: EventCallback) ->
         on_event("drift watch off: this export stores no normal score quantiles (re-export with this edgead)")
         return None
     return DriftWatch(quantiles, window)
-
-
-def _utc_now() -> str:
-    from datetime import datetime, timezone
-
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
 def _poll_window(window_name: str) -> str | None:

@@ -8,10 +8,13 @@ the device tree, ``/etc/nv_tegra_release``, the GPU's devfreq node in sysfs (clo
 from __future__ import annotations
 
 import datetime as dt
+import importlib
+import importlib.util
 import os
 import platform
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -124,19 +127,50 @@ def gpu_memory_used_mb(pid: int | None = None) -> dict[str, Any]:
     return {"used_mb": None, "reason": "nvidia-smi lists no device memory for this process"}
 
 
-def gpu_name() -> str | None:
-    """The first NVIDIA GPU's name from ``nvidia-smi`` (torch-free), a Jetson's model, or None."""
+def nvidia_gpus(runner: Callable[..., Any] = subprocess.run) -> list[dict[str, str]] | str:
+    """NVIDIA GPUs from ``nvidia-smi`` (name, compute capability, driver), or the reason there are none
+    (``runner``: tests pass a stand-in for ``subprocess.run``)."""
     smi = shutil.which("nvidia-smi")
     if smi is None:
+        return "nvidia-smi not found (no NVIDIA driver here)"
+    query = [smi, "--query-gpu=name,compute_cap,driver_version", "--format=csv,noheader"]
+    try:
+        done = runner(query, capture_output=True, text=True, timeout=20, check=True)
+    except (OSError, subprocess.SubprocessError) as err:
+        return f"nvidia-smi failed: {err}"
+    gpus = []
+    for line in done.stdout.splitlines():
+        fields = [field.strip() for field in line.split(",")]
+        if len(fields) == 3:
+            gpus.append({"name": fields[0], "compute_capability": fields[1], "driver": fields[2]})
+    return gpus or "nvidia-smi lists no GPU"
+
+
+def gpu_name() -> str | None:
+    """The first NVIDIA GPU's name from ``nvidia-smi`` (torch-free), a Jetson's model, or None."""
+    if shutil.which("nvidia-smi") is None:
         jetson = jetson_record()
         return jetson["model"] if jetson else None
+    gpus = nvidia_gpus()
+    return gpus[0]["name"] if isinstance(gpus, list) else None
+
+
+def module_version(module: str) -> tuple[str | None, str | None]:
+    """``(version, error)`` of an importable module: ``(None, None)`` when it is not installed, an error text
+    when its import fails (a broken install, e.g. PyPI's tensorrt stub, is reported, never raised)."""
+    if importlib.util.find_spec(module) is None:
+        return None, None
     try:
-        done = subprocess.run([smi, "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True,
-                              timeout=20, check=True)  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return None
-    names = [line.strip() for line in done.stdout.splitlines() if line.strip()]
-    return names[0] if names else None
+        imported = importlib.import_module(module)
+    except Exception as err:
+        return None, f"installed but its import fails: {str(err).splitlines()[0][:160] if str(err) else err!r}"
+    version = getattr(imported, "__version__", None)
+    if version is None:  # rich, tritonclient: the distribution that provides the module knows
+        from importlib import metadata
+
+        dists = metadata.packages_distributions().get(module.split(".")[0], [])
+        version = metadata.version(dists[0]) if dists else "installed"
+    return str(version), None
 
 
 def device_record() -> dict[str, Any]:

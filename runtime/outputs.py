@@ -195,12 +195,17 @@ def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def utc_now() -> str:
+    """The time of a log line or event: UTC, ISO 8601, milliseconds."""
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
 def log_record(frame: Frame, result: Result, latency_ms: float, dropped: int) -> dict[str, Any]:
     timings = result.timings
     return {
         "frame": frame.index,
         "name": frame.name,
-        "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+        "time": utc_now(),
         "score": _finite_or_none(float(result.score)),
         "threshold": _finite_or_none(float(result.threshold)),
         "is_anomaly": bool(result.is_anomaly),

@@ -272,6 +272,14 @@ def check_output_file(path: str | os.PathLike[str], what: str = "--json") -> Pat
     return target
 
 
+def nearest_existing(path: str | os.PathLike[str]) -> Path:
+    """``path`` or the nearest of its parents that exists (what a folder made there would be made in)."""
+    existing = Path(path)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    return existing
+
+
 def check_output_folder(path: str | os.PathLike[str], what: str = "--out") -> Path:
     """Fail before any work when a folder cannot be made or written at ``path``: something other than a folder is
     there, or the nearest existing folder above it cannot be written. What the folder holds is each command's
@@ -283,9 +291,7 @@ def check_output_folder(path: str | os.PathLike[str], what: str = "--out") -> Pa
     target = Path(path)
     if (target.exists() or target.is_symlink()) and not target.is_dir():
         raise OutputPathError(f"{what} {target}: exists and is not a folder; expected a folder to write into")
-    existing = target
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = nearest_existing(target)
     if not existing.is_dir():
         raise OutputPathError(f"{what} {target}: {existing} is not a folder")
     _probe_writable(existing, target, what)

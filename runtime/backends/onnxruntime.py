@@ -8,7 +8,15 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from edgead.runtime.backends.base import INPUT_NAME, OUTPUT_NAMES, Backend, BackendError
+from edgead.runtime.backends.base import (
+    INPUT_NAME,
+    OUTPUT_NAMES,
+    Backend,
+    BackendError,
+    check_batch,
+    check_io,
+    model_file,
+)
 
 
 def default_providers() -> list[str]:
@@ -30,9 +38,7 @@ class OnnxRuntimeBackend(Backend):
     def __init__(
         self, onnx_path: str | Path, providers: Sequence[str] | None = None, intra_op_threads: int | None = None
     ) -> None:
-        self.onnx_path = Path(onnx_path)
-        if not self.onnx_path.is_file():
-            raise BackendError(f"{self.onnx_path}: ONNX model not found")
+        self.onnx_path = model_file(onnx_path)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if intra_op_threads:
@@ -44,11 +50,7 @@ class OnnxRuntimeBackend(Backend):
             raise BackendError(f"{self.onnx_path}: ONNX Runtime cannot load this model ({err})") from err
         inputs = {i.name: i for i in self.session.get_inputs()}
         outputs = {o.name for o in self.session.get_outputs()}
-        if INPUT_NAME not in inputs or not set(OUTPUT_NAMES) <= outputs:
-            raise BackendError(
-                f"{self.onnx_path}: expected input {INPUT_NAME!r} and outputs {list(OUTPUT_NAMES)}, "
-                f"found {list(inputs)} -> {sorted(outputs)}; was it exported by edgead?"
-            )
+        check_io(self.onnx_path, inputs, outputs)
         self._input_shape = tuple(int(d) for d in inputs[INPUT_NAME].shape)
         self._input_dtype = np.float16 if inputs[INPUT_NAME].type == "tensor(float16)" else np.float32
 
@@ -57,8 +59,7 @@ class OnnxRuntimeBackend(Backend):
         return self._input_shape
 
     def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        if tuple(batch.shape) != self._input_shape:
-            raise BackendError(f"input shape {tuple(batch.shape)} != the exported shape {self._input_shape}")
+        check_batch(batch, self._input_shape)
         feed = {INPUT_NAME: np.ascontiguousarray(batch, dtype=self._input_dtype)}
         results = self.session.run(list(OUTPUT_NAMES), feed)
         return {name: np.asarray(value, dtype=np.float32) for name, value in zip(OUTPUT_NAMES, results, strict=True)}

@@ -13,7 +13,15 @@ from typing import Any
 
 import numpy as np
 
-from edgead.runtime.backends.base import INPUT_NAME, OUTPUT_NAMES, Backend, BackendError
+from edgead.runtime.backends.base import (
+    INPUT_NAME,
+    OUTPUT_NAMES,
+    Backend,
+    BackendError,
+    check_batch,
+    check_io,
+    model_file,
+)
 
 DEFAULT_DEVICE = "CPU"
 INSTALL_HINT = 'pip install "edgead[openvino]"'
@@ -57,9 +65,7 @@ class OpenVINOBackend(Backend):
 
     def __init__(self, onnx_path: str | Path, device: str = DEFAULT_DEVICE, threads: int | None = None) -> None:
         ov = _openvino()
-        self.onnx_path = Path(onnx_path)
-        if not self.onnx_path.is_file():
-            raise BackendError(f"{self.onnx_path}: ONNX model not found")
+        self.onnx_path = model_file(onnx_path)
         core = ov.Core()
         found = list(core.available_devices)
         base = device.split(".")[0]
@@ -81,11 +87,7 @@ class OpenVINOBackend(Backend):
             raise BackendError(f"{self.onnx_path}: OpenVINO cannot compile this model for {device} ({err})") from err
         inputs = {port.get_any_name(): port for port in self.compiled.inputs}
         outputs = {port.get_any_name() for port in self.compiled.outputs}
-        if INPUT_NAME not in inputs or not set(OUTPUT_NAMES) <= outputs:
-            raise BackendError(
-                f"{self.onnx_path}: expected input {INPUT_NAME!r} and outputs {list(OUTPUT_NAMES)}, "
-                f"found {list(inputs)} -> {sorted(outputs)}; was it exported by edgead?"
-            )
+        check_io(self.onnx_path, inputs, outputs)
         port = inputs[INPUT_NAME]
         self._input_shape = tuple(int(d) for d in port.get_shape())
         self._input_dtype = np.float16 if port.get_element_type().get_type_name() == "f16" else np.float32
@@ -103,8 +105,7 @@ class OpenVINOBackend(Backend):
             return self.device
 
     def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        if tuple(batch.shape) != self._input_shape:
-            raise BackendError(f"input shape {tuple(batch.shape)} != the exported shape {self._input_shape}")
+        check_batch(batch, self._input_shape)
         results = self.request.infer({INPUT_NAME: np.ascontiguousarray(batch, dtype=self._input_dtype)})
         by_name = {port.get_any_name(): value for port, value in results.items()}
         return {name: np.array(by_name[name], dtype=np.float32) for name in OUTPUT_NAMES}

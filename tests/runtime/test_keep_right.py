@@ -13,6 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from edgead.cli import app
+from edgead.export.exporter import ExportOptions, export_run
 from edgead.runtime.detector import Detector
 from edgead.runtime.drift import DriftWatch, normal_quantiles
 from edgead.runtime.feedback import FeedbackError, latest_marks, record_feedback
@@ -42,8 +43,6 @@ def test_drift_rule_on_score_streams() -> None:
 # ----------------------------------------------------------------------------- a fitted run and its export
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
-    from edgead.export.exporter import ExportOptions, export_run
-
     root = tmp_path_factory.mktemp("keep")
     data, run_dir = make_gaussian_run(root)
     export_dir = root / "export"
@@ -101,17 +100,20 @@ def test_drift_on_video_of_normal_images(exported: tuple[Path, Path, Path], tmp_
 
 
 # ------------------------------------------------------------------------------------------------ hot swap
-@pytest.mark.slow
-def test_follow_takes_a_verified_version_and_refuses_a_broken_one(
-    exported: tuple[Path, Path, Path], tmp_path: Path
-) -> None:
-    from edgead.export.exporter import ExportOptions, export_run
-    from edgead.runtime.verify import verify_export
-
+@pytest.fixture
+def first_export(exported: tuple[Path, Path, Path], tmp_path: Path) -> tuple[Path, Path, Path, str]:
+    """``(data, run_dir, export_dir, first version)``: the run exported once, the version a follower starts on."""
     data, run_dir, _ = exported
     export_dir = tmp_path / "export"
     export_run(run_dir, export_dir, ExportOptions(), log=lambda _: None)
-    first = export_dir.resolve().name
+    return data, run_dir, export_dir, export_dir.resolve().name
+
+
+@pytest.mark.slow
+def test_follow_takes_a_verified_version_and_refuses_a_broken_one(first_export: tuple[Path, Path, Path, str]) -> None:
+    from edgead.runtime.verify import verify_export
+
+    _, run_dir, export_dir, first = first_export
     events: list[dict] = []
     follower = ExportFollower(
         export_dir,
@@ -137,14 +139,9 @@ def test_follow_takes_a_verified_version_and_refuses_a_broken_one(
 
 @pytest.mark.slow
 def test_run_follow_switches_between_frames_and_logs_the_version(
-    exported: tuple[Path, Path, Path], tmp_path: Path
+    first_export: tuple[Path, Path, Path, str], tmp_path: Path
 ) -> None:
-    from edgead.export.exporter import ExportOptions, export_run
-
-    data, run_dir, _ = exported
-    export_dir = tmp_path / "export"
-    export_run(run_dir, export_dir, ExportOptions(), log=lambda _: None)
-    first = export_dir.resolve().name
+    data, run_dir, export_dir, first = first_export
     video = normal_video(data, tmp_path / "line.avi", 300)
     detector = Detector.load(export_dir, backend="onnxruntime")
     follower = ExportFollower(export_dir, load=lambda p: Detector.load(p, backend="onnxruntime"),
@@ -209,7 +206,6 @@ def test_drift_on_real_normal_images(tmp_path: Path) -> None:
     """magnetic_tile: a gaussian run at 128 px, a video of its normal test images (held 3 frames each), 800
     frames; brightness (+70) or focus (Gaussian blur, sigma 3) from the middle on. No warning on the unshifted
     video; on the shifted ones the warning comes at most window // 2 + 1 frames after the shift."""
-    from edgead.export.exporter import ExportOptions, export_run
     from edgead.pipeline import train_run
     from edgead.spec import RunSpec
 

@@ -416,10 +416,9 @@ class LafitE(ScoreUNetMethod):
         kept_old = int((index < len(self.coreset)).sum())
         self.coreset = pool[index].clone()
         save_tensors_atomic(self.feature_state(), Path(run_dir) / FEATURES_FILE)
-        for name in ("weights.safetensors",):  # the U-Net, unchanged
-            source = Path(self.run_dir or "") / name
-            if source.is_file():
-                shutil.copyfile(source, Path(run_dir) / name)
+        unet = Path(self.run_dir or "") / "weights.safetensors"  # the U-Net, unchanged
+        if unet.is_file():
+            shutil.copyfile(unet, Path(run_dir) / unet.name)
         info = {"added_images": n, "added_slices": len(added), "coreset": count, "kept_from_old_coreset": kept_old,
                 "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
         config.state["memory_bank"] = {**config.state.get("memory_bank", {}), "update": info}
