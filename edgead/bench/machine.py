@@ -9,8 +9,10 @@ from __future__ import annotations
 import datetime as dt
 import os
 import platform
+import re
 import shlex
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,19 @@ def portable(text: str) -> str:
     if data_root:
         text = text.replace(os.path.abspath(data_root), "$EDGEAD_DATA_ROOT").replace(data_root, "$EDGEAD_DATA_ROOT")
     return text.replace(os.getcwd() + os.sep, "")
+
+
+def scrubbed(value: Any) -> Any:
+    """``value`` (a record, at any depth) with :func:`portable` applied to every string and every path under
+    the temporary folder (a benchmark's throwaway export) replaced by ``<a temporary path>``."""
+    if isinstance(value, dict):
+        return {key: scrubbed(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [scrubbed(item) for item in value]
+    if isinstance(value, str):
+        temporary = re.escape(tempfile.gettempdir().rstrip(os.sep) + os.sep) + r"[^\s'\",;)]*"
+        return re.sub(temporary, "<a temporary path>", portable(value))
+    return value
 
 
 def machine_record() -> dict[str, Any]:
@@ -57,6 +72,7 @@ def save_record(record: dict[str, Any], results_dir: Path, name: str, out: Path 
     (``latency_{device}_gaussian.json``), so CPU and GPU figures never overwrite each other.
     """
     record.setdefault("machine", machine_record())
+    record = scrubbed(record)
     device = "gpu" if record["machine"].get("gpu") else "cpu"
     path = Path(out) if out is not None else Path(results_dir) / name.format(device=device)
     write_json_atomic(path, record)
