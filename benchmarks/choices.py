@@ -13,13 +13,16 @@ Examples:
     python benchmarks/choices.py --method lafite --data $EDGEAD_DATA_ROOT/bsdata --run runs/lafite_bench/lafite/latest
 
 ``--run`` scores the choices of a run trained elsewhere (``benchmarks/lafite.py accuracy``: a CPU hour per
-lafite training); choices that change the fit still train new runs.
+lafite training); choices that change the fit still train new runs. ``--calibrate`` first makes a copy of that
+run whose ``map_calibration`` is chosen by the current code on the run's stored held-out normals (for runs
+trained before the option existed); the run itself is left as it is.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +43,18 @@ CHOICES: dict[str, dict[str, tuple[str, str]]] = {
         "map_calibration": ("map_calibration_selection", "pseudo_validation"),
     },
     "lafite": {"tau": ("selection", "tau"), "map_calibration": ("map_calibration_selection", "pseudo_validation")},
+    # every single tap and every prefix the selection tried (keys "dec0" or "dec1,dec0")
+    "score-tscale": {"feature_maps": ("feature_selection", "candidates+prefixes")},
 }
+#: Parameters whose row keys are comma-joined lists, and whose choice the run keeps in its selection record.
+LIST_VALUED = {"feature_maps": "selected"}
 SET_KEYS = ("validation", "kinds", "strength", "calibration")
 COMMON = {"map_calibration": ("map_calibration_selection", "pseudo_validation")}
 
 
-def _value(key: str) -> Any:
+def _value(key: str, param: str = "") -> Any:
+    if param in LIST_VALUED:
+        return key.split(",")
     try:
         return json.loads(key)
     except json.JSONDecodeError:
@@ -56,6 +65,23 @@ def spearman(a: list[float], b: list[float]) -> float | None:
     """Rank correlation over at least three candidates (two always rank perfectly or inversely)."""
     rho = rank_correlation(a, b) if len(a) >= 3 else None
     return None if rho is None else round(rho, 3)
+
+
+def calibrated_copy(run: Path, work: Path) -> Path:
+    """A copy of ``run`` under ``work`` with ``map_calibration="auto"`` chosen and its statistics fitted now
+    (``Method.calibrate_maps`` on the run's stored held-out normals): the same model, the choice added."""
+    copy = work / f"{run.resolve().name}-calibrated"
+    if copy.exists():
+        raise SystemExit(f"{copy} exists; remove it or pass another --work")
+    shutil.copytree(run.resolve(), copy)
+    config = RunConfig.load(copy)
+    config.method_params["map_calibration"] = "auto"
+    for key in ("map_calibration", "map_calibration_selection"):
+        config.state.pop(key, None)
+    method = get_method(config.method).load(copy, config)
+    method.calibrate_maps(None)
+    method.config.save(copy)
+    return copy
 
 
 def figures_on_test(run_dir: Path, data: Path, params: dict[str, Any] | None = None) -> dict[str, float]:
@@ -73,6 +99,8 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=None, help="default: the method's")
     parser.add_argument("--param", action="append", default=[], help="method hyperparameter KEY=JSON (all runs)")
     parser.add_argument("--run", type=Path, default=None, help="a trained run with the defaults (default: train one)")
+    parser.add_argument("--calibrate", action="store_true", help="with --run: choose map_calibration on a copy")
+    parser.add_argument("--only", action="append", default=[], help="score only this choice (repeatable)")
     parser.add_argument("--work", type=Path, default=Path("runs/choices"))
     parser.add_argument("--tag", default="defaults")
     parser.add_argument("--out", type=Path, default=None)
@@ -87,6 +115,10 @@ def main() -> None:
                        runs_root=str(args.work))  # fmt: skip
 
     run_dir, summary = (args.run, None) if args.run else train_run(spec({}), progress=False)
+    if args.calibrate:
+        if args.run is None:
+            parser.error("--calibrate needs --run")
+        run_dir = calibrated_copy(args.run, args.work)
     config = RunConfig.load(run_dir)
     record: dict[str, Any] = {
         "benchmark": "choices",
@@ -100,13 +132,18 @@ def main() -> None:
     }
     for param, (state_key, rows_key) in {**COMMON, **CHOICES.get(args.method, {})}.items():
         selection = config.state.get(state_key)
-        if not selection or rows_key not in selection or param in base_params:
+        parts = rows_key.split("+")
+        if not selection or any(k not in selection for k in parts) or param in base_params:
             continue
-        rows = selection[rows_key]
+        if args.only and param not in args.only:
+            continue
+        rows = {key: row for k in parts for key, row in selection[k].items()}
         chosen = config.method_params.get(param)
+        if param in LIST_VALUED:
+            chosen = ",".join(selection[LIST_VALUED[param]])
         test: dict[str, dict[str, float]] = {}
         for key in rows:
-            value = _value(key)
+            value = _value(key, param)
             if param in cls.inference_params:
                 test[key] = figures_on_test(run_dir, args.data, {param: value})
             else:
@@ -131,7 +168,7 @@ def main() -> None:
             "chosen_test_image_auroc": test.get(json.dumps(chosen) if not isinstance(chosen, str) else chosen, {}).get(
                 "image_auroc"
             ),
-            "best_on_test": _value(best_test),
+            "best_on_test": _value(best_test, param),
             "best_test_image_auroc": test[best_test]["image_auroc"],
         }
     record["train_summary"] = summary if summary is not None else f"the given run {run_dir.name}"

@@ -16,6 +16,7 @@ longer than the house's ~400 lines because it holds one small renderer per table
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import difflib
 import json
 import re
@@ -463,11 +464,17 @@ def gaussian_defaults_latency(before: Record, after: Record) -> str:
         return f"{'+' if value >= 0 else ''}{num(100 * value, 0)} %"
 
     within = all(abs(change(stage)) <= a[stage]["cv"] for stage in ("infer", "total"))
+    days = (
+        dt.date.fromisoformat(after["machine"]["date"][:10]) - dt.date.fromisoformat(before["machine"]["date"][:10])
+    ).days
+    cpus = f"the same CPU model ({after['device']})" if before["device"] == after["device"] else (
+        f"different CPUs ({before['device']} vs {after['device']})")  # fmt: skip
     return (
         f"Against the magnetic_tile opca row: graph {signed(change('infer'))}, `predict` {signed(change('total'))}."
-        f" The rows ran on different machines ({before['device']} vs {after['device']}), and the defaults run's"
+        f" The rows were measured {days} days apart on {cpus} of a shared machine, and the defaults run's"
         f" own coefficient of variation is {num(a['infer']['cv'], 2)} for the graph and {num(a['total']['cv'], 2)}"
-        f" for `predict`, so the difference is {'within' if within else 'larger than'} its spread."
+        f" for `predict`, so the difference is {'within' if within else 'larger than'} its spread; the operations"
+        " are the same, so a difference beyond the spread is the machine's, not the defaults'."
     )
 
 
@@ -658,6 +665,10 @@ def _spearman(a: list[float], b: list[float]) -> str:
 
 @renders("choices-summary", *CHOICES)
 def choices_summary(*records: Record) -> str:
+    return _choices_summary(records, with_method=False)
+
+
+def _choices_summary(records: Sequence[Record], with_method: bool) -> str:
     rows = []
     for r in records:
         for name, c in r["choices"].items():
@@ -665,33 +676,40 @@ def choices_summary(*records: Record) -> str:
             strength = f"{s['strength']} ({len(s.get('kinds', []))} kinds)" if "strength" in s else "-"
             d = c.get("decision") or {}
             kept = "default kept" if d.get("kept_default") else "default beaten"
+            if not d:  # score-tscale's taps: the paper picks by hand, so no default to keep
+                kept = "no default; best mean of image and pixel AUROC"
             if "margin" in d:
                 kept += f" (image +{num(d['margin'], 3)} vs SE {num(d['standard_error'], 3)}"
                 if "pixel_margin" in d:
                     kept += f"; pixel {num(d['pixel_margin'], 3)} vs SE {num(d['pixel_standard_error'], 3)}"
                 kept += ")"
             keys = list(c["pseudo_validation"])
-            pseudo = [_pseudo(c["pseudo_validation"][k]) for k in keys]
+            rows_pv = [c["pseudo_validation"][k] for k in keys]  # unrounded: ranks as the record's own Spearman
             test = [c["test"][k] for k in keys]
-            image = _spearman([float(p[0]) for p in pseudo], [t["image_auroc"] for t in test])
+            image = _spearman([r["image_auroc"] if isinstance(r, dict) else float(r) for r in rows_pv],
+                              [t["image_auroc"] for t in test])  # fmt: skip
             pixel = "-"
-            if all(p[1] != "-" for p in pseudo):
-                pixel = _spearman([float(p[1]) for p in pseudo], [t["pixel_auroc"] for t in test])
+            if all(isinstance(r, dict) and "pixel_auroc" in r for r in rows_pv):
+                pixel = _spearman([r["pixel_auroc"] for r in rows_pv], [t["pixel_auroc"] for t in test])
             best = max(keys, key=lambda k: (c["test"][k]["image_auroc"], c["test"][k]["pixel_auroc"]))
             chosen = c["test"][json.dumps(c["chosen"]) if not isinstance(c["chosen"], str) else c["chosen"]]
             rows.append(
-                [r["dataset"], name, strength, f"{c['chosen']}: {kept}"]
+                [r["dataset"], *([r["method"]] if with_method else []), name, strength, f"{c['chosen']}: {kept}"]
                 + [f"{auroc(chosen['image_auroc'])} / {auroc(chosen['pixel_auroc'])}"]
                 + [f"{best}: {auroc(c['test'][best]['image_auroc'])} / {auroc(c['test'][best]['pixel_auroc'])}"]
                 + [image, pixel]
             )
-    header = ["data set", "choice", "set strength", "chosen on pseudo-validation", "its test image / pixel AUROC"]
-    header += ["best on test (image, then pixel)", "Spearman, image AUROC", "Spearman, pixel AUROC"]
-    return table(header, rows)
+    header = ["data set", *(["method"] if with_method else []), "choice", "set strength"]
+    header += ["chosen on pseudo-validation", "its test image / pixel AUROC", "best on test (image, then pixel)"]
+    return table([*header, "Spearman, image AUROC", "Spearman, pixel AUROC"], rows)
 
 
 @renders("choices-candidates", *CHOICES)
 def choices_candidates(*records: Record) -> str:
+    return _choices_candidates(records, with_method=False)
+
+
+def _choices_candidates(records: Sequence[Record], with_method: bool) -> str:
     rows = []
     for r in records:
         for name, c in r["choices"].items():
@@ -699,11 +717,34 @@ def choices_candidates(*records: Record) -> str:
                 test = c["test"][key]
                 mark = " (chosen)" if str(c["chosen"]) == key else ""
                 rows.append(
-                    [r["dataset"], name, key + mark, *_pseudo(row), auroc(test["image_auroc"])]
-                    + [auroc(test["pixel_auroc"]), auroc(test["aupro"])]
+                    [r["dataset"], *([r["method"]] if with_method else []), name, key + mark, *_pseudo(row)]
+                    + [auroc(test["image_auroc"]), auroc(test["pixel_auroc"]), auroc(test["aupro"])]
                 )
-    header = ["data set", "choice", "candidate", "pseudo-val image AUROC", "pseudo-val pixel AUROC"]
-    return table([*header, "test image AUROC", "test pixel AUROC", "test AUPRO"], rows)
+    header = ["data set", *(["method"] if with_method else []), "choice", "candidate", "pseudo-val image AUROC"]
+    return table([*header, "pseudo-val pixel AUROC", "test image AUROC", "test pixel AUROC", "test AUPRO"], rows)
+
+
+#: The other methods' automatic choices against the test (runs trained elsewhere: ``choices.py --run``).
+CHOICES_METHODS = tuple(
+    f"choices_{method}_{dataset}_{tag}.json"
+    for dataset in ("magnetic_tile", "bsdata")
+    for method, tag in (
+        ("score-resilience", "calibration"),
+        ("score-tscale", "defaults"),
+        ("lafite", "calibration"),
+        ("mdps", "calibration"),
+    )  # fmt: skip
+)
+
+
+@renders("choices-methods-summary", *CHOICES_METHODS)
+def choices_methods_summary(*records: Record) -> str:
+    return _choices_summary(records, with_method=True)
+
+
+@renders("choices-methods-candidates", *CHOICES_METHODS)
+def choices_methods_candidates(*records: Record) -> str:
+    return _choices_candidates(records, with_method=True)
 
 
 FUSION = ("fusion_magnetic_tile_gaussian+lafite.json", "fusion_bsdata_gaussian+lafite.json")
@@ -749,7 +790,12 @@ def tiling_table(*records: Record) -> str:
     return table(["data set", "input", "test image AUROC", "test pixel AUROC", "test AUPRO", "date"], rows)
 
 
-TILING_LATENCY = ("latency_cpu_gaussian_bsdata_defaults.json", "latency_cpu_gaussian_bsdata_tiled448.json")
+TILING_LATENCY = (
+    "latency_cpu_gaussian_magnetic_tile_defaults.json",
+    "latency_cpu_gaussian_magnetic_tile_tiled448.json",
+    "latency_cpu_gaussian_bsdata_defaults.json",
+    "latency_cpu_gaussian_bsdata_tiled448.json",
+)
 
 
 @renders("tiling-latency", *TILING_LATENCY)
@@ -759,7 +805,8 @@ def tiling_latency(*records: Record) -> str:
         shape = "x".join(str(v) for v in r["input_shape"][-2:])
         tiled = "tiled448" in r["machine"]["command"]
         how = f"{shape} frame" + (", tiled as in the table above" if tiled else ", whole")
-        rows.append(["bsdata", how, *_latency_row(r)])
+        dataset = "magnetic_tile" if "_magnetic_tile_" in r["machine"]["command"] else "bsdata"  # the --tag
+        rows.append([dataset, how, *_latency_row(r)])
         rows[-1] += [r["device"], date(r)]
     header = ["data set", "input", "ONNX Runtime graph ms", "ONNX Runtime `predict` ms", "PyTorch eager ms"]
     return table([*header, "PyTorch / ONNX Runtime (graph)", "CPU", "date"], rows)

@@ -129,7 +129,8 @@ def gpu_memory_used_mb(pid: int | None = None) -> dict[str, Any]:
 
 def nvidia_gpus(runner: Callable[..., Any] = subprocess.run) -> list[dict[str, str]] | str:
     """NVIDIA GPUs from ``nvidia-smi`` (name, compute capability, driver), or the reason there are none
-    (``runner``: tests pass a stand-in for ``subprocess.run``)."""
+    (``runner``: tests pass a stand-in for ``subprocess.run``). ``compute_cap`` needs driver 510 or newer;
+    TensorRT 10 itself needs a newer one, so a driver too old to answer is one no engine runs on."""
     smi = shutil.which("nvidia-smi")
     if smi is None:
         return "nvidia-smi not found (no NVIDIA driver here)"

@@ -186,7 +186,13 @@ class ScoreTScale(ScoreUNetMethod):
     params: ScoreTScaleParams
     #: Sec. 4.1: "All of the images [...] are resized to 256 x 256 pixels" (not score-resilience's 192)
     default_image_size = 256
-    inference_params = ScoreUNetMethod.inference_params | {"combine", "smoothing_sigma", "noise_seed", "sampler"}
+    inference_params = ScoreUNetMethod.inference_params | {
+        "combine",
+        "smoothing_sigma",
+        "noise_seed",
+        "sampler",
+        "feature_maps",
+    }
     tune_grid = {"image_score": ["max", "topk_mean", "interior_max"]}
 
     @classmethod
