@@ -428,10 +428,7 @@ def _drift_watch(predictor: Any, window: int | None, on_event: EventCallback) ->
     meta = getattr(predictor, "metadata", None)
     if meta is None:
         return None  # a remote predictor (Triton): its calibration is not here
-    threshold = meta.threshold
-    if getattr(predictor, "precision", "") == "int8":
-        threshold = threshold.get("int8", threshold)
-    quantiles = threshold.get("normal_quantiles")
+    quantiles = meta.calibration(getattr(predictor, "precision", "fp32")).get("normal_quantiles")
     if not isinstance(quantiles, dict):
         on_event("drift watch off: this export stores no normal score quantiles (re-export with this edgead)")
         return None

@@ -69,15 +69,20 @@ class ExportMetadata:
         """The calibrated threshold of the FP32 and FP16 graphs."""
         return float(self.threshold["value"])
 
-    def threshold_for(self, precision: str) -> float:
-        """The calibrated threshold of ``precision``'s graph: INT8 has its own (its scores are calibrated on the
-        same held-out normals, at the same false-alarm rate: ``threshold.int8``), FP32 and FP16 share one."""
+    def calibration(self, precision: str) -> dict[str, Any]:
+        """The calibration record of ``precision``'s graph (its ``value``, the normals' score quantiles, ...):
+        INT8 has its own (its scores are calibrated on the same held-out normals, at the same false-alarm rate:
+        ``threshold.int8``), FP32 and FP16 share one."""
         if precision == "int8":
             own = self.threshold.get("int8")
             if not isinstance(own, dict):
                 raise MetadataError("edgead.json: an INT8 export needs 'threshold.int8'; re-run `edgead export`")
-            return float(own["value"])
-        return self.threshold_value
+            return own
+        return self.threshold
+
+    def threshold_for(self, precision: str) -> float:
+        """The calibrated threshold of ``precision``'s graph (:meth:`calibration`)."""
+        return float(self.calibration(precision)["value"])
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -353,13 +353,13 @@ class Outputs:
         """
         if evidence is not None and self.folder is not None:
             return commit_evidence(self.folder, frame, evidence, self.log, record)
-        if record is not None and self.log is not None:
-            with naming(f"the log {self.log.path}"):
-                self.log.write(record)
+        if record is not None:
+            self.event(record)
         return []
 
     def event(self, record: dict[str, Any]) -> None:
-        """A log line that is no frame (drift, an export switched or refused); nothing without a log.
+        """A log line without evidence (a frame's, or drift, an export switched or refused); nothing without a
+        log.
 
         Raises:
             OutputError: The log could not be written.
