@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import re
 import shutil
 import subprocess
@@ -35,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgead.bench.machine import scrubbed
+from edgead.data.files import write_bytes_atomic, write_json_atomic
 from edgead.runtime.machine import module_version, nvidia_gpus
 
 RESULTS = Path(__file__).resolve().parent / "results" / "gpu"
@@ -219,8 +220,10 @@ def main() -> int:
     finally:
         result = {"machine": record, "dry_run": args.dry_run, "budget_s": args.budget_s,
                   "seconds": round(time.monotonic() - proof.started, 1), "steps": proof.done}  # fmt: skip
-        (out / "summary.json").write_text(json.dumps(result, indent=2))
-        (out / "summary.md").write_text(f"# edgead GPU proof: {gpu}\n\n{summary_table(proof)}\n")
+        # meant to be committed under results/gpu/: no path of this machine, never half-written
+        write_json_atomic(out / "summary.json", scrubbed(result))
+        summary_md = f"# edgead GPU proof: {gpu}\n\n{summary_table(proof)}\n"
+        write_bytes_atomic(out / "summary.md", scrubbed(summary_md).encode())
         shutil.rmtree(work, ignore_errors=True)
     failed = [n for n, r in proof.done.items() if r["status"] in ("failed", "timed out")]
     print(f"{len(proof.done)} steps, {len(failed)} failed; {out / 'summary.md'}")

@@ -50,4 +50,5 @@ def test_dry_run_goes_end_to_end_within_its_budget(tmp_path: Path) -> None:
         assert steps[name]["status"] == "ok", (name, steps[name])
     assert (out / steps["gaussian: bench fp16"]["json"]).is_file() and (out / "summary.md").is_file()
     assert not (out / "work").exists()  # runs and exports are removed; the JSONs stay
+    assert str(out) not in (out / "summary.json").read_text()  # the summary names no path of this machine
     assert all(s["status"] in ("ok", "skipped", "failed", "cannot run here", "timed out") for s in steps.values())
