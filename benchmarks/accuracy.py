@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=None, help="default: the method's")
     parser.add_argument("--channels", type=int, default=3)
     parser.add_argument("--tile", type=int, default=None, help="tile size (--image-size: the frame)")
+    parser.add_argument("--frame-width", type=int, default=None, help="with --tile: the frame's width (oblong)")
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -63,6 +64,7 @@ def main() -> None:
         image_size=args.image_size,
         channels=args.channels,
         tile=args.tile,
+        frame_width=args.frame_width,
         train=cfg,
         params=params,
         runs_root=str(args.work),

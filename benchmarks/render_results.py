@@ -780,9 +780,12 @@ def tiling_table(*records: Record) -> str:
     for r in records:
         tiling, m = r.get("tiling") or {}, r["metrics"]
         if tiling:
-            frame, tile = tiling["frame_size"], tiling["tile"]
-            tiles = len(range(0, frame - tile, max(1, round(tile * (1 - tiling["overlap"]))))) + 1
-            how = f"{frame} px frame, {tiles} x {tiles} tiles of {tile} px"
+            height, tile = tiling["frame_size"], tiling["tile"]
+            width = tiling.get("frame_width") or height
+            rows_, cols = (len(range(0, side - tile, max(1, round(tile * (1 - tiling["overlap"]))))) + 1
+                           for side in (height, width))  # fmt: skip
+            frame = f"{height} px frame" if width == height else f"{width}x{height} frame"
+            how = f"{frame}, {rows_} x {cols} tiles of {tile} px"
         else:
             how = f"{r['image_size']} px, whole frame"
         rows.append([r["dataset"], how, auroc(m["image_auroc"]), auroc(m["pixel_auroc"]), auroc(m["aupro"])])
@@ -802,8 +805,9 @@ TILING_LATENCY = (
 def tiling_latency(*records: Record) -> str:
     rows = []
     for r in records:
-        shape = "x".join(str(v) for v in r["input_shape"][-2:])
-        tiled = "tiled448" in r["machine"]["command"]
+        height, width = r["input_shape"][-2:]
+        shape = f"{width}x{height}"
+        tiled = "_tiled" in r["machine"]["command"]
         how = f"{shape} frame" + (", tiled as in the table above" if tiled else ", whole")
         dataset = "magnetic_tile" if "_magnetic_tile_" in r["machine"]["command"] else "bsdata"  # the --tag
         rows.append([dataset, how, *_latency_row(r)])

@@ -121,13 +121,17 @@ SPEC_OPTIONS: tuple[SpecOption, ...] = (
         None, "--preset", help="Network size of methods with a U-Net: tiny (tests), small (default; edge, CPU), "
         "paper."), "preset"),
     SpecOption("image_size", int | None, typer.Option(
-        None, "--image-size", help="Square input size in pixels (default: the method's)."), "image_size"),
+        None, "--image-size", help="Square input size in pixels (default: the method's); with --tile, the frame's "
+        "size (its height with --frame-width)."), "image_size"),
     SpecOption("channels", int, typer.Option(3, "--channels", help="3 for RGB, 1 to train on grayscale."), "channels"),
     SpecOption("tile", int | None, typer.Option(
         None, "--tile", help="Tiled inference for small defects: the model sees TILE x TILE tiles of the frame "
         "resized to --image-size (one exported graph stitches their maps)."), "tile"),
     SpecOption("tile_overlap", float, typer.Option(
         0.25, "--tile-overlap", help="Overlap of neighbouring tiles, as a share of a tile."), "tile_overlap"),
+    SpecOption("frame_width", int | None, typer.Option(
+        None, "--frame-width", help="With --tile: the frame's width, to keep a camera's aspect ratio (e.g. "
+        "--image-size 288 --frame-width 704 for 1130x460 images); --image-size is then its height."), "frame_width"),
     SpecOption("steps", int, typer.Option(
         20000, "--steps", help="Optimiser steps (methods that train a network)."), "train.steps"),
     SpecOption("epochs", int | None, typer.Option(

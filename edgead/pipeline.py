@@ -29,11 +29,11 @@ from edgead.data.mvtec import (
     split_validation,
     validate_dataset,
 )
-from edgead.data.preprocess import PreprocessConfig, resize_image
+from edgead.data.preprocess import PreprocessConfig, height_width, resize_image
 from edgead.methods import get_method, load_method
 from edgead.methods.base import FitContext, run_graph
 from edgead.methods.params import candidate_notes
-from edgead.methods.tiling import cut_tiles
+from edgead.methods.tiling import cut_tiles, frame_config
 from edgead.progress import Progress
 from edgead.spec import RunSpec
 from edgead.train.distributed import init_distributed, shutdown
@@ -141,6 +141,8 @@ def train_run(
             if spec.tile is not None:  # the method sees tiles; the frame is what the export takes
                 config.tiling = {"frame_size": config.preprocess["image_size"], "tile": spec.tile,
                                  "overlap": spec.tile_overlap}  # fmt: skip
+                if spec.frame_width is not None and spec.frame_width != spec.image_size:
+                    config.tiling["frame_width"] = spec.frame_width
                 config.preprocess["image_size"] = spec.tile
         train_cfg.validate()
         roots = list(data_root)
@@ -167,8 +169,8 @@ def train_run(
                     f"{train_cfg.steps} steps"
                 )
         pre = PreprocessConfig.from_dict(config.preprocess)
-        frame = dataclasses.replace(pre, image_size=config.tiling["frame_size"]) if config.tiling else pre
-        warnings = [*notes, *[w for w in [upscale_warning([s.path for s in train_samples], frame.image_size)] if w]]
+        frame = frame_config(pre, config.tiling)
+        warnings = [*notes, *[w for w in [upscale_warning([s.path for s in train_samples], frame.size)] if w]]
         if dist_info.is_main and on_event is not None:
             for warning in warnings:
                 on_event(f"warning: {warning}")
@@ -214,20 +216,24 @@ def train_run(
 SIZE_SAMPLE = 8
 
 
-def upscale_warning(paths: list[Path], image_size: int) -> str | None:
-    """A warning when most (of a sample of) the training images are smaller than the training size: they are
-    enlarged to it, so the model learns interpolated pixels and every camera frame must be enlarged the same
-    way to look normal; training at the images' own size avoids both."""
+def upscale_warning(paths: list[Path], image_size: int | tuple[int, int]) -> str | None:
+    """A warning when most (of a sample of) the training images are smaller than the training size (a side, or
+    ``(height, width)``): they are enlarged to it, so the model learns interpolated pixels and every camera frame
+    must be enlarged the same way to look normal; training at the images' own size avoids both."""
+    out_h, out_w = height_width(image_size)
     sizes = [read_image(path).shape[:2] for path in paths[:SIZE_SAMPLE]]
-    smaller = [(h, w) for h, w in sizes if min(h, w) < image_size]
+    smaller = [(h, w) for h, w in sizes if h < out_h or w < out_w]
     if not sizes or 2 * len(smaller) <= len(sizes):
         return None
     h, w = smaller[0]
     shortest = min(min(size) for size in smaller)
+    size_text, advice = f"{out_h} px", f"--image-size {shortest} or less"
+    if out_h != out_w:
+        size_text, advice = f"{out_w}x{out_h}", "a frame (--image-size, --frame-width) no larger than the images"
     return (
         f"{len(smaller)} of {len(sizes)} sampled training images (e.g. {w}x{h}) are smaller than the training size "
-        f"{image_size} px: they are enlarged to it, and every frame must then look like an enlarged image to pass "
-        f"as normal. Unless the camera's frames are enlarged the same way, train at --image-size {shortest} or less"
+        f"{size_text}: they are enlarged to it, and every frame must then look like an enlarged image to pass "
+        f"as normal. Unless the camera's frames are enlarged the same way, train at {advice}"
     )
 
 
@@ -285,7 +291,7 @@ def score_test_split(
     with Progress(f"eval {Path(data_root).name}", len(images), unit="images", enabled=progress) as bar:
         maps, scores = run_graph(graph, images, batch_size=batch_size, device=device, on_batch=bar.advance)
     seconds = time.perf_counter() - start
-    masks = load_masks(samples, maps.shape[-1])
+    masks = load_masks(samples, tuple(maps.shape[-2:]))
     labels = np.array([s.label for s in samples])
     metrics = compute_metrics(labels, scores, masks if masks.any() else None, maps if masks.any() else None)
     return TestScores(samples, labels, maps, scores, masks, metrics, seconds)
@@ -320,7 +326,7 @@ def evaluate_run(
     samples, labels, maps, scores, masks, metrics = (
         test.samples, test.labels, test.maps, test.scores, test.masks, test.metrics
     )  # fmt: skip
-    map_size = maps.shape[-1]
+    map_size = tuple(maps.shape[-2:])
     rgb = np.stack([resize_image(read_image(s.path), map_size, pre.interpolation) for s in samples])
     out_dir = Path(out_dir) if out_dir is not None else Path(run_dir) / "eval"
     at_threshold = None

@@ -36,7 +36,7 @@ class RunSpec:
     data: list[str] = field(default_factory=list)
     #: network size of methods with a U-Net (tiny, small, paper); None: small
     preset: str | None = None
-    #: square input size in pixels; None: the method's default
+    #: square input size in pixels (with ``tile``: the frame's height); None: the method's default
     image_size: int | None = None
     #: 3 for RGB, 1 for grayscale
     channels: int = 3
@@ -49,6 +49,9 @@ class RunSpec:
     tile: int | None = None
     #: overlap of neighbouring tiles as a share of a tile (engineering choice: a quarter)
     tile_overlap: float = 0.25
+    #: with ``tile``: the frame's width, for a frame kept at its camera's aspect ratio (None: square,
+    #: ``image_size`` wide)
+    frame_width: int | None = None
     #: share of the normal images held out for the threshold and pseudo-validation
     val_fraction: float = 0.1
     #: cpu or cuda; None: cuda when available
@@ -68,11 +71,16 @@ class RunSpec:
             if self.image_size is None:
                 raise ValueError(f"tile {self.tile} needs image_size: the frame size the tiles are cut from")
             check_image_size(self.tile, "tile")
-            if not self.tile < self.image_size:
+            if self.frame_width is not None:
+                check_image_size(self.frame_width, "frame_width")
+            width = self.image_size if self.frame_width is None else self.frame_width
+            if not (self.tile <= min(self.image_size, width) and self.tile < max(self.image_size, width)):
                 raise ValueError(
-                    f"tile must be smaller than image_size {self.image_size} (the frame it is cut from), "
-                    f"got {self.tile}"
+                    f"tile must fit the frame it is cut from ({self.image_size} px high, {width} px wide) and be "
+                    f"smaller than one of its sides, got {self.tile}"
                 )
+        elif self.frame_width is not None:
+            raise ValueError(f"frame_width {self.frame_width} needs tile: only a tiled run's frame may be oblong")
         if not 0.0 <= self.tile_overlap < 1.0:
             raise ValueError(f"tile_overlap must be in [0, 1), got {self.tile_overlap}")
         if not 0.0 <= self.val_fraction < 1.0:

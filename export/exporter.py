@@ -172,7 +172,7 @@ def load_graph(job: ExportJob) -> None:
     config = copy.deepcopy(RunConfig.load(job.run_dir))
     if job.options.image_size is not None and config.tiling:
         raise ValueError(
-            f"{job.run_dir}: a tiled run's graph takes its frame size ({config.tiling['frame_size']} px); "
+            f"{job.run_dir}: a tiled run's graph takes its frame size ({config.tiling['frame_size']} px high); "
             "leave out --image-size"
         )
     if job.options.image_size is not None:
@@ -186,7 +186,7 @@ def load_graph(job: ExportJob) -> None:
         fused, job.fusion = fuse_runs([job.run_dir, *job.options.fuse], job.options.fuse_how)
         job.graph = fused.float().eval()
         job.log(f"  fused with {len(job.options.fuse)} run(s): {job.fusion['how']}")
-    job.input_shape = (job.options.batch, job.pre.channels, job.pre.image_size, job.pre.image_size)
+    job.input_shape = (job.options.batch, job.pre.channels, *job.pre.size)
 
 
 def _held_out_normals(job: ExportJob) -> tuple[list[np.ndarray], str]:
@@ -194,8 +194,9 @@ def _held_out_normals(job: ExportJob) -> tuple[list[np.ndarray], str]:
     the one place that finds them), else ``--data``'s normals."""
     rgb, origin = holdout.held_out_normals(job.run_dir, job.config.data)
     if origin == holdout.STORED:
-        stored = job.config.data["holdout"].get("image_size")
-        resized = f", resized from the stored {stored} px" if stored != job.pre.image_size else ""
+        record = job.config.data["holdout"]
+        stored = (record.get("image_size"), record.get("image_width") or record.get("image_size"))
+        resized = f", resized from the stored {stored[1]}x{stored[0]}" if stored != job.pre.size else ""
         return rgb, f"held-out normal training images stored in the run{resized}"
     if origin == holdout.DATASET:
         return rgb, "held-out normal training images (read from the dataset)"
@@ -215,7 +216,7 @@ def build_validation_sets(job: ExportJob) -> None:
     a subsample of its test split (FP32/FP16 AUROC): every set goes through the parity checks."""
     pre = job.pre
     normal_rgb, job.normal_source = _held_out_normals(job)
-    resized = [resize_image(img, pre.image_size, pre.interpolation) for img in normal_rgb]
+    resized = [resize_image(img, pre.size, pre.interpolation) for img in normal_rgb]
     if len(resized) >= 2:
         images, labels, _ = pseudo_validation_set(resized, pre, seed=0)
         job.sets["normal"], job.sets["pseudo"] = images[labels == 0], images[labels == 1]

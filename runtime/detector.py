@@ -183,9 +183,7 @@ class Detector:
         """Score several frames; batches are padded to the exported batch size."""
         results: list[Result] = []
         cfg = self.preprocess_config
-        batches = padded_batches(
-            frames_bgr, self.batch_size, (cfg.channels, cfg.image_size, cfg.image_size), write=self.preprocess
-        )
+        batches = padded_batches(frames_bgr, self.batch_size, (cfg.channels, *cfg.size), write=self.preprocess)
         while True:
             t0 = time.perf_counter()
             step = next(batches, None)  # preprocesses the frames into the batch

@@ -128,7 +128,9 @@ class ExportMetadata:
                 raise MetadataError(f"{source}: field 'threshold.int8.value' must be a finite number, got {value!r}")
         shape = self.input.get("shape")
         if not (isinstance(shape, list) and len(shape) == 4 and all(isinstance(v, int) and v > 0 for v in shape)):
-            raise MetadataError(f"{source}: field 'input.shape' must be [batch, channels, size, size], got {shape!r}")
+            raise MetadataError(
+                f"{source}: field 'input.shape' must be [batch, channels, height, width], got {shape!r}"
+            )
         onnx = self.artifacts.get("onnx")
         if not (isinstance(onnx, dict) and isinstance(onnx.get("file"), str) and isinstance(onnx.get("sha256"), str)):
             raise MetadataError(f"{source}: field 'artifacts.onnx' must name the model file and its sha256")
@@ -136,10 +138,11 @@ class ExportMetadata:
             pre = PreprocessConfig.from_dict(self.preprocess)
         except (TypeError, ValueError) as err:
             raise MetadataError(f"{source}: field 'preprocess' is invalid ({err})") from None
-        if [pre.channels, pre.image_size, pre.image_size] != shape[1:]:
+        if [pre.channels, *pre.size] != shape[1:]:
+            height, width = pre.size
             raise MetadataError(
-                f"{source}: 'preprocess' ({pre.channels} channels, {pre.image_size} px) does not fit the model input "
-                f"{shape}"
+                f"{source}: 'preprocess' ({pre.channels} channels, {height} px high, {width} px wide) does not fit the "
+                f"model input {shape}"
             )
         engines = self.artifacts.get("engines", [])
         if not (isinstance(engines, list) and all(isinstance(e, dict) for e in engines)):

@@ -32,15 +32,18 @@ class HoldoutError(ValueError):
 def save_holdout(run_dir: Path, paths: Sequence[Path], pre: PreprocessConfig) -> dict[str, object]:
     """Read, resize and store the held-out images; return the record that goes into ``config.data``."""
     images = (
-        np.stack([resize_image(read_image(p), pre.image_size, pre.interpolation) for p in paths])
+        np.stack([resize_image(read_image(p), pre.size, pre.interpolation) for p in paths])
         if paths
-        else np.zeros((0, pre.image_size, pre.image_size, 3), np.uint8)
+        else np.zeros((0, *pre.size, 3), np.uint8)
     )
     names = np.array([Path(p).name for p in paths], dtype=np.str_)
     buffer = io.BytesIO()
     np.savez_compressed(buffer, images=images, names=names)
     path = write_bytes_atomic(Path(run_dir) / HOLDOUT_NAME, buffer.getvalue(), durable=True)
-    return {"file": HOLDOUT_NAME, "n": len(paths), "image_size": pre.image_size, "sha256": file_sha256(path)}
+    record: dict[str, object] = {"file": HOLDOUT_NAME, "n": len(paths), "image_size": pre.image_size}
+    if pre.image_width is not None:
+        record["image_width"] = pre.image_width
+    return {**record, "sha256": file_sha256(path)}
 
 
 def load_holdout(run_dir: Path, record: dict[str, object] | None) -> tuple[list[np.ndarray], list[str]]:
@@ -64,7 +67,7 @@ def load_holdout(run_dir: Path, record: dict[str, object] | None) -> tuple[list[
     except (OSError, ValueError, KeyError) as err:
         raise HoldoutError(f"{path}: not a held-out image archive ({err})") from err
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or len(names) != len(images):
-        raise HoldoutError(f"{path}: expected uint8 images (N, S, S, 3) with N names, got {images.shape}")
+        raise HoldoutError(f"{path}: expected uint8 images (N, H, W, 3) with N names, got {images.shape}")
     return list(images), [str(n) for n in names]
 
 

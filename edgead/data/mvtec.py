@@ -27,7 +27,7 @@ from typing import TypeVar
 import numpy as np
 
 from edgead.data.io import list_images, read_image, read_mask, read_mask_checked
-from edgead.data.preprocess import PreprocessConfig, preprocess, resize_mask
+from edgead.data.preprocess import PreprocessConfig, height_width, preprocess, resize_mask
 
 __all__ = [
     "DatasetLayoutError",
@@ -186,10 +186,10 @@ def load_images(samples_or_paths: Iterable[Sample | str | os.PathLike[str]], cfg
         cfg: Preprocessing configuration (the same one the runtime uses).
 
     Returns:
-        float32 array of shape (N, C, S, S).
+        float32 array of shape (N, C, H, W), H x W = ``cfg.size``.
     """
     paths = [_as_path(item) for item in samples_or_paths]
-    batch = np.empty((len(paths), cfg.channels, cfg.image_size, cfg.image_size), dtype=np.float32)
+    batch = np.empty((len(paths), cfg.channels, *cfg.size), dtype=np.float32)
 
     def load_into(index: int) -> None:
         batch[index] = preprocess(read_image(paths[index]), cfg)
@@ -198,7 +198,7 @@ def load_images(samples_or_paths: Iterable[Sample | str | os.PathLike[str]], cfg
     return batch
 
 
-def load_masks(samples: Iterable[Sample], size: int) -> np.ndarray:
+def load_masks(samples: Iterable[Sample], size: int | tuple[int, int]) -> np.ndarray:
     """Reads ground-truth masks resized (nearest neighbour) to the model resolution.
 
     A pixel is a defect where its value is above half of its mask's largest value (``edgead.data.io.binarise_mask``).
@@ -210,13 +210,13 @@ def load_masks(samples: Iterable[Sample], size: int) -> np.ndarray:
 
     Args:
         samples: Samples; those without ``mask_path`` get an all-zero mask.
-        size: Output side length S.
+        size: Output side length, or ``(height, width)``.
 
     Returns:
-        uint8 array of shape (N, S, S) with values in {0, 1}.
+        uint8 array of shape (N, height, width) with values in {0, 1}.
     """
     sample_list = list(samples)
-    masks = np.zeros((len(sample_list), size, size), dtype=np.uint8)
+    masks = np.zeros((len(sample_list), *height_width(size)), dtype=np.uint8)
     notes: list[str | None] = [None] * len(sample_list)
 
     def load_into(index: int) -> None:

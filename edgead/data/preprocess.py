@@ -27,6 +27,7 @@ __all__ = [
     "PreprocessConfig",
     "bgr_to_rgb",
     "check_image_size",
+    "height_width",
     "preprocess",
     "preprocess_batch",
     "preprocess_bgr",
@@ -62,12 +63,23 @@ def check_image_size(value: Any, what: str = "image_size") -> None:
         )
 
 
+def height_width(size: int | tuple[int, int]) -> tuple[int, int]:
+    """``(height, width)`` of a size given as one side (a square) or as ``(height, width)``."""
+    if isinstance(size, (tuple, list)):
+        height, width = size
+        return int(height), int(width)
+    return int(size), int(size)
+
+
 @dataclass(frozen=True)
 class PreprocessConfig:
     """How raw RGB frames become model input.
 
     Attributes:
-        image_size: Side length S of the square model input (the aspect ratio is not preserved).
+        image_size: Height S of the model input, and its width unless ``image_width`` is set (the frame's aspect
+            ratio is not preserved).
+        image_width: Width of a model input that is not square (a tiled run's frame, kept at the camera's
+            aspect ratio: ``edgead.methods.tiling``); None: ``image_size``, a square.
         channels: 3 for RGB, 1 for grayscale (OpenCV RGB2GRAY weights).
         mean: Per-channel mean subtracted after scaling to [0, 1]; length must equal ``channels``.
         std: Per-channel std divided after the mean; length must equal ``channels``, all > 0.
@@ -83,12 +95,18 @@ class PreprocessConfig:
     mean: tuple[float, ...] = (0.0, 0.0, 0.0)
     std: tuple[float, ...] = (1.0, 1.0, 1.0)
     interpolation: str = "area"
+    image_width: int | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.image_size, bool) or not isinstance(self.image_size, (int, np.integer)):
-            raise TypeError(f"image_size must be an integer, got {self.image_size!r}")
-        if self.image_size < 1:
-            raise ValueError(f"image_size must be >= 1, got {self.image_size}")
+        for key in ("image_size", "image_width"):
+            value = getattr(self, key)
+            if value is None and key == "image_width":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise TypeError(f"{key} must be an integer, got {value!r}")
+            if value < 1:
+                raise ValueError(f"{key} must be >= 1, got {value}")
+            object.__setattr__(self, key, int(value))
         if self.channels not in (1, 3):
             raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {self.channels!r}")
         if self.interpolation not in INTERPOLATIONS:
@@ -106,19 +124,27 @@ class PreprocessConfig:
         if not all(np.isfinite(value) for value in mean + std) or min(std) <= 0.0:
             raise ValueError(f"mean must be finite and std finite and > 0, got mean={mean}, std={std}")
         # Frozen dataclass: normalise lists (e.g. from JSON) to float tuples so configs compare equal.
-        object.__setattr__(self, "image_size", int(self.image_size))
         object.__setattr__(self, "mean", mean)
         object.__setattr__(self, "std", std)
 
+    @property
+    def size(self) -> tuple[int, int]:
+        """``(height, width)`` of the model input."""
+        return self.image_size, self.image_size if self.image_width is None else self.image_width
+
     def to_dict(self) -> dict[str, Any]:
-        """Returns a JSON-serialisable dict that ``from_dict`` turns back into an equal config."""
-        return {
+        """Returns a JSON-serialisable dict that ``from_dict`` turns back into an equal config (``image_width``
+        only where set, so a square run's record is what it always was)."""
+        record: dict[str, Any] = {
             "image_size": self.image_size,
             "channels": self.channels,
             "mean": list(self.mean),
             "std": list(self.std),
             "interpolation": self.interpolation,
         }
+        if self.image_width is not None:
+            record["image_width"] = self.image_width
+        return record
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PreprocessConfig:
@@ -130,7 +156,7 @@ class PreprocessConfig:
         Raises:
             ValueError: Unknown or missing keys, or invalid values.
         """
-        known = {"image_size", "channels", "mean", "std", "interpolation"}
+        known = {"image_size", "image_width", "channels", "mean", "std", "interpolation"}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown preprocessing keys {sorted(unknown)}; expected a subset of {sorted(known)}")
@@ -156,85 +182,90 @@ def _check_uint8_image(image: np.ndarray, what: str, channels: tuple[int, ...] =
     return pixels
 
 
-def resize_image(rgb: np.ndarray, size: int, interpolation: str) -> np.ndarray:
-    """Resizes an image to ``size`` x ``size`` (aspect ratio not preserved).
+def resize_image(rgb: np.ndarray, size: int | tuple[int, int], interpolation: str) -> np.ndarray:
+    """Resizes an image to ``size`` x ``size``, or to ``(height, width)`` (aspect ratio not preserved).
 
     Every channel is resized alike, so the channel order (RGB or BGR) does not matter.
 
     Args:
         rgb: uint8 (H, W, 3) or (H, W) image.
-        size: Output side length.
+        size: Output side length, or ``(height, width)``.
         interpolation: One of ``INTERPOLATIONS``.
 
     Returns:
-        uint8 array of shape (size, size, 3) (or (size, size) for 2-D input).
+        uint8 array of shape (height, width, 3) (or (height, width) for 2-D input).
     """
     pixels = _check_uint8_image(rgb, "image")
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"interpolation must be one of {sorted(INTERPOLATIONS)}, got {interpolation!r}")
-    if size < 1:
+    target = height_width(size)
+    if min(target) < 1:
         raise ValueError(f"size must be >= 1, got {size}")
-    if pixels.shape[:2] == (size, size):
+    if pixels.shape[:2] == target:
         return pixels.copy()
-    return _resize(pixels, size, interpolation)
+    return _resize(pixels, target, interpolation)
 
 
-def _resize(pixels: np.ndarray, size: int, interpolation: str) -> np.ndarray:
-    """``resize_image`` without its checks; an image already ``size`` x ``size`` is returned as is (no copy).
+def _resize(pixels: np.ndarray, size: tuple[int, int], interpolation: str) -> np.ndarray:
+    """``resize_image`` to ``size = (height, width)`` without its checks; an image already that size is returned
+    as is (no copy).
 
     OpenCV reads strided rows directly, so a cropped view is not copied first.
     """
     height, width = pixels.shape[:2]
-    if (height, width) == (size, size):
+    out_h, out_w = size
+    if (height, width) == size:
         return pixels
-    if interpolation != "area" or (size <= height and size <= width):
-        return cv2.resize(pixels, (size, size), interpolation=INTERPOLATIONS[interpolation])
-    if size >= height and size >= width:
-        return cv2.resize(pixels, (size, size), interpolation=cv2.INTER_LINEAR)
+    if interpolation != "area" or (out_h <= height and out_w <= width):
+        return cv2.resize(pixels, (out_w, out_h), interpolation=INTERPOLATIONS[interpolation])
+    if out_h >= height and out_w >= width:
+        return cv2.resize(pixels, (out_w, out_h), interpolation=cv2.INTER_LINEAR)
     # One axis shrinks (area), the other grows (bilinear): one axis at a time.
-    if width > size:
-        return cv2.resize(cv2.resize(pixels, (size, height), interpolation=cv2.INTER_AREA), (size, size),
+    if width > out_w:
+        return cv2.resize(cv2.resize(pixels, (out_w, height), interpolation=cv2.INTER_AREA), (out_w, out_h),
                           interpolation=cv2.INTER_LINEAR)  # fmt: skip
-    return cv2.resize(cv2.resize(pixels, (width, size), interpolation=cv2.INTER_AREA), (size, size),
+    return cv2.resize(cv2.resize(pixels, (width, out_h), interpolation=cv2.INTER_AREA), (out_w, out_h),
                       interpolation=cv2.INTER_LINEAR)  # fmt: skip
 
 
-def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    """Resizes a defect mask to ``size`` x ``size`` with nearest neighbour (labels are not blended).
+def resize_mask(mask: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Resizes a defect mask to ``size`` x ``size``, or to ``(height, width)``, with nearest neighbour (labels
+    are not blended).
 
     Args:
         mask: (H, W) array; nonzero means defect.
-        size: Output side length.
+        size: Output side length, or ``(height, width)``.
 
     Returns:
-        bool array of shape (size, size).
+        bool array of shape (height, width).
     """
     labels = np.asarray(mask)
     if labels.ndim != 2 or labels.shape[0] == 0 or labels.shape[1] == 0:
         raise ValueError(f"mask must be a non-empty (H, W) array, got shape {labels.shape}")
     binary = (labels != 0).astype(np.uint8)
-    if binary.shape == (size, size):
+    height, width = height_width(size)
+    if binary.shape == (height, width):
         return binary.astype(bool)
-    return cv2.resize(binary, (size, size), interpolation=cv2.INTER_NEAREST).astype(bool)
+    return cv2.resize(binary, (width, height), interpolation=cv2.INTER_NEAREST).astype(bool)
 
 
 def preprocess(rgb: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
     """Turns one uint8 RGB image into normalised model input.
 
-    Steps: resize to S x S, optional RGB->gray, divide by 255, ``(x - mean) / std``.
+    Steps: resize to H x W (``cfg.size``), optional RGB->gray, divide by 255, ``(x - mean) / std``.
 
     Args:
         rgb: uint8 (H, W, 3) RGB image ((H, W) grayscale is accepted and replicated).
         cfg: Preprocessing configuration.
 
     Returns:
-        C-contiguous float32 array of shape (C, S, S).
+        C-contiguous float32 array of shape (C, H, W).
 
     Raises:
         ValueError: Wrong dtype or shape.
     """
     pixels = _check_uint8_image(rgb, "preprocess input")
-    return _model_input(_resize(pixels, cfg.image_size, cfg.interpolation), cfg, bgr=False)
+    return _model_input(_resize(pixels, cfg.size, cfg.interpolation), cfg, bgr=False)
 
 
 def preprocess_bgr(frame: np.ndarray, cfg: PreprocessConfig, out: np.ndarray | None = None) -> np.ndarray:
@@ -242,15 +273,15 @@ def preprocess_bgr(frame: np.ndarray, cfg: PreprocessConfig, out: np.ndarray | N
     ``preprocess(bgr_to_rgb(frame), cfg)``.
 
     The frame is resized as it comes (BGR, BGRA or gray); the channels are reordered, or converted to gray,
-    on the S x S image, so no full-size copy of the frame is made.
+    on the H x W image, so no full-size copy of the frame is made.
 
     Args:
         frame: uint8 (H, W, 3) BGR, (H, W, 4) BGRA (alpha ignored), or (H, W) / (H, W, 1) grayscale.
         cfg: Preprocessing configuration.
-        out: Optional float32 (C, S, S) array to write into (e.g. a row of a batch).
+        out: Optional float32 (C, H, W) array to write into (e.g. a row of a batch).
 
     Returns:
-        ``out``, or a new C-contiguous float32 array of shape (C, S, S).
+        ``out``, or a new C-contiguous float32 array of shape (C, H, W).
 
     Raises:
         ValueError: Wrong dtype or shape.
@@ -258,7 +289,7 @@ def preprocess_bgr(frame: np.ndarray, cfg: PreprocessConfig, out: np.ndarray | N
     pixels = _check_uint8_image(frame, "preprocess input", channels=(1, 3, 4))
     if pixels.ndim == 3 and pixels.shape[2] == 1:
         pixels = pixels[:, :, 0]
-    return _model_input(_resize(pixels, cfg.image_size, cfg.interpolation), cfg, bgr=True, out=out)
+    return _model_input(_resize(pixels, cfg.size, cfg.interpolation), cfg, bgr=True, out=out)
 
 
 @lru_cache(maxsize=16)
@@ -284,24 +315,22 @@ _GRAY_CODES = {
 
 
 def _model_input(small: np.ndarray, cfg: PreprocessConfig, bgr: bool, out: np.ndarray | None = None) -> np.ndarray:
-    """The model input of an S x S uint8 image: RGB order (or gray), divided by 255, ``(x - mean) / std``.
+    """The model input of an H x W uint8 image: RGB order (or gray), divided by 255, ``(x - mean) / std``.
 
     Args:
-        small: uint8 (S, S) gray, (S, S, 3) RGB or BGR, or (S, S, 4) BGRA image.
+        small: uint8 (H, W) gray, (H, W, 3) RGB or BGR, or (H, W, 4) BGRA image.
         cfg: Preprocessing configuration.
         bgr: The colour channels of ``small`` are in OpenCV's BGR order.
-        out: Optional float32 (C, S, S) array to write into.
+        out: Optional float32 (C, H, W) array to write into.
 
     Returns:
-        float32 (C, S, S) array, C-contiguous unless ``out`` is not.
+        float32 (C, H, W) array, C-contiguous unless ``out`` is not.
     """
-    size = cfg.image_size
+    shape = (cfg.channels, *cfg.size)
     if out is None:
-        out = np.empty((cfg.channels, size, size), dtype=np.float32)
-    elif out.shape != (cfg.channels, size, size) or out.dtype != np.float32:
-        raise ValueError(
-            f"out must be a float32 array of shape {(cfg.channels, size, size)}, got {out.dtype} {out.shape}"
-        )
+        out = np.empty(shape, dtype=np.float32)
+    elif out.shape != shape or out.dtype != np.float32:
+        raise ValueError(f"out must be a float32 array of shape {shape}, got {out.dtype} {out.shape}")
     if cfg.channels == 1:
         # A gray image replicated to three channels converts back to itself (the weights sum to one exactly).
         planes = [small if small.ndim == 2 else cv2.cvtColor(small, _GRAY_CODES[(bgr, small.shape[2])])]
@@ -321,13 +350,13 @@ def preprocess_batch(images: Sequence[np.ndarray], cfg: PreprocessConfig) -> np.
     """Preprocesses several images into one batch.
 
     Args:
-        images: uint8 RGB images (sizes may differ; all are resized to S x S).
+        images: uint8 RGB images (sizes may differ; all are resized to H x W).
         cfg: Preprocessing configuration.
 
     Returns:
-        float32 array of shape (N, C, S, S); (0, C, S, S) for an empty sequence.
+        float32 array of shape (N, C, H, W); (0, C, H, W) for an empty sequence.
     """
-    batch = np.empty((len(images), cfg.channels, cfg.image_size, cfg.image_size), dtype=np.float32)
+    batch = np.empty((len(images), cfg.channels, *cfg.size), dtype=np.float32)
     for index, image in enumerate(images):
         batch[index] = preprocess(image, cfg)
     return batch

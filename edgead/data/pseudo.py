@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
-from edgead.data.preprocess import PreprocessConfig, preprocess
+from edgead.data.preprocess import PreprocessConfig, preprocess, resize_mask
 
 __all__ = [
     "DISCRIMINATING_KINDS",
@@ -303,17 +303,17 @@ def pseudo_validation_set(
 
     Args:
         normal_rgb: At least two uint8 RGB images of one size: the defects are made at that size, then the
-            images are resized to ``pre.image_size`` by ``preprocess`` and the masks by nearest neighbour
+            images are resized to ``pre.size`` by ``preprocess`` and the masks by nearest neighbour
             (``edgead tune`` makes one set at its largest candidate size and shows it to every size).
         pre: The run's preprocessing.
         seed, kinds, strength: As :func:`make_pseudo_anomaly_set`.
 
     Returns:
-        ``(images (N, C, S, S) float32, labels (N,) int, masks (N, S, S) bool)``.
+        ``(images (N, C, H, W) float32, labels (N,) int, masks (N, H, W) bool)``, H x W = ``pre.size``.
     """
     if len(normal_rgb) < 2:
         raise ValueError(f"a pseudo-anomaly validation set needs at least two normal images, got {len(normal_rgb)}")
-    size = pre.image_size
+    size = pre.size
     pseudo_rgb, pseudo_masks = make_pseudo_anomaly_set(
         list(normal_rgb), n=len(normal_rgb), seed=seed, kinds=kinds, strength=strength
     )
@@ -321,9 +321,6 @@ def pseudo_validation_set(
     pseudo = np.stack([preprocess(img, pre) for img in pseudo_rgb])
     images = np.concatenate([normal, pseudo]).astype(np.float32)
     labels = np.r_[np.zeros(len(normal), dtype=int), np.ones(len(pseudo), dtype=int)]
-    pseudo_masks = [
-        m if m.shape == (size, size) else cv2.resize(m.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST)
-        for m in (np.asarray(m) for m in pseudo_masks)
-    ]
-    masks = np.concatenate([np.zeros((len(normal), size, size), dtype=bool), np.stack(pseudo_masks).astype(bool)])
+    pseudo_masks = [resize_mask(m, size) for m in pseudo_masks]
+    masks = np.concatenate([np.zeros((len(normal), *size), dtype=bool), np.stack(pseudo_masks)])
     return images, labels, masks

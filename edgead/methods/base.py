@@ -26,7 +26,7 @@ from edgead.methods import calibration
 from edgead.methods.calibration import CalibratedGraph
 from edgead.methods.params import MethodParams
 from edgead.methods.scoring import MapScoreParams
-from edgead.methods.tiling import TiledGraph, cut_tiles
+from edgead.methods.tiling import TiledGraph, cut_tiles, frame_config, frame_size
 from edgead.methods.validation import Choice, PseudoValidationSet, calibrated_set, run_graph
 from edgead.train.distributed import DistInfo
 
@@ -125,9 +125,7 @@ class Method(abc.ABC):
     def frame_preprocess_config(self) -> PreprocessConfig:
         """The preprocessing of what :meth:`inference_graph` takes: the whole frame (with tiling, the frame size;
         else the same as :attr:`preprocess_config`)."""
-        pre = self.preprocess_config
-        tiling = self.config.tiling
-        return dataclasses.replace(pre, image_size=int(tiling["frame_size"])) if tiling else pre
+        return frame_config(self.preprocess_config, self.config.tiling)
 
     def held_out_normals(self, ctx: FitContext | None = None, limit: int | None = None) -> tuple[list[np.ndarray], str]:
         """Up to ``limit`` normal uint8 RGB images at the input size that the fit did not train on (the run's
@@ -140,7 +138,7 @@ class Method(abc.ABC):
         rgb, _ = held_out_normals(self.run_dir, self.config.data) if self.run_dir else ([], "")
         if len(rgb) >= 2 and self.config.tiling:  # the graph sees tiles: the held-out frames' tiles
             tiling, frame = self.config.tiling, self.frame_preprocess_config
-            frames = np.stack([resize_image(image, frame.image_size, frame.interpolation) for image in rgb])
+            frames = np.stack([resize_image(image, frame.size, frame.interpolation) for image in rgb])
             tiles = list(cut_tiles(frames, tiling["tile"], tiling["overlap"], channels_last=True)[:limit])
             return tiles, f"{len(tiles)} tiles of {len(rgb)} held-out normal images"
         if len(rgb) >= 2:
@@ -270,8 +268,8 @@ class Method(abc.ABC):
         tiling = self.config.tiling
         if not tiled or not tiling:
             return graph
-        frame = int(tiling["frame_size"])
-        score = self.calibrated_score((frame, frame))
+        frame = frame_size(tiling)
+        score = self.calibrated_score(frame)
         return TiledGraph(graph, frame, int(tiling["tile"]), float(tiling["overlap"]), score).eval()
 
     def _calibrated_graph(self) -> nn.Module:

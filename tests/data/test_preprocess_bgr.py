@@ -132,3 +132,32 @@ def test_out_receives_the_input_and_is_checked() -> None:
 def test_bad_frames_are_refused(frame: np.ndarray) -> None:
     with pytest.raises(ValueError, match="preprocess input"):
         preprocess_bgr(frame, PreprocessConfig(8))
+
+
+def test_an_oblong_model_input_resizes_each_axis_as_the_square_one_does() -> None:
+    """``image_width`` (a tiled run's oblong frame): each axis takes the square path's rule, area shrinking
+    one axis and bilinear enlarging the other, and the record round-trips (a square one keeps its old keys)."""
+    cfg = PreprocessConfig(24, image_width=56)
+    assert cfg.size == (24, 56) and PreprocessConfig.from_dict(cfg.to_dict()) == cfg
+    assert "image_width" not in PreprocessConfig(24).to_dict()
+    for height, width in [(100, 40), (12, 200), (48, 112), (10, 30)]:
+        frame = _frame(height, width, 3, seed=height)
+        got = preprocess_bgr(frame, cfg)
+        assert got.shape == (3, 24, 56) and np.array_equal(got, preprocess(bgr_to_rgb(frame), cfg))
+        rgb = bgr_to_rgb(frame)
+        if 24 <= height and 56 <= width:  # both shrink: area
+            resized = cv2.resize(rgb, (56, 24), interpolation=cv2.INTER_AREA)
+        elif 24 >= height and 56 >= width:  # both grow: bilinear
+            resized = cv2.resize(rgb, (56, 24), interpolation=cv2.INTER_LINEAR)
+        elif width > 56:  # width shrinks (area), then height grows (bilinear)
+            resized = cv2.resize(cv2.resize(rgb, (56, height), interpolation=cv2.INTER_AREA), (56, 24),
+                                 interpolation=cv2.INTER_LINEAR)  # fmt: skip
+        else:  # height shrinks (area), then width grows (bilinear)
+            resized = cv2.resize(cv2.resize(rgb, (width, 24), interpolation=cv2.INTER_AREA), (56, 24),
+                                 interpolation=cv2.INTER_LINEAR)  # fmt: skip
+        expected = (resized.astype(np.float32) / np.float32(255.0)).transpose(2, 0, 1)
+        assert np.array_equal(got, expected), (height, width)
+    with pytest.raises(ValueError, match="image_width must be >= 1"):
+        PreprocessConfig(24, image_width=0)
+    with pytest.raises(ValueError, match="unknown preprocessing keys"):
+        PreprocessConfig.from_dict({"image_size": 24, "image_height": 56})

@@ -16,7 +16,7 @@ from edgead.data.synthetic import generate_dataset
 from edgead.export.exporter import ExportOptions, export_run
 from edgead.methods import load_method
 from edgead.methods.scoring import MapScore
-from edgead.methods.tiling import TiledGraph, cut_tiles, tile_origins
+from edgead.methods.tiling import TiledGraph, cut_tiles, tile_grid, tile_origins
 from edgead.pipeline import evaluate_run, train_run
 from edgead.runtime.metadata import load_metadata
 from edgead.spec import RunSpec
@@ -26,8 +26,9 @@ def test_tiles_cover_the_frame_with_the_last_one_flush() -> None:
     assert tile_origins(448, 224, 0.25) == [0, 168, 224]
     assert tile_origins(100, 40, 0.0) == [0, 40, 60]
     assert tile_origins(64, 32, 0.5) == [0, 16, 32]
-    with pytest.raises(ValueError, match="smaller than the frame"):
-        tile_origins(224, 224, 0.25)
+    assert tile_origins(224, 224, 0.25) == [0]  # a side as long as the tile (an oblong frame's short side)
+    with pytest.raises(ValueError, match="must not be larger than the frame's side"):
+        tile_origins(200, 224, 0.25)
     with pytest.raises(ValueError, match="overlap"):
         tile_origins(448, 224, 1.0)
 
@@ -39,6 +40,14 @@ def test_cut_tiles_is_image_major_in_both_layouts() -> None:
     assert np.array_equal(tiles[0], images[0, :, :4, :4]) and np.array_equal(tiles[5], images[1, :, :4, 4:])
     last = cut_tiles(images.transpose(0, 2, 3, 1), 4, 0.0, channels_last=True)
     assert np.array_equal(last, tiles.transpose(0, 2, 3, 1))
+
+
+def test_an_oblong_frame_is_tiled_along_each_side() -> None:
+    assert tile_grid((32, 72), 32, 0.25) == [(0, 0), (0, 24), (0, 40)]
+    assert tile_grid((40, 72), 32, 0.25) == [(0, 0), (0, 24), (0, 40), (8, 0), (8, 24), (8, 40)]
+    images = np.arange(2 * 3 * 8 * 12, dtype=np.float32).reshape(2, 3, 8, 12)
+    tiles = cut_tiles(images, 8, 0.5)  # one row of three tiles: x = 0, 4
+    assert tiles.shape == (4, 3, 8, 8) and np.array_equal(tiles[3], images[1, :, :, 4:])
 
 
 class _Local(nn.Module):
@@ -67,10 +76,23 @@ def test_stitched_maps_are_the_whole_frame_map_and_scores_follow_the_rule() -> N
     assert torch.allclose(tile_max, expected)
 
 
-def test_the_tiled_graph_exports_to_onnx_with_parity(tmp_path: Path) -> None:
+def test_an_oblong_frame_stitches_back_to_its_whole_map() -> None:
     torch.manual_seed(0)
-    graph = TiledGraph(_Local().eval(), 40, 16, 0.25, MapScore("topk_mean", map_size=(40, 40))).eval()
-    frames = torch.rand(2, 3, 40, 40)
+    local = _Local().eval()
+    frames = torch.rand(2, 3, 24, 56)
+    with torch.no_grad():
+        whole, _ = local(frames)
+        stitched, score = TiledGraph(local, (24, 56), 16, 0.25, MapScore("max", map_size=(24, 56)))(frames)
+    assert stitched.shape == (2, 24, 56) and torch.allclose(stitched, whole, atol=1e-6)
+    assert torch.allclose(score, whole.amax(dim=(1, 2)))
+
+
+@pytest.mark.parametrize("frame", [40, (24, 56)], ids=["square", "oblong"])
+def test_the_tiled_graph_exports_to_onnx_with_parity(tmp_path: Path, frame: int | tuple[int, int]) -> None:
+    torch.manual_seed(0)
+    height, width = (frame, frame) if isinstance(frame, int) else frame
+    graph = TiledGraph(_Local().eval(), frame, 16, 0.25, MapScore("topk_mean", map_size=(height, width))).eval()
+    frames = torch.rand(2, 3, height, width)
     path = tmp_path / "tiled.onnx"
     torch.onnx.export(graph, (frames,), str(path), input_names=["image"], output_names=["map", "score"],
                       opset_version=18, dynamo=True)  # fmt: skip
@@ -84,17 +106,31 @@ def test_the_tiled_graph_exports_to_onnx_with_parity(tmp_path: Path) -> None:
 def test_a_tile_must_fit_the_frame() -> None:
     with pytest.raises(ValueError, match="needs image_size"):
         RunSpec(method="gaussian", tile=16).validate()
-    with pytest.raises(ValueError, match="smaller than image_size"):
+    with pytest.raises(ValueError, match="smaller than one of its sides"):
         RunSpec(method="gaussian", tile=64, image_size=64).validate()
+    with pytest.raises(ValueError, match="must fit the frame it is cut from"):
+        RunSpec(method="gaussian", tile=64, image_size=48, frame_width=128).validate()
+    with pytest.raises(ValueError, match="frame_width 128 needs tile"):
+        RunSpec(method="gaussian", image_size=64, frame_width=128).validate()
+    RunSpec(method="gaussian", tile=64, image_size=64, frame_width=128).validate()  # one row of tiles
 
 
-@pytest.mark.slow  # a gaussian fit on tiles, an evaluation and an export: about a minute on 2 cores
-def test_a_tiled_run_fits_on_tiles_and_evaluates_and_exports_whole_frames(tmp_path: Path) -> None:
+def _tiled_run(tmp_path: Path, **sizes: int) -> tuple[Path, dict, dict, Path, Path]:
+    """A gaussian run on tiles of synthetic 48 px images (``sizes``: the spec's image_size, tile, frame_width),
+    evaluated and exported at FP32: ``(run_dir, summary, metrics, data, export_dir)``."""
     data = generate_dataset(tmp_path / "data", size=48, n_train=16, n_test_good=3, n_test_defect=3, seed=1)
-    spec = RunSpec(method="gaussian", data=[data], image_size=48, tile=32, runs_root=tmp_path / "runs",
-                   device="cpu", val_fraction=0.25, train=TrainConfig(batch_size=8),
-                   params={"weights": "random"})  # fmt: skip
+    spec = RunSpec(method="gaussian", data=[data], runs_root=tmp_path / "runs", device="cpu", val_fraction=0.25,
+                   train=TrainConfig(batch_size=8), params={"weights": "random"}, **sizes)  # fmt: skip
     run_dir, summary = train_run(spec, progress=False)
+    metrics, _ = evaluate_run(run_dir, data, tmp_path / "eval")
+    out = tmp_path / "export"
+    export_run(run_dir, out, ExportOptions(precision="fp32", data=data), log=lambda _: None)
+    return run_dir, summary, metrics, data, out
+
+
+@pytest.mark.slow  # a gaussian fit on tiles, an evaluation and an export: about half a minute on 2 cores
+def test_a_tiled_run_fits_on_tiles_and_evaluates_and_exports_whole_frames(tmp_path: Path) -> None:
+    run_dir, summary, metrics, data, out = _tiled_run(tmp_path, image_size=48, tile=32)
     config = RunConfig.load(run_dir)
     assert config.tiling == {"frame_size": 48, "tile": 32, "overlap": 0.25}
     assert config.preprocess["image_size"] == 32 and summary["n_images"] == 12 * 4  # 12 frames, 2 x 2 tiles
@@ -103,12 +139,33 @@ def test_a_tiled_run_fits_on_tiles_and_evaluates_and_exports_whole_frames(tmp_pa
     assert tiles[0].shape == (32, 32, 3) and source == "16 tiles of 4 held-out normal images"
     assert isinstance(method.inference_graph(), TiledGraph)
     assert not isinstance(method.inference_graph(tiled=False), TiledGraph)
-    metrics, _ = evaluate_run(run_dir, data, tmp_path / "eval")
     assert 0.0 <= metrics["image_auroc"] <= 1.0
-    out = tmp_path / "export"
-    export_run(run_dir, out, ExportOptions(precision="fp32", data=data), log=lambda _: None)
     meta = load_metadata(out)
     assert meta["input"]["shape"] == [1, 3, 48, 48] and meta["preprocess"]["image_size"] == 48
     assert meta["notes"]["tiling"]["tiles"] == 4
     with pytest.raises(ValueError, match="leave out --image-size"):
         export_run(run_dir, tmp_path / "other", ExportOptions(precision="fp32", image_size=64), log=lambda _: None)
+
+
+@pytest.mark.slow  # as above
+def test_an_oblong_frame_keeps_its_aspect_from_training_to_the_runtime(tmp_path: Path) -> None:
+    from edgead.runtime.detector import Detector
+
+    run_dir, summary, metrics, _, out = _tiled_run(tmp_path, image_size=32, frame_width=72, tile=32)
+    config = RunConfig.load(run_dir)
+    assert config.tiling == {"frame_size": 32, "frame_width": 72, "tile": 32, "overlap": 0.25}
+    assert summary["n_images"] == 12 * 3  # 12 frames, one row of 3 tiles
+    assert config.data["holdout"]["image_width"] == 72
+    method = load_method(run_dir)
+    assert method.frame_preprocess_config.size == (32, 72)
+    tiles, source = method.held_out_normals()
+    assert tiles[0].shape == (32, 32, 3) and source == "12 tiles of 4 held-out normal images"
+    assert 0.0 <= metrics["pixel_auroc"] <= 1.0
+    meta = load_metadata(out)
+    assert meta["input"]["shape"] == [1, 3, 32, 72] and meta["preprocess"]["image_width"] == 72
+    assert meta["notes"]["tiling"]["frame"] == [32, 72] and meta["notes"]["tiling"]["tiles"] == 3
+    detector = Detector.load(out, backend="onnxruntime")
+    frame = np.random.default_rng(0).integers(0, 256, (90, 200, 3), dtype=np.uint8)
+    result = detector.predict(frame)
+    assert result.anomaly_map.shape == (32, 72) and np.isfinite(result.score)
+    assert result.map_at(90, 200).shape == (90, 200)
