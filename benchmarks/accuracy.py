@@ -39,6 +39,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("runs/benchmarks"), help="where the run is saved")
     parser.add_argument("--tag", default=None, help="name part of the default result file (default: the preset)")
     parser.add_argument("--out", type=Path, default=None, help="result JSON (default benchmarks/results/...)")
+    parser.add_argument("--run", type=Path, default=None,
+                        help="evaluate this run, trained by this command before, instead of training")  # fmt: skip
     args = parser.parse_args()
 
     params = {k: json.loads(v) for k, _, v in (p.partition("=") for p in args.param)}
@@ -70,7 +72,13 @@ def main() -> None:
         runs_root=str(args.work),
         device=args.device,
     )
-    run_dir, summary = train_run(spec)
+    if args.run is None:
+        run_dir, summary = train_run(spec)
+    else:  # the run this command trained (its spec must be the one these options give)
+        trained = RunConfig.load(args.run)
+        run_dir, summary = args.run, trained.state["summary"]
+        if {**trained.spec, "runs_root": None} != {**spec.recorded(), "runs_root": None}:
+            parser.error(f"--run {run_dir}: trained from another spec than these options give")
     device = "cuda" if summary["device"].startswith("cuda") else "cpu"
     metrics, report = evaluate_run(run_dir, args.data, device=device)
     eval_info = json.loads(report.read_text())["run"]

@@ -12,12 +12,14 @@ import numpy as np
 import pytest
 
 from edgead.metrics import (
+    at_metric_size,
     aupro,
     compute_metrics,
     f1_max,
     format_metrics_table,
     image_ap,
     image_auroc,
+    metric_size,
     pixel_auroc,
     pro_curve,
     rank_correlation,
@@ -183,6 +185,24 @@ def test_compute_metrics_keys_and_consistency() -> None:
     assert full["aupro"] == pytest.approx(aupro(masks, maps, 0.3))
     assert full["pixel_auroc"] == pytest.approx(pixel_auroc(masks, maps))
     assert all(isinstance(value, float) for value in full.values())
+
+
+def test_pixel_metrics_of_a_large_map_are_taken_at_a_bounded_size_with_its_aspect() -> None:
+    assert metric_size(448, 448) == (448, 448) and metric_size(224, 550) == (224, 550)  # exact at their size
+    assert metric_size(460, 1130) == (327, 802)  # 262k pixels, the aspect kept
+    rng = np.random.default_rng(0)
+    maps = rng.random((4, 460, 1130)).astype(np.float32)
+    masks = np.zeros((4, 460, 1130), np.uint8)
+    masks[1, 100:300, 200:900] = 255
+    maps[1, 100:300, 200:900] += 1.0
+    small_masks, small_maps = at_metric_size(masks, maps)
+    assert small_maps.shape == small_masks.shape == (4, 327, 802) and set(np.unique(small_masks)) == {0, 1}
+    labels, scores = np.array([0, 1, 0, 1]), np.array([0.1, 0.9, 0.2, 0.3])
+    figures = compute_metrics(labels, scores, masks, maps)
+    assert figures["pixel_auroc"] == pytest.approx(pixel_auroc(small_masks, small_maps))
+    assert figures["pixel_auroc"] > 0.99  # the defect's pixels still outscore the rest after averaging
+    square_masks, square_maps = masks[:, :448, :448], maps[:, :448, :448]
+    assert at_metric_size(square_masks, square_maps)[1] is square_maps  # untouched where it fits
 
 
 def test_compute_metrics_errors() -> None:
