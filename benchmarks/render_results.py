@@ -771,6 +771,8 @@ TILING = (
     "accuracy_gaussian_magnetic_tile_tiled448.json",
     "accuracy_gaussian_bsdata_defaults.json",
     "accuracy_gaussian_bsdata_tiled448.json",
+    "accuracy_gaussian_bsdata_tiled224x550.json",
+    "accuracy_gaussian_bsdata_tiled460x1130.json",
 )
 
 
@@ -798,6 +800,8 @@ TILING_LATENCY = (
     "latency_cpu_gaussian_magnetic_tile_tiled448.json",
     "latency_cpu_gaussian_bsdata_defaults.json",
     "latency_cpu_gaussian_bsdata_tiled448.json",
+    "latency_cpu_gaussian_bsdata_tiled224x550.json",
+    "latency_cpu_gaussian_bsdata_tiled460x1130.json",
 )
 
 
