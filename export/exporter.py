@@ -40,6 +40,7 @@ from edgead.export.onnx import ExportError, export_onnx
 from edgead.export.publish import PublishError, check_target, export_lock, publish, start_version
 from edgead.methods import get_method
 from edgead.methods.base import run_graph
+from edgead.methods.tiling import frame_size
 from edgead.runtime.backends.base import INPUT_NAME, OUTPUT_NAMES
 from edgead.runtime.backends.onnxruntime import OnnxRuntimeBackend
 from edgead.runtime.drift import normal_quantiles
@@ -171,9 +172,9 @@ def load_graph(job: ExportJob) -> None:
     """The run's method, rebuilt through the registry, and its inference graph in FP32."""
     config = copy.deepcopy(RunConfig.load(job.run_dir))
     if job.options.image_size is not None and config.tiling:
+        height, width = frame_size(config.tiling)
         raise ValueError(
-            f"{job.run_dir}: a tiled run's graph takes its frame size ({config.tiling['frame_size']} px high); "
-            "leave out --image-size"
+            f"{job.run_dir}: a tiled run's graph takes its frame size ({width}x{height}); leave out --image-size"
         )
     if job.options.image_size is not None:
         config.preprocess["image_size"] = job.options.image_size

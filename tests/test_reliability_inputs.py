@@ -86,8 +86,10 @@ def test_an_input_size_outside_the_range_is_refused_everywhere_with_the_range(si
 def test_tiles_follow_the_same_range_and_must_fit_the_frame() -> None:
     with pytest.raises(ValueError, match=r"tile must be whole pixels in 32\.\.4096.*got 16"):
         RunSpec(method="gaussian", image_size=64, tile=16).validate()
-    with pytest.raises(ValueError, match="tile must be smaller than image_size 64"):
+    with pytest.raises(ValueError, match=r"tile must fit the frame it is cut from \(64 px high, 64 px wide\)"):
         RunSpec(method="gaussian", image_size=64, tile=64).validate()
+    with pytest.raises(ValueError, match=r"frame_width must be whole pixels in 32\.\.4096.*got 5000"):
+        RunSpec(method="gaussian", image_size=64, tile=32, frame_width=5000).validate()
     RunSpec(method="gaussian", image_size=64, tile=32).validate()
     RunSpec(method="gaussian", image_size=MAX_IMAGE_SIZE).validate()
 
