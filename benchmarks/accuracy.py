@@ -74,10 +74,11 @@ def main() -> None:
     )
     if args.run is None:
         run_dir, summary = train_run(spec)
+        config = RunConfig.load(run_dir)
     else:  # the run this command trained (its spec must be the one these options give)
-        trained = RunConfig.load(args.run)
-        run_dir, summary = args.run, trained.state["summary"]
-        if {**trained.spec, "runs_root": None} != {**spec.recorded(), "runs_root": None}:
+        run_dir, config = args.run, RunConfig.load(args.run)
+        summary = config.state["summary"]
+        if {**config.spec, "runs_root": None} != {**spec.recorded(), "runs_root": None}:
             parser.error(f"--run {run_dir}: trained from another spec than these options give")
     device = "cuda" if summary["device"].startswith("cuda") else "cpu"
     metrics, report = evaluate_run(run_dir, args.data, device=device)
@@ -87,9 +88,9 @@ def main() -> None:
         "method": args.method,
         "dataset": dataset,
         "preset": args.preset,
-        "image_size": RunConfig.load(run_dir).preprocess["image_size"],
-        "tiling": RunConfig.load(run_dir).tiling,
-        "method_params_resolved": RunConfig.load(run_dir).method_params,
+        "image_size": config.preprocess["image_size"],
+        "tiling": config.tiling,
+        "method_params_resolved": config.method_params,
         "channels": args.channels,
         "method_params": params,
         "train": {**summary, "config": cfg.__dict__},

@@ -782,12 +782,12 @@ def tiling_table(*records: Record) -> str:
     for r in records:
         tiling, m = r.get("tiling") or {}, r["metrics"]
         if tiling:
-            height, tile = tiling["frame_size"], tiling["tile"]
-            width = tiling.get("frame_width") or height
-            rows_, cols = (len(range(0, side - tile, max(1, round(tile * (1 - tiling["overlap"]))))) + 1
-                           for side in (height, width))  # fmt: skip
+            from edgead.methods.tiling import frame_size, tile_origins  # the exported graph's own grid
+
+            (height, width), tile = frame_size(tiling), tiling["tile"]
+            across = [len(tile_origins(side, tile, tiling["overlap"])) for side in (height, width)]
             frame = f"{height} px frame" if width == height else f"{width}x{height} frame"
-            how = f"{frame}, {rows_} x {cols} tiles of {tile} px"
+            how = f"{frame}, {across[0]} x {across[1]} tiles of {tile} px"
         else:
             how = f"{r['image_size']} px, whole frame"
         rows.append([r["dataset"], how, auroc(m["image_auroc"]), auroc(m["pixel_auroc"]), auroc(m["aupro"])])
