@@ -33,7 +33,7 @@ from edgead.data.preprocess import PreprocessConfig, height_width, resize_image
 from edgead.methods import get_method, load_method
 from edgead.methods.base import FitContext, run_graph
 from edgead.methods.params import candidate_notes
-from edgead.methods.tiling import cut_tiles, frame_config
+from edgead.methods.tiling import frame_config, load_tiles
 from edgead.progress import Progress
 from edgead.spec import RunSpec
 from edgead.train.distributed import init_distributed, shutdown
@@ -187,9 +187,10 @@ def train_run(
                 "holdout": save_holdout(run_dir, [s.path for s in val_samples], frame),
             }
             config.save(run_dir)
-        images = load_images(train_samples, frame)
         if config.tiling:
-            images = cut_tiles(images, config.tiling["tile"], config.tiling["overlap"])
+            images = load_tiles(train_samples, frame, config.tiling["tile"], config.tiling["overlap"])
+        else:
+            images = load_images(train_samples, frame)
         images = torch.from_numpy(np.ascontiguousarray(images))
         method = method_cls(config, run_dir if dist_info.is_main else None)
         ctx = FitContext(images=images, train=train_cfg, dist=dist_info, resume=resume is not None, progress=progress)

@@ -21,6 +21,7 @@ So the runtime is unchanged: it resizes a frame to F x W and calls one graph, as
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgead.data.mvtec import load_images
 from edgead.data.preprocess import PreprocessConfig, height_width
 from edgead.methods.wrapping import has_gradients, wrapped_networks
 
@@ -82,6 +84,23 @@ def cut_tiles(images: np.ndarray, tile: int, overlap: float, channels_last: bool
     return np.stack(parts, axis=1).reshape(-1, *parts[0].shape[1:])
 
 
+#: Frames read at a time by :func:`load_tiles`: bounds the memory above the tiles themselves.
+_FRAMES_PER_CHUNK = 32
+
+
+def load_tiles(samples: Sequence[Any], frame: PreprocessConfig, tile: int, overlap: float) -> np.ndarray:
+    """The tiles of every training frame, as :func:`cut_tiles` gives them, read a few frames at a time into one
+    array: the frames are never all in memory next to their tiles (at 1130 x 460 px, 511 frames are 3.2 GB
+    and their 21 tiles each 6.5 GB)."""
+    height, width = frame.size
+    count = len(tile_grid((height, width), tile, overlap))
+    tiles = np.empty((len(samples) * count, frame.channels, tile, tile), dtype=np.float32)
+    for start in range(0, len(samples), _FRAMES_PER_CHUNK):
+        chunk = samples[start : start + _FRAMES_PER_CHUNK]
+        tiles[start * count : (start + len(chunk)) * count] = cut_tiles(load_images(chunk, frame), tile, overlap)
+    return tiles
+
+
 class TiledGraph(nn.Module):
     """``forward(frame (B, C, H, W)) -> (stitched map (B, H, W), score (B,))`` over a method's tile graph."""
 
@@ -133,4 +152,13 @@ class TiledGraph(nn.Module):
         return stitched, scores.float().reshape(n, batch).amax(dim=0)
 
 
-__all__ = ["DEFAULT_OVERLAP", "TiledGraph", "cut_tiles", "frame_config", "frame_size", "tile_grid", "tile_origins"]
+__all__ = [
+    "DEFAULT_OVERLAP",
+    "TiledGraph",
+    "cut_tiles",
+    "frame_config",
+    "frame_size",
+    "load_tiles",
+    "tile_grid",
+    "tile_origins",
+]

@@ -22,7 +22,13 @@ from edgead.export.onnx import export_onnx
 from edgead.methods.base import FitContext
 from edgead.methods.gaussian.graph import GaussianGraph, PositionGaussians, StageGaussian
 from edgead.methods.gaussian.method import GaussianOPCA
-from edgead.methods.gaussian.statistics import fit_gaussian, fit_position_gaussians, ledoit_wolf, select_components
+from edgead.methods.gaussian.positions import (
+    PositionMoments,
+    fit_position_gaussians,
+    fit_stage_positions,
+    ledoit_wolf,
+)
+from edgead.methods.gaussian.statistics import fit_gaussian, select_components
 from edgead.train.distributed import DistInfo
 
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -301,6 +307,28 @@ def test_memory_bound_reduces_the_kept_count(projection: str) -> None:
     assert unbound.bounded_from is None and unbound.kept == free.kept, "a bound that fits changes nothing"
 
 
+@pytest.mark.parametrize(("projection", "order"), [("opca", "paper"), ("opca", "full"), ("pca", "paper")])
+def test_streamed_per_position_fit_equals_the_fit_on_all_maps(projection: str, order: str) -> None:
+    """The two passes over uneven batches (as the backbone streams them) fit what the fit on all maps does."""
+    train, test = position_features(31, seed=4), position_features(3, seed=5).transpose(0, 2, 3, 1)
+    whole = fit_position_gaussians(train, projection, 0.2, order)
+    # Shifted far from zero: the moments are summed around the first batch's mean, so this costs no precision.
+    shifted = torch.tensor(train + 1e4)
+    batches = [[shifted[start : start + size]] for start, size in [(0, 1), (1, 7), (8, 13), (21, 10)]]
+    moments = PositionMoments()
+    for (batch,) in batches:
+        moments.add(batch)
+    assert moments.count == 31 and moments.shape == (6, 2, 3)
+    (streamed,) = fit_stage_positions([moments], reversed(batches), projection, 0.2, order)
+    assert streamed.kept == whole.kept and streamed.counts.tolist() == whole.counts.tolist()
+    np.testing.assert_allclose(streamed.shrinkage, whole.shrinkage, rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(streamed.distances(test + 1e4), whole.distances(test), rtol=1e-6)
+    with pytest.raises(ValueError, match="pass 2 saw 8 images' features, pass 1 31"):
+        fit_stage_positions([moments], batches[:2], projection, 0.2, order)
+    with pytest.raises(ValueError, match=r"changed shape from \(6, 2, 3\) to \(6, 3, 3\)"):
+        moments.add(torch.zeros(2, 6, 3, 3))
+
+
 #: Per-position floats of the fixture run: binds the deep stages of a 64 px run, not the shallow ones.
 POSITION_BOUND = 100_000
 
@@ -334,6 +362,44 @@ def test_per_position_fit_records_its_counts_and_the_bound(per_position: tuple[G
             assert "map_kept_bound" not in stage and stage["map_kept"] == before
         assert module.whitening.numel() <= max(POSITION_BOUND, positions * stage["channels"])
     assert 0 < len(bounded) < len(summary["stages"]), f"the bound should cut some stages, not all: {bounded}"
+
+
+def test_per_position_fit_without_the_maps_runs_the_backbone_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Above the bound on kept maps, pass 2 of the per-position fit reruns the backbone: the same statistics
+    (more images than channels, so every kept component has training variance and the fit is well posed)."""
+    from edgead.methods.gaussian import features
+    from edgead.methods.gaussian import method as method_module
+
+    calls = []
+    original = features.stage_batches
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs.get("label", "features"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(features, "stage_batches", counted)
+    monkeypatch.setattr(method_module, "stage_batches", counted)
+    images, fits = textures(100, seed=1), []
+    for keep_bytes in (features.KEEP_MAPS_BYTES, 0):
+        monkeypatch.setattr(features, "KEEP_MAPS_BYTES", keep_bytes)
+        method_module._FEATURE_CACHE.clear()
+        method = make_method(
+            tmp_path / str(keep_bytes), weights="random", map_statistics="per_position", opca_fraction=0.05,
+            stages=[3, 4],
+        )  # fmt: skip
+        summary = method.fit(FitContext(images, TrainConfig(batch_size=16 if keep_bytes else 7), CPU, progress=False))
+        fits.append((method.build_graph(), summary, bool(method_module._FEATURE_CACHE["value"].maps)))
+    assert calls == ["features", "features", "per-position statistics, pass 2"], "pass 2 reran the backbone"
+    (kept, kept_summary, had_maps), (streamed, streamed_summary, streamed_maps) = fits
+    assert had_maps and not streamed_maps
+    for got, expected in zip(streamed_summary["stages"], kept_summary["stages"], strict=True):
+        assert got["map_shrinkage"] == pytest.approx(expected["map_shrinkage"], abs=1e-4)
+        assert {**got, "map_shrinkage": 0} == {**expected, "map_shrinkage": 0}
+    test = textures(2, seed=9)
+    with torch.no_grad():
+        torch.testing.assert_close(streamed(test), kept(test), rtol=1e-4, atol=1e-4)
 
 
 def test_per_position_graph_exports_to_onnx(per_position: tuple[GaussianOPCA, dict[str, Any]], tmp_path: Path) -> None:

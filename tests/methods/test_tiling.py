@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -12,9 +13,11 @@ import torch
 from torch import nn
 
 from edgead.config import RunConfig, TrainConfig
+from edgead.data.mvtec import load_images
+from edgead.data.preprocess import PreprocessConfig
 from edgead.data.synthetic import generate_dataset
 from edgead.export.exporter import ExportOptions, export_run
-from edgead.methods import load_method
+from edgead.methods import load_method, tiling
 from edgead.methods.scoring import MapScore
 from edgead.methods.tiling import TiledGraph, cut_tiles, tile_grid, tile_origins
 from edgead.pipeline import evaluate_run, train_run
@@ -40,6 +43,20 @@ def test_cut_tiles_is_image_major_in_both_layouts() -> None:
     assert np.array_equal(tiles[0], images[0, :, :4, :4]) and np.array_equal(tiles[5], images[1, :, :4, 4:])
     last = cut_tiles(images.transpose(0, 2, 3, 1), 4, 0.0, channels_last=True)
     assert np.array_equal(last, tiles.transpose(0, 2, 3, 1))
+
+
+def test_training_tiles_are_read_a_few_frames_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """load_tiles gives what cutting all loaded frames gives, chunk by chunk (a last chunk shorter)."""
+    rng = np.random.default_rng(0)
+    paths = []
+    for index in range(5):
+        paths.append(tmp_path / f"{index}.png")
+        cv2.imwrite(str(paths[-1]), rng.integers(0, 256, size=(70, 130, 3), dtype=np.uint8))
+    frame = PreprocessConfig(image_size=64, image_width=112)
+    monkeypatch.setattr(tiling, "_FRAMES_PER_CHUNK", 2)
+    tiles = tiling.load_tiles(paths, frame, 48, 0.25)
+    assert tiles.shape == (5 * 2 * 3, 3, 48, 48) and tiles.dtype == np.float32  # 2 x 3 tiles per frame
+    np.testing.assert_array_equal(tiles, cut_tiles(load_images(paths, frame), 48, 0.25))
 
 
 def test_an_oblong_frame_is_tiled_along_each_side() -> None:

@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import hashlib
-import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
 from edgead.config import RunConfig
 from edgead.methods.base import FitContext, Method
+from edgead.methods.gaussian.features import TrainingFeatures, collect_features, stage_batches
 from edgead.methods.gaussian.graph import GaussianGraph, PositionGaussians, StageGaussian
 from edgead.methods.gaussian.params import (
     DEFAULT_MAP_STATISTICS,
@@ -24,12 +22,8 @@ from edgead.methods.gaussian.params import (
     PAPER_OPCA_FRACTION,
     GaussianParams,
 )
-from edgead.methods.gaussian.statistics import (
-    FittedGaussian,
-    FittedPositionGaussians,
-    fit_gaussian,
-    fit_position_gaussians,
-)
+from edgead.methods.gaussian.positions import FittedPositionGaussians, fit_stage_positions
+from edgead.methods.gaussian.statistics import FittedGaussian, fit_gaussian
 from edgead.methods.scoring import MapScore
 from edgead.methods.validation import PseudoValidationSet
 from edgead.metrics import image_auroc
@@ -42,78 +36,6 @@ _FEATURE_CACHE: dict[str, Any] = {}
 
 def _digest(images: torch.Tensor) -> str:
     return hashlib.blake2b(np.ascontiguousarray(images.numpy()).data, digest_size=16).hexdigest()
-
-
-class TrainingFeatures(NamedTuple):
-    """What :func:`collect_features` gathers per stage for the Gaussians."""
-
-    pooled: list[np.ndarray]  # (N, C): globally average-pooled, for the image Gaussians (eq. 4)
-    positions: list[np.ndarray]  # (M, C): spatial vectors of all positions, for map_statistics="positions"
-    sizes: list[tuple[int, int]]  # (h, w) of each stage's feature map
-    maps: list[np.ndarray]  # (N, C, h, w): whole feature maps, for map_statistics="per_position" (else empty)
-
-
-@torch.no_grad()
-def collect_features(
-    adapter: nn.Module,
-    backbone: nn.Module,
-    images: torch.Tensor,
-    *,
-    batch_size: int,
-    device: torch.device,
-    max_map_vectors: int | None,
-    seed: int,
-    keep_maps: bool = False,
-    progress: bool = False,
-) -> TrainingFeatures:
-    """Run the backbone over ``images`` and gather what the Gaussians are fitted on.
-
-    Returns:
-        Per stage, the globally average-pooled vectors ``(N, C)``, the spatial feature vectors ``(M, C)``
-        of all positions (a seeded random subset of at most about ``max_map_vectors``, taken evenly from
-        every batch; empty when ``max_map_vectors`` is 0), the feature map size ``(h, w)``, and with
-        ``keep_maps`` the whole feature maps ``(N, C, h, w)`` (float32).
-    """
-    count = len(images)
-    generator = torch.Generator().manual_seed(seed)
-    pooled: list[list[torch.Tensor]] = []
-    positions: list[list[torch.Tensor]] = []
-    maps: list[list[torch.Tensor]] = []
-    sizes: list[tuple[int, int]] = []
-    console = Console(stderr=True)
-    columns = (
-        TextColumn("[bold]gaussian statistics"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=console, disable=not progress or not console.is_terminal) as bar:
-        task = bar.add_task("features", total=count)
-        for start in range(0, count, batch_size):
-            batch = images[start : start + batch_size].to(device, torch.float32)
-            features = backbone(adapter(batch))
-            if not pooled:
-                pooled, positions, maps = ([[] for _ in features] for _ in range(3))
-                sizes = [(int(f.shape[2]), int(f.shape[3])) for f in features]
-            for stage, feature in enumerate(features):
-                feature = feature.float()
-                pooled[stage].append(feature.mean(dim=(2, 3)).cpu())
-                if keep_maps:
-                    maps[stage].append(feature.cpu())
-                if max_map_vectors == 0:
-                    continue
-                vectors = feature.permute(0, 2, 3, 1).reshape(-1, feature.shape[1]).cpu()
-                quota = vectors.shape[0] if max_map_vectors is None else math.ceil(max_map_vectors * len(batch) / count)
-                if vectors.shape[0] > quota:  # bound memory and fitting time on large inputs
-                    vectors = vectors[torch.randperm(vectors.shape[0], generator=generator)[:quota]]
-                positions[stage].append(vectors)
-            bar.advance(task, len(batch))
-    return TrainingFeatures(
-        [torch.cat(chunks).numpy() for chunks in pooled],
-        [torch.cat(chunks).numpy() if chunks else np.zeros((0, 0), np.float32) for chunks in positions],
-        sizes,
-        [torch.cat(chunks).numpy() for chunks in maps if chunks],
-    )
 
 
 class GaussianOPCA(Method):
@@ -173,9 +95,9 @@ class GaussianOPCA(Method):
         modes = MAP_STATISTICS if p.map_statistics == "auto" else (p.map_statistics,)
         images = torch.as_tensor(train_images)
         max_vectors = p.max_map_vectors if "positions" in modes else 0
-        keep_maps = "per_position" in modes
+        per_position = "per_position" in modes
         # Candidates that differ only in their statistics (edgead tune) reuse the features of the last fit.
-        key = (p.backbone, str(p.weights), tuple(p.stages), p.input_scaling, max_vectors, keep_maps, train_cfg.seed,
+        key = (p.backbone, str(p.weights), tuple(p.stages), p.input_scaling, max_vectors, per_position, train_cfg.seed,
                _digest(images))  # fmt: skip
         if _FEATURE_CACHE.get("key") != key:
             _FEATURE_CACHE.clear()
@@ -187,7 +109,7 @@ class GaussianOPCA(Method):
                 device=dist_info.device,
                 max_map_vectors=max_vectors,
                 seed=train_cfg.seed,
-                keep_maps=keep_maps,
+                position_moments=per_position,
                 progress=ctx.progress,
             )
             _FEATURE_CACHE["key"] = key
@@ -209,9 +131,10 @@ class GaussianOPCA(Method):
             elif mode == "pooled":
                 candidates[mode] = image_fits
             else:
-                candidates[mode] = [
-                    fit_position_gaussians(m, projection, fraction, order, p.max_position_floats) for m in features.maps
-                ]
+                second_pass = self.second_pass(ctx, adapter, backbone, features)
+                candidates[mode] = fit_stage_positions(
+                    features.moments, second_pass, projection, fraction, order, p.max_position_floats
+                )
         if p.map_statistics == "auto":
             graphs = {name: self._graph(adapter, backbone, image_fits, fits) for name, fits in candidates.items()}
             selection = self.select_map_statistics(validation, graphs, val_features)
@@ -244,20 +167,34 @@ class GaussianOPCA(Method):
             "stages": stages,
         }
 
-    @torch.no_grad()
     def stage_features(
         self, ctx: FitContext, adapter: nn.Module, backbone: nn.Module, images: np.ndarray
     ) -> list[torch.Tensor]:
         """The stage features ``(N, C, h, w)`` (float32, on the CPU) of preprocessed ``images``."""
-        tensor = torch.from_numpy(images)
-        adapter, backbone, batch = adapter.to(ctx.dist.device), backbone.to(ctx.dist.device), ctx.train.batch_size
-        chunks = [
-            [f.float().cpu() for f in backbone(adapter(tensor[start : start + batch].to(ctx.dist.device)))]
-            for start in range(0, len(tensor), batch)
-        ]
+        device, batch = ctx.dist.device, ctx.train.batch_size
+        chunks = list(stage_batches(adapter, backbone, torch.from_numpy(images), batch_size=batch, device=device))
         adapter.cpu()
         backbone.cpu()
         return [torch.cat(stage) for stage in zip(*chunks, strict=True)]
+
+    @staticmethod
+    def second_pass(
+        ctx: FitContext, adapter: nn.Module, backbone: nn.Module, features: TrainingFeatures
+    ) -> Iterator[list[torch.Tensor]]:
+        """The training features again, for pass 2 of the per-position fit (``positions.py``): from the kept
+        maps, or (maps above ``features.KEEP_MAPS_BYTES``) from the backbone, batch by batch."""
+        batch = ctx.train.batch_size
+        if features.maps:
+            count = len(features.maps[0])
+            yield from ([stage[s : s + batch] for stage in features.maps] for s in range(0, count, batch))
+            return
+        batches = stage_batches(
+            adapter, backbone, ctx.images, batch_size=batch, device=ctx.dist.device, progress=ctx.progress,
+            label="per-position statistics, pass 2",
+        )  # fmt: skip
+        yield from batches
+        adapter.cpu()
+        backbone.cpu()
 
     def calibrated_validation(
         self, ctx: FitContext, adapter: nn.Module, backbone: nn.Module, pooled_train: list[np.ndarray]

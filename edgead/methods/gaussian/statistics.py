@@ -1,5 +1,5 @@
-"""gaussian's statistics: component selection (Sec. 3.2), shrinkage Gaussians (Sec. 3.3), one per stage or one
-per feature position (PaDiM-style), each as the buffers its graph module needs."""
+"""gaussian's statistics: component selection (Sec. 3.2) and one shrinkage Gaussian per stage (Sec. 3.3), as the
+buffers its graph module needs (one per feature position, PaDiM-style: ``positions.py``)."""
 
 from __future__ import annotations
 
@@ -11,13 +11,11 @@ import torch
 from sklearn.covariance import LedoitWolf
 from threadpoolctl import threadpool_limits  # a dependency of scikit-learn
 
-from edgead.methods.gaussian.graph import PositionGaussians, StageGaussian
+from edgead.methods.gaussian.graph import StageGaussian
 from edgead.methods.gaussian.params import FIT_ORDERS, PROJECTIONS
 
 # Shares within this relative tolerance of the threshold count as reaching it (float round-off).
 _SHARE_TOLERANCE = 1e-9
-# Float64 values of one block of positions' samples in the per-position fit (128 MB): bounds its peak memory.
-_BLOCK_FLOATS = 1 << 24
 
 
 def symmetric_eigh(matrices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -135,181 +133,3 @@ def fit_gaussian(features: np.ndarray, projection: str, fraction: float, order: 
 def _floored(eigenvalues: np.ndarray, largest: float) -> np.ndarray:
     """Eigenvalues kept positive: shrinkage already does so; the floor guards all-constant features."""
     return np.maximum(eigenvalues, 1e-12 + 1e-9 * max(largest, 0.0))
-
-
-def _floored_batch(eigenvalues: torch.Tensor, largest: torch.Tensor) -> torch.Tensor:
-    """:func:`_floored` for a batch: ``eigenvalues (P, K)``, ``largest (P, 1)``."""
-    return torch.maximum(eigenvalues, 1e-12 + 1e-9 * largest.clamp_min(0.0))
-
-
-def _eigh(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`symmetric_eigh` of a batch of tensors."""
-    eigenvalues, eigenvectors = symmetric_eigh(matrices.numpy())
-    return torch.from_numpy(eigenvalues), torch.from_numpy(eigenvectors)
-
-
-def ledoit_wolf(samples: torch.Tensor, assume_centered: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ledoit-Wolf shrinkage covariances [31] of a batch of sample sets: ``(..., m, K) -> ((..., K, K), (...))``.
-
-    sklearn's estimator (``sklearn.covariance.LedoitWolf``) in closed form over the batch, in float64, so
-    the Gaussians of all positions of a stage are a few batched products instead of a loop. With the
-    empirical covariance ``S = X^T X / m`` (normalised by ``m`` as sklearn) and ``mu = tr(S) / K``:
-    ``delta = (||S||_F^2 - K mu^2) / K``, ``beta = min(delta, (mean_i ||x_i||^4 - ||S||_F^2) / (K m))``,
-    shrinkage ``beta / delta`` (0 where ``beta`` is 0, and for ``K = 1``, as sklearn) and the covariance
-    ``(1 - shrinkage) S + shrinkage mu I``.
-    """
-    x = samples.double()
-    if not assume_centered:
-        x = x - x.mean(dim=-2, keepdim=True)
-    m, k = x.shape[-2], x.shape[-1]
-    empirical = x.transpose(-1, -2) @ x / m
-    mu = torch.diagonal(empirical, dim1=-2, dim2=-1).sum(dim=-1) / k
-    frobenius = empirical.square().sum(dim=(-2, -1))
-    fourth = x.square().sum(dim=-1).square().mean(dim=-1)  # sklearn's sum of <X2^T, X2> over m
-    beta = (fourth - frobenius) / (k * m)
-    delta = (frobenius - k * mu.square()) / k
-    beta = torch.minimum(beta, delta)
-    shrinkage = torch.where(beta == 0, torch.zeros_like(beta), beta / delta) if k > 1 else torch.zeros_like(mu)
-    covariance = (1.0 - shrinkage)[..., None, None] * empirical
-    covariance = covariance + (shrinkage * mu)[..., None, None] * torch.eye(k, dtype=x.dtype)
-    return covariance, shrinkage
-
-
-@dataclass
-class FittedPositionGaussians:
-    """One stage's per-position Gaussians (PaDiM's statistics, Defard et al. 2021, with the paper's OPCA and
-    shrinkage): one Gaussian per feature position, all with the same kept count ``K`` (fixed graph shapes)."""
-
-    mean: np.ndarray  # (P, C), P = h * w positions in row-major order
-    whitening: np.ndarray  # (P, C, K)
-    size: tuple[int, int]  # (h, w)
-    counts: np.ndarray  # (P,) the kept count the projection chose at each position on its own
-    shrinkage: np.ndarray  # (P,)
-    samples: int  # training images, i.e. vectors per position
-    max_floats: int | None  # the bound on P * C * K
-    bounded_from: int | None  # K before the bound reduced it; None where it did not
-
-    @property
-    def kept(self) -> int:
-        return int(self.whitening.shape[-1])
-
-    def distances(self, features: np.ndarray) -> np.ndarray:
-        """``(..., h, w, C) -> (..., h, w)``: eq. 3 of each position to its own Gaussian (``PositionGaussians``)."""
-        h, w = self.size
-        batch = features.shape[:-3]
-        centred = features.reshape(*batch, h * w, features.shape[-1]) - self.mean
-        z = np.einsum("...pc,pck->...pk", centred, self.whitening)
-        return np.sqrt((z**2).sum(axis=-1)).reshape(*batch, h, w)
-
-    def module(self) -> PositionGaussians:
-        mean, whitening = (torch.tensor(a, dtype=torch.float32) for a in (self.mean, self.whitening))
-        return PositionGaussians(mean, whitening)
-
-    def map_record(self) -> dict[str, Any]:
-        """What the fit summary says of these statistics: ``K``, the per-position counts it stands for, and
-        the memory bound where it cut ``K``."""
-        record: dict[str, Any] = {
-            "map_kept": self.kept,
-            "map_shrinkage": round(float(np.median(self.shrinkage)), 4),
-            "map_vectors": self.samples,
-            "map_positions": int(self.mean.shape[0]),
-            "map_kept_by_position": {
-                "min": int(self.counts.min()),
-                "median": int(_upper_median(self.counts)),
-                "max": int(self.counts.max()),
-            },
-        }
-        if self.bounded_from is not None:
-            record["map_kept_bound"] = {
-                "max_position_floats": self.max_floats,
-                "kept_before": self.bounded_from,
-                "kept": self.kept,
-            }
-        return record
-
-
-def _upper_median(counts: np.ndarray) -> int:
-    """The median of integer counts, the upper one of an even number: a count some position chose."""
-    return int(np.sort(counts)[len(counts) // 2])
-
-
-def fit_position_gaussians(
-    maps: np.ndarray | torch.Tensor,
-    projection: str,
-    fraction: float,
-    order: str,
-    max_floats: int | None = None,
-) -> FittedPositionGaussians:
-    """Fit one Gaussian per feature position to ``maps (N, C, h, w)``, one stage's features of ``N`` training
-    images (PaDiM's per-position statistics; each position's ``N`` vectors as :func:`fit_gaussian` fits its
-    ``m`` vectors, with the same ``order``, shrinkage and eigenvalue floor).
-
-    One kept count ``K`` for all positions, since the graph needs fixed shapes: ``projection`` chooses a count
-    at every position on that position's covariance (the sample covariance, eq. 2, for ``order="paper"``; the
-    shrunk one for ``"full"``), and ``K`` is their median (the upper one for an even number of positions, so a
-    count some position chose); each position then keeps its own ``K`` components of least variance (of
-    largest for ``"pca"``). Where ``h * w * C * K`` would exceed ``max_floats``, ``K`` becomes
-    ``max_floats // (h * w * C)`` (at least 1): the components the projection ranks last go first (for OPCA
-    and ``"none"`` the largest-variance ones), and the fit records the cut (``bounded_from``). With fewer
-    images than channels the shrinkage estimate in the kept subspace is still positive definite (Ledoit-Wolf
-    adds ``shrinkage * mu`` to every eigenvalue); the floor of :func:`fit_gaussian` guards all-constant
-    features. Vectorised over positions (batched :func:`_eigh` and :func:`ledoit_wolf`), in blocks of positions
-    to bound memory.
-    """
-    if order not in FIT_ORDERS:
-        raise ValueError(f"fit_order must be one of {FIT_ORDERS}, got {order!r}")
-    if projection not in PROJECTIONS:
-        raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
-    maps = torch.as_tensor(maps)
-    if maps.ndim != 4 or maps.shape[0] < 2:
-        raise ValueError(f"need the (N, C, h, w) features of at least 2 images, got {tuple(maps.shape)}")
-    n, c, h, w = maps.shape
-    positions = h * w
-    vectors = maps.permute(2, 3, 0, 1).reshape(positions, n, c)  # (P, N, C): each position's samples
-    step = max(1, _BLOCK_FLOATS // (n * c))
-    blocks = [slice(start, start + step) for start in range(0, positions, step)]
-
-    def centred(block: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        x = vectors[block].contiguous().double()  # the view's strides would make the products below crawl
-        mean = x.mean(dim=1, keepdim=True)
-        return mean[:, 0], x - mean
-
-    means, eigenvalues, eigenvectors, shrinkages = [], [], [], []
-    for block in blocks:
-        mean, x = centred(block)
-        means.append(mean)
-        if order == "full":
-            covariance, shrinkage = ledoit_wolf(x, assume_centered=True)
-            shrinkages.append(shrinkage)
-        else:
-            covariance = x.transpose(1, 2) @ x / (n - 1)  # eq. 2 at every position
-        lam, vec = _eigh(covariance)
-        eigenvalues.append(lam)
-        eigenvectors.append(vec)
-    lam, vec = torch.cat(eigenvalues), torch.cat(eigenvectors)
-    if order == "full":
-        lam = _floored_batch(lam, lam[:, -1:])
-    else:  # as fit_gaussian: round-off below zero, and all-constant positions
-        lam = lam.clamp_min(0.0)
-        lam = torch.where(lam[:, -1:] <= 0.0, torch.full_like(lam, 1e-12), lam)
-    counts = np.array([select_components(values, projection, fraction).size for values in lam.numpy()])
-    kept, bounded_from = _upper_median(counts), None
-    if max_floats is not None and positions * c * kept > max_floats:
-        bounded_from, kept = kept, max(1, max_floats // (positions * c))
-    index = slice(c - kept, c) if projection == "pca" else slice(0, kept)
-    if order == "full":
-        whitening = vec[:, :, index] / lam[:, None, index].sqrt()
-        shrinkage = torch.cat(shrinkages)
-    else:  # Ledoit-Wolf on each position's projections in its kept subspace
-        whitenings, shrinkages = [], []
-        for block in blocks:
-            _, x = centred(block)
-            basis = vec[block][:, :, index].contiguous()
-            sub_covariance, shrinkage = ledoit_wolf(x @ basis, assume_centered=True)
-            sub_lam, rotation = _eigh(sub_covariance)
-            whitenings.append(basis @ rotation / _floored_batch(sub_lam, lam[block][:, -1:])[:, None, :].sqrt())
-            shrinkages.append(shrinkage)
-        whitening, shrinkage = torch.cat(whitenings), torch.cat(shrinkages)
-    return FittedPositionGaussians(
-        torch.cat(means).numpy(), whitening.numpy(), (h, w), counts, shrinkage.numpy(), n, max_floats, bounded_from
-    )
