@@ -118,12 +118,26 @@ def image_ap(labels: ArrayLike, scores: ArrayLike) -> float:
     return float(average_precision_score(*_check_binary_problem(labels, scores, "image_ap")))
 
 
-def pixel_auroc(masks: ArrayLike, maps: ArrayLike) -> float:
-    """ROC AUC over all pixels of all images; masks (N, H, W) nonzero = defect, maps (N, H, W) float."""
-    from sklearn.metrics import roc_auc_score
+def pairwise_auroc(positive: BoolArray, scores: FloatArray) -> float:
+    """ROC AUC as the Mann-Whitney statistic: the share of (anomalous, normal) pairs in which the anomalous
+    score is the higher, a tie counting one half. This is the area sklearn's ``roc_auc_score`` gives (the
+    trapezoidal area under the ROC curve, ties as its diagonal steps), computed by sorting the normal scores
+    only and counting, in exact integers, where each anomalous score falls among them: its memory is one copy
+    of the normal scores, not the several arrays of all scores that the curve takes (over 60 M pixels of
+    pseudo-anomalies the curve took several GB)."""
+    normal = np.sort(scores[~positive])
+    anomalous = scores[positive]
+    below = np.searchsorted(normal, anomalous, side="left")
+    tied = np.searchsorted(normal, anomalous, side="right") - below
+    half_units = 2 * int(below.sum(dtype=np.int64)) + int(tied.sum(dtype=np.int64))
+    return half_units / (2 * anomalous.size * normal.size)
 
+
+def pixel_auroc(masks: ArrayLike, maps: ArrayLike) -> float:
+    """ROC AUC over all pixels of all images (:func:`pairwise_auroc`); masks (N, H, W) nonzero = defect, maps
+    (N, H, W) float."""
     defect, pixel_scores = _check_pixel_inputs(masks, maps, "pixel_auroc")
-    return float(roc_auc_score(*_check_binary_problem(defect.ravel(), pixel_scores.ravel(), "pixel_auroc")))
+    return pairwise_auroc(*_check_binary_problem(defect.ravel(), pixel_scores.ravel(), "pixel_auroc"))
 
 
 def pixel_ap(masks: ArrayLike, maps: ArrayLike) -> float:

@@ -164,6 +164,22 @@ def test_pixel_auroc_accepts_255_masks() -> None:
     assert pixel_auroc(masks, maps) == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("levels", [3, 50, None])
+def test_pixel_auroc_is_sklearns_area_with_ties(levels: int | None) -> None:
+    """The pairwise count gives sklearn's ROC area, ties (few score levels) included; and one pair by hand."""
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(levels or 0)
+    masks = rng.random((4, 20, 30)) < 0.1
+    maps = rng.normal(size=masks.shape) + 0.8 * masks
+    if levels is not None:
+        maps = np.round(maps * levels / 8) / levels  # many exact ties, within and across the two classes
+    expected = roc_auc_score(masks.ravel(), maps.ravel())
+    assert pixel_auroc(masks, maps.astype(np.float32)) == pytest.approx(expected, abs=1e-12)
+    maps = np.array([[[0.5, 0.5, 0.2, 0.9]]])  # anomalous 0.5 ties a normal 0.5 and is above 0.2, below 0.9
+    assert pixel_auroc(np.array([[[1, 0, 0, 0]]]), maps) == pytest.approx(1.5 / 3)
+
+
 # ------------------------------------------------------------------------------------------ compute_metrics
 def _toy_dataset(num_images: int = 6, size: int = 16) -> tuple[np.ndarray, ...]:
     rng = np.random.default_rng(1)

@@ -90,8 +90,8 @@ _FRAMES_PER_CHUNK = 32
 
 def load_tiles(samples: Sequence[Any], frame: PreprocessConfig, tile: int, overlap: float) -> np.ndarray:
     """The tiles of every training frame, as :func:`cut_tiles` gives them, read a few frames at a time into one
-    array: the frames are never all in memory next to their tiles (at 1130 x 460 px, 511 frames are 3.2 GB
-    and their 21 tiles each 6.5 GB)."""
+    array: the frames are never all in memory next to their tiles (at 1130 x 460 px, 511 frames take 3.2 GB
+    and their tiles, 21 of 224 px each, 6.5 GB)."""
     height, width = frame.size
     count = len(tile_grid((height, width), tile, overlap))
     tiles = np.empty((len(samples) * count, frame.channels, tile, tile), dtype=np.float32)

@@ -189,8 +189,8 @@ class GaussianOPCA(Method):
             yield from ([stage[s : s + batch] for stage in features.maps] for s in range(0, count, batch))
             return
         batches = stage_batches(
-            adapter, backbone, ctx.images, batch_size=batch, device=ctx.dist.device, progress=ctx.progress,
-            label="per-position statistics, pass 2",
+            adapter, backbone, torch.as_tensor(ctx.images), batch_size=batch, device=ctx.dist.device,
+            progress=ctx.progress, label="per-position statistics, pass 2",
         )  # fmt: skip
         yield from batches
         adapter.cpu()
