@@ -37,6 +37,7 @@ from edgead.methods.tiling import frame_config, load_tiles
 from edgead.progress import Progress
 from edgead.spec import RunSpec
 from edgead.train.distributed import init_distributed, shutdown
+from edgead.train.memory import release_freed_memory
 
 
 def training_samples(data_root: Path) -> list[Sample]:
@@ -195,6 +196,7 @@ def train_run(
         method = method_cls(config, run_dir if dist_info.is_main else None)
         ctx = FitContext(images=images, train=train_cfg, dist=dist_info, resume=resume is not None, progress=progress)
         summary = method.fit(ctx)
+        release_freed_memory()  # what the fit's steps freed, before the map calibration's sets
         if dist_info.is_main:  # the map calibration's statistics and choice (every method; calibration.py)
             summary.update(method.calibrate_maps(ctx))
         summary["device"] = str(dist_info.device)

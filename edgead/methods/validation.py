@@ -40,6 +40,7 @@ from torch import nn
 from edgead.data.preprocess import PreprocessConfig
 from edgead.data.pseudo import DISCRIMINATING_KINDS, pseudo_validation_set
 from edgead.metrics import auroc_standard_error, image_auroc, pixel_auroc
+from edgead.train.memory import release_freed_memory
 
 K = TypeVar("K", bound=Hashable)
 #: A candidate: an inference graph, or a callable taking the set's preprocessed images ``(N, C, S, S)`` and
@@ -303,6 +304,8 @@ class PseudoValidationSet:
             if maps is not None and default is not None:
                 defect = self.labels == 1
                 paired[name] = per_image_pixel_auroc(self.masks[defect], np.asarray(maps)[defect])
+            del maps, scores
+            release_freed_memory()  # one candidate's outputs, before the next candidate's
         chosen, decision = keep_default_unless_beaten(rows, default, rule, paired or None)
         return Choice(ranked(rows, rule)[0], rows, chosen, decision)
 

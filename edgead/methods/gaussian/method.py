@@ -29,6 +29,7 @@ from edgead.methods.validation import PseudoValidationSet
 from edgead.metrics import image_auroc
 from edgead.nn.backbones import FeatureExtractor, InputAdapter, resolve_input_scaling
 from edgead.train.checkpoint import load_weights, save_weights
+from edgead.train.memory import release_freed_memory
 
 #: The last fit's backbone features and their key (one entry: bounded memory).
 _FEATURE_CACHE: dict[str, Any] = {}
@@ -114,9 +115,11 @@ class GaussianOPCA(Method):
             )
             _FEATURE_CACHE["key"] = key
         features: TrainingFeatures = _FEATURE_CACHE["value"]
+        release_freed_memory()  # the feature pass's freed batches
         summary_extra: dict[str, Any] = {}
         if p.opca_fraction == "auto" or p.map_statistics == "auto":
             validation, val_features = self.calibrated_validation(ctx, adapter, backbone, features.pooled)
+            release_freed_memory()  # the sets and features the calibration tried
         if p.opca_fraction == "auto":
             selection = self.select_opca_fraction(validation, features.pooled, val_features)
             self.record_choice("opca_selection", selection, {"opca_fraction": selection["selected"]})
