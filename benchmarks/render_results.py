@@ -820,6 +820,29 @@ def tiling_latency(*records: Record) -> str:
     return table([*header, "PyTorch / ONNX Runtime (graph)", "CPU", "date"], rows)
 
 
+FIT_MEMORY = (
+    "fit_memory_gaussian_bsdata_tiled460x1130_before.json",
+    "fit_memory_gaussian_bsdata_tiled460x1130.json",
+)
+
+
+@renders("fit-memory", *FIT_MEMORY)
+def fit_memory_table(*records: Record) -> str:
+    rows = []
+    for r in records:
+        args = r["train_args"]
+        option = {
+            name: args[args.index(name) + 1] for name in ("--image-size", "--frame-width", "--tile") if name in args
+        }
+        frame = f"{option.get('--frame-width', option['--image-size'])}x{option['--image-size']}"
+        how = f"{frame} frame in {option['--tile']} px tiles" if "--tile" in option else f"{frame} frame"
+        dataset, method = Path(args[args.index("--data") + 1]).name, args[args.index("--method") + 1]
+        rows.append([dataset, method, how, r["n_images"], r["source_commit"], num(r["peak_rss_gib"], 1)])
+        rows[-1] += [r["machine"]["cpu"], r["machine"]["date"][:10]]
+    header = ["data set", "method", "input", "training images (tiles)", "source", "peak resident GiB", "CPU"]
+    return table([*header, "date"], rows)
+
+
 INPUT_SIZE = ("input_size_gaussian_magnetic_tile_defaults.json", "input_size_gaussian_bsdata_defaults.json")
 
 
