@@ -19,6 +19,7 @@ from rich.table import Table
 
 from edgead import __version__
 from edgead.methods import implemented_methods
+from edgead.runtime.drift import DEFAULT_WINDOW, MIN_WINDOW
 
 #: ``--method`` help suffix: the methods this install has (read from the method folders, no torch import).
 METHODS = ", ".join(implemented_methods())
@@ -889,7 +890,7 @@ def run_camera(
         "(between two frames; a version that fails is refused and the running one kept).",
     ),
     drift_window: int = typer.Option(
-        200,
+        DEFAULT_WINDOW,
         "--drift-window",
         help="Frames in the drift watch's window: a log record when their median score leaves the normals' 90th "
         "percentile (0: no watch).",
@@ -922,8 +923,8 @@ def run_camera(
     from edgead.runtime.live import LiveOptions, check_outputs, run_live
 
     say = lambda line: err_console.print(line, markup=False)  # noqa: E731
-    if drift_window < 0 or 0 < drift_window < 10:
-        _fail(ValueError(f"--drift-window {drift_window}: expected 0 (no watch) or at least 10 frames"))
+    if drift_window < 0 or 0 < drift_window < MIN_WINDOW:
+        _fail(ValueError(f"--drift-window {drift_window}: expected 0 (no watch) or at least {MIN_WINDOW} frames"))
     if (triton is None) != (model is None):
         _fail(ValueError("--triton and --model go together: --triton HOST:PORT --model NAME"))
     if max_frames is not None and max_frames < 1:

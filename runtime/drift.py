@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 
 DEFAULT_WINDOW = 200
+#: The shortest window: a median of fewer scores follows single frames, not the line.
+MIN_WINDOW = 10
 #: Which calibration quantile the window's median is compared with.
 REFERENCE_QUANTILE = "0.9"
 #: The quantiles of the held-out normal scores the export stores (``threshold.normal_quantiles``).
@@ -40,8 +42,8 @@ class DriftWatch:
     """Feed every score (:meth:`update`); it returns a record when drift starts or ends, else None."""
 
     def __init__(self, quantiles: dict[str, float], window: int = DEFAULT_WINDOW) -> None:
-        if window < 10:
-            raise ValueError(f"drift window must be at least 10 frames, got {window}")
+        if window < MIN_WINDOW:
+            raise ValueError(f"drift window must be at least {MIN_WINDOW} frames, got {window}")
         if REFERENCE_QUANTILE not in quantiles:
             raise ValueError(f"the export stores no {REFERENCE_QUANTILE} quantile of its normal scores")
         self.reference = float(quantiles[REFERENCE_QUANTILE])
