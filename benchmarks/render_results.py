@@ -831,12 +831,10 @@ def fit_memory_table(*records: Record) -> str:
     rows = []
     for r in records:
         args = r["train_args"]
-        option = {
-            name: args[args.index(name) + 1] for name in ("--image-size", "--frame-width", "--tile") if name in args
-        }
+        option = {name: value for name, value in zip(args, args[1:], strict=False) if name.startswith("--")}
         frame = f"{option.get('--frame-width', option['--image-size'])}x{option['--image-size']}"
         how = f"{frame} frame in {option['--tile']} px tiles" if "--tile" in option else f"{frame} frame"
-        dataset, method = Path(args[args.index("--data") + 1]).name, args[args.index("--method") + 1]
+        dataset, method = Path(option["--data"]).name, option["--method"]
         rows.append([dataset, method, how, r["n_images"], r["source_commit"], num(r["peak_rss_gib"], 1)])
         rows[-1] += [r["machine"]["cpu"], r["machine"]["date"][:10]]
     header = ["data set", "method", "input", "training images (tiles)", "source", "peak resident GiB", "CPU"]

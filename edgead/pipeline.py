@@ -33,7 +33,7 @@ from edgead.data.preprocess import PreprocessConfig, height_width, resize_image
 from edgead.methods import get_method, load_method
 from edgead.methods.base import FitContext, run_graph
 from edgead.methods.params import candidate_notes
-from edgead.methods.tiling import frame_config, load_tiles
+from edgead.methods.tiling import frame_config, load_tiles, with_frame
 from edgead.progress import Progress
 from edgead.spec import RunSpec
 from edgead.train.distributed import init_distributed, shutdown
@@ -140,10 +140,9 @@ def train_run(
                 spec=spec.recorded(),
             )
             if spec.tile is not None:  # the method sees tiles; the frame is what the export takes
-                config.tiling = {"frame_size": config.preprocess["image_size"], "tile": spec.tile,
-                                 "overlap": spec.tile_overlap}  # fmt: skip
-                if spec.frame_width is not None and spec.frame_width != spec.image_size:
-                    config.tiling["frame_width"] = spec.frame_width
+                height = config.preprocess["image_size"]
+                tiles = {"tile": spec.tile, "overlap": spec.tile_overlap}
+                config.tiling = with_frame(tiles, height, spec.frame_width or height)
                 config.preprocess["image_size"] = spec.tile
         train_cfg.validate()
         roots = list(data_root)

@@ -12,6 +12,7 @@ import torch
 from edgead.bench.timing import latency_stats, timed_loop
 from edgead.config import RunConfig
 from edgead.methods import get_method
+from edgead.methods.tiling import with_frame
 
 
 def bench_torch_eager(
@@ -26,10 +27,7 @@ def bench_torch_eager(
     """Latency of the method's inference graph in eager PyTorch on the same preprocessed batch."""
     config = copy.deepcopy(RunConfig.load(run_dir))
     if config.tiling:  # a tiled run's graph takes the frame; its tiles keep the model's size
-        config.tiling["frame_size"] = int(batch.shape[-2])
-        config.tiling.pop("frame_width", None)
-        if batch.shape[-1] != batch.shape[-2]:
-            config.tiling["frame_width"] = int(batch.shape[-1])
+        config.tiling = with_frame(config.tiling, int(batch.shape[-2]), int(batch.shape[-1]))
     else:
         config.preprocess["image_size"] = int(batch.shape[-1])
     graph = get_method(config.method).load(Path(run_dir), config).inference_graph().eval().to(device)

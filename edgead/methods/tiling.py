@@ -62,6 +62,14 @@ def frame_size(tiling: dict[str, Any]) -> tuple[int, int]:
     return height, int(tiling.get("frame_width") or height)
 
 
+def with_frame(tiling: dict[str, Any], height: int, width: int) -> dict[str, Any]:
+    """``tiling`` (a run's ``config.tiling``, or its ``tile`` and ``overlap``) for a ``height x width`` frame:
+    ``frame_size`` the height, ``frame_width`` only where the frame is not square (a square run's record stays
+    what it always was)."""
+    rest = {key: value for key, value in tiling.items() if key not in ("frame_size", "frame_width")}
+    return {"frame_size": int(height), **rest, **({"frame_width": int(width)} if width != height else {})}
+
+
 def frame_config(pre: PreprocessConfig, tiling: dict[str, Any] | None) -> PreprocessConfig:
     """The preprocessing of a run's whole frame: the tiles' own (``pre``) at the frame's size; ``pre`` itself
     for a run without tiling."""
@@ -92,8 +100,7 @@ def load_tiles(samples: Sequence[Any], frame: PreprocessConfig, tile: int, overl
     """The tiles of every training frame, as :func:`cut_tiles` gives them, read a few frames at a time into one
     array: the frames are never all in memory next to their tiles (at 1130 x 460 px, 511 frames take 3.2 GB
     and their tiles, 21 of 224 px each, 6.5 GB)."""
-    height, width = frame.size
-    count = len(tile_grid((height, width), tile, overlap))
+    count = len(tile_grid(frame.size, tile, overlap))
     tiles = np.empty((len(samples) * count, frame.channels, tile, tile), dtype=np.float32)
     for start in range(0, len(samples), _FRAMES_PER_CHUNK):
         chunk = samples[start : start + _FRAMES_PER_CHUNK]
@@ -161,4 +168,5 @@ __all__ = [
     "load_tiles",
     "tile_grid",
     "tile_origins",
+    "with_frame",
 ]

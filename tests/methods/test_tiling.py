@@ -45,6 +45,14 @@ def test_cut_tiles_is_image_major_in_both_layouts() -> None:
     assert np.array_equal(last, tiles.transpose(0, 2, 3, 1))
 
 
+def test_a_tiling_record_names_its_width_only_when_the_frame_is_oblong() -> None:
+    oblong = tiling.with_frame({"tile": 224, "overlap": 0.25}, 460, 1130)
+    assert oblong == {"frame_size": 460, "tile": 224, "overlap": 0.25, "frame_width": 1130}
+    assert tiling.frame_size(oblong) == (460, 1130)
+    square = tiling.with_frame(oblong, 448, 448)  # a square frame's record is what it always was
+    assert square == {"frame_size": 448, "tile": 224, "overlap": 0.25} and tiling.frame_size(square) == (448, 448)
+
+
 def test_training_tiles_are_read_a_few_frames_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """load_tiles gives what cutting all loaded frames gives, chunk by chunk (a last chunk shorter)."""
     rng = np.random.default_rng(0)
